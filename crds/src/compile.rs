@@ -1,0 +1,306 @@
+//! `compile()`: a snapshot of resources and one workload in, that workload's `SidecarConfig`
+//! out. Pure and deterministic; an invalid resource is reported and left out, never fatal.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use sha2::{Digest, Sha256};
+
+use crate::{
+    LLMRoute, ModelRollout, ScannerPolicy,
+    config::{BackendConfig, CredentialSource, ResolvedTimeouts, Route, SidecarConfig},
+    manifest::Resources,
+    route::{Backend, RouteMatch},
+    selector,
+    status::reasons,
+    validate,
+};
+
+/// The pod a config is compiled for. `None` in standalone mode: every route applies.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Workload {
+    pub namespace: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CompileOptions {
+    /// Where Secrets named by `secretKeyRef` are mounted: `<dir>/<secret>/<key>`.
+    pub secrets_dir: String,
+}
+
+impl Default for CompileOptions {
+    fn default() -> Self {
+        Self { secrets_dir: "/var/run/secrets/bulwark".into() }
+    }
+}
+
+/// A resource left out of the config, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejection {
+    pub kind: &'static str,
+    pub namespace: String,
+    pub name: String,
+    /// A `status.reasons` constant: the condition reason the operator reports.
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl std::fmt::Display for Rejection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}/{} ({}): {}", self.kind, self.namespace, self.name, self.reason, self.message)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Compiled {
+    pub config: SidecarConfig,
+    pub rejected: Vec<Rejection>,
+}
+
+fn ns_name(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (String, String) {
+    (meta.namespace.clone().unwrap_or_else(|| "default".into()), meta.name.clone().unwrap_or_default())
+}
+
+pub fn compile(res: &Resources, workload: Option<&Workload>, opts: &CompileOptions) -> Compiled {
+    let mut rejected = vec![];
+    let in_scope = |ns: &str| workload.is_none_or(|w| w.namespace == ns);
+
+    // Policies: valid ones by namespace/name.
+    let mut policies = BTreeMap::new();
+    for p in sorted(&res.policies, |p: &ScannerPolicy| &p.metadata) {
+        let (ns, name) = ns_name(&p.metadata);
+        if !in_scope(&ns) {
+            continue;
+        }
+        let errors = validate::scanner_policy(&p.spec);
+        if errors.is_empty() {
+            policies.insert(format!("{ns}/{name}"), p.spec.clone());
+        } else {
+            rejected.push(reject("ScannerPolicy", &ns, &name, reasons::INVALID, validate::join(&errors)));
+        }
+    }
+
+    // Rollouts: valid ones by the route they shift; the oldest wins a tie.
+    let mut rollouts: HashMap<(String, String), &ModelRollout> = HashMap::new();
+    for r in sorted(&res.rollouts, |r: &ModelRollout| &r.metadata) {
+        let (ns, name) = ns_name(&r.metadata);
+        if !in_scope(&ns) {
+            continue;
+        }
+        let errors = validate::model_rollout(&r.spec);
+        if !errors.is_empty() {
+            rejected.push(reject("ModelRollout", &ns, &name, reasons::INVALID, validate::join(&errors)));
+            continue;
+        }
+        let key = (ns.clone(), r.spec.route_ref.name.clone());
+        if let Some(first) = rollouts.get(&key) {
+            let msg = format!(
+                "LLMRoute {:?} is already shifted by ModelRollout {:?}; one rollout per route at a time",
+                key.1,
+                first.metadata.name.as_deref().unwrap_or_default()
+            );
+            rejected.push(reject("ModelRollout", &ns, &name, reasons::CONFLICT, msg));
+        } else {
+            rollouts.insert(key, r);
+        }
+    }
+
+    let mut routes = vec![];
+    let mut used_policies = BTreeSet::new();
+    let mut taken: HashMap<(String, String), String> = HashMap::new();
+    let mut rollouts_used = BTreeSet::new();
+    'routes: for route in sorted(&res.routes, |r: &LLMRoute| &r.metadata) {
+        let (ns, name) = ns_name(&route.metadata);
+        if !in_scope(&ns) {
+            continue;
+        }
+        if let Some(w) = workload {
+            let selected = route.spec.workload_selector.as_ref().is_none_or(|s| selector::matches(s, &w.labels));
+            if !selected {
+                continue;
+            }
+        }
+        let errors = validate::route(&route.spec);
+        if !errors.is_empty() {
+            rejected.push(reject("LLMRoute", &ns, &name, reasons::INVALID, validate::join(&errors)));
+            continue;
+        }
+        let mut seen_rules: HashMap<String, usize> = HashMap::new();
+        for (i, rule) in route.spec.rules.iter().enumerate() {
+            let key = match_key(&rule.matches);
+            if let Some(first) = seen_rules.insert(key.clone(), i) {
+                let msg = format!("spec.rules[{i}]: has the same match as spec.rules[{first}] and would never be used");
+                rejected.push(reject("LLMRoute", &ns, &name, reasons::INVALID, msg));
+                continue 'routes;
+            }
+            if let Some(owner) = taken.get(&(ns.clone(), key)) {
+                let msg =
+                    format!("spec.rules[{i}]: the same match is already routed by LLMRoute {owner:?}, which is older");
+                rejected.push(reject("LLMRoute", &ns, &name, reasons::CONFLICT, msg));
+                continue 'routes;
+            }
+            if let Some(p) = &rule.scanner_policy_ref
+                && !policies.contains_key(&format!("{ns}/{}", p.name))
+            {
+                let msg = format!(
+                    "spec.rules[{i}].scannerPolicyRef: no valid ScannerPolicy {:?} in namespace {ns:?}",
+                    p.name
+                );
+                rejected.push(reject("LLMRoute", &ns, &name, reasons::POLICY_NOT_FOUND, msg));
+                continue 'routes;
+            }
+        }
+
+        let defined: BTreeMap<&str, &Backend> = route
+            .spec
+            .backends
+            .iter()
+            .chain(route.spec.rules.iter().flat_map(|r| &r.backends))
+            .map(|b| (b.name.as_str(), b))
+            .collect();
+
+        // A rollout sets the stable/canary split in every rule that serves the stable backend.
+        let rollout = rollouts.get(&(ns.clone(), name.clone())).copied();
+        let mut split = None;
+        if let Some(r) = rollout {
+            let (_, rname) = ns_name(&r.metadata);
+            let missing: Vec<_> = [&r.spec.stable.backend, &r.spec.canary.backend]
+                .into_iter()
+                .filter(|b| !defined.contains_key(b.as_str()))
+                .collect();
+            if missing.is_empty() {
+                let w = r.status.as_ref().and_then(|s| s.canary_weight).unwrap_or(0).min(100);
+                split = Some((r.spec.stable.backend.as_str(), r.spec.canary.backend.as_str(), w));
+                rollouts_used.insert((ns.clone(), rname));
+            } else {
+                let msg = format!("backend {:?} is not defined in LLMRoute {name:?}", missing[0]);
+                rejected.push(reject("ModelRollout", &ns, &rname, reasons::BACKEND_NOT_FOUND, msg));
+                rollouts_used.insert((ns.clone(), rname));
+            }
+        }
+
+        for (i, rule) in route.spec.rules.iter().enumerate() {
+            taken.insert((ns.clone(), match_key(&rule.matches)), name.clone());
+            let to_config = |b: &Backend| backend_config(b, opts);
+            let mut backends: Vec<BackendConfig> = rule.backends.iter().map(to_config).collect();
+            if let Some((stable, canary, w)) = split
+                && backends.iter().any(|b| b.name == stable)
+            {
+                if !backends.iter().any(|b| b.name == canary)
+                    && let Some(c) = defined.get(canary)
+                {
+                    backends.push(to_config(c));
+                }
+                for b in &mut backends {
+                    if b.name == stable {
+                        b.weight = 100 - w;
+                    } else if b.name == canary {
+                        b.weight = w;
+                    }
+                }
+            }
+            let fallback =
+                rule.fallback.iter().filter_map(|f| defined.get(f.backend.as_str()).map(|b| to_config(b))).collect();
+            let scanner_policy = rule.scanner_policy_ref.as_ref().map(|p| format!("{ns}/{}", p.name));
+            if let Some(p) = &scanner_policy {
+                used_policies.insert(p.clone());
+            }
+            let defaults = ResolvedTimeouts::default();
+            let t = rule.timeouts.clone().unwrap_or_default();
+            routes.push(Route {
+                id: format!("{ns}/{name}/{}", rule.name.clone().unwrap_or_else(|| i.to_string())),
+                route: format!("{ns}/{name}"),
+                matches: rule.matches.clone(),
+                backends,
+                fallback,
+                retry: rule.retry.clone(),
+                timeouts: ResolvedTimeouts {
+                    request: t.request.unwrap_or(defaults.request),
+                    first_token: t.first_token.unwrap_or(defaults.first_token),
+                    idle: t.idle.unwrap_or(defaults.idle),
+                },
+                circuit_breaker: rule.circuit_breaker.clone(),
+                rate_limit: rule.rate_limit.clone(),
+                cache: rule.cache.as_ref().and_then(|c| c.exact.clone()),
+                scanner_policy,
+            });
+        }
+    }
+    for (key, r) in &rollouts {
+        let (_, rname) = ns_name(&r.metadata);
+        if !rollouts_used.contains(&(key.0.clone(), rname.clone())) && workload.is_none() {
+            let msg = format!("no valid LLMRoute {:?} in namespace {:?}", key.1, key.0);
+            rejected.push(reject("ModelRollout", &key.0, &rname, reasons::ROUTE_NOT_FOUND, msg));
+        }
+    }
+    rejected.sort_by(|a, b| (a.kind, &a.namespace, &a.name).cmp(&(b.kind, &b.namespace, &b.name)));
+
+    // Most specific first; ties keep resource order (oldest first), then rule order.
+    routes.sort_by_key(|r| std::cmp::Reverse(specificity(&r.matches)));
+    let scanner_policies = policies.into_iter().filter(|(k, _)| used_policies.contains(k)).collect();
+    let mut config = SidecarConfig { routes, scanner_policies, ..SidecarConfig::default() };
+    config.version = version_of(&config);
+    Compiled { config, rejected }
+}
+
+/// Content hash of a config, ignoring its `version` field.
+pub fn version_of(config: &SidecarConfig) -> String {
+    let mut c = config.clone();
+    c.version.clear();
+    let bytes = serde_json::to_vec(&c).unwrap_or_default();
+    let digest = Sha256::digest(&bytes);
+    digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+fn reject(kind: &'static str, ns: &str, name: &str, reason: &'static str, message: String) -> Rejection {
+    Rejection { kind, namespace: ns.into(), name: name.into(), reason, message }
+}
+
+fn sorted<T>(items: &[T], meta: impl Fn(&T) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Vec<&T> {
+    let mut v: Vec<&T> = items.iter().collect();
+    v.sort_by(|a, b| {
+        let (a, b) = (meta(a), meta(b));
+        (a.creation_timestamp.as_ref().map(|t| t.0), &a.namespace, &a.name).cmp(&(
+            b.creation_timestamp.as_ref().map(|t| t.0),
+            &b.namespace,
+            &b.name,
+        ))
+    });
+    v
+}
+
+fn match_key(m: &RouteMatch) -> String {
+    let mut paths = m.paths.clone();
+    paths.sort();
+    paths.dedup();
+    let mut models = m.models.clone();
+    models.sort();
+    models.dedup();
+    serde_json::json!([paths, models, m.headers]).to_string()
+}
+
+fn specificity(m: &RouteMatch) -> (bool, usize, bool, bool) {
+    let exact = m.models.iter().any(|p| !p.contains(['*', '?', '[']));
+    (exact, m.headers.len(), !m.models.is_empty(), !m.paths.is_empty())
+}
+
+fn backend_config(b: &Backend, opts: &CompileOptions) -> BackendConfig {
+    let credential = b.credentials.as_ref().and_then(|c| {
+        if let Some(s) = &c.secret_key_ref {
+            Some(CredentialSource::File { path: format!("{}/{}/{}", opts.secrets_dir, s.name, s.key) })
+        } else if let Some(env) = &c.env {
+            Some(CredentialSource::Env { name: env.clone() })
+        } else {
+            c.file.as_ref().map(|f| CredentialSource::File { path: f.clone() })
+        }
+    });
+    BackendConfig {
+        name: b.name.clone(),
+        provider: b.provider,
+        url: b.url.trim_end_matches('/').to_owned(),
+        model: b.model.clone(),
+        weight: b.weight,
+        credential,
+        api_version: b.api_version.clone(),
+    }
+}

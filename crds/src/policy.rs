@@ -1,0 +1,182 @@
+//! The `ScannerPolicy` resource: guardrail scanners on prompts and responses.
+//! Types, defaults and schema only; per-scanner field checks live in `validate.rs`.
+
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::{Duration, status::Condition};
+
+/// Scanners a route runs on requests (`input`) and responses (`output`), streamed ones included.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[kube(
+    group = "bulwark.dev",
+    version = "v1alpha1",
+    kind = "ScannerPolicy",
+    namespaced,
+    status = "ScannerPolicyStatus",
+    category = "bulwark",
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ScannerPolicySpec {
+    /// Stop at the first blocking verdict and cancel the scanners still running.
+    #[serde(default = "yes")]
+    pub fail_fast: bool,
+    /// What a scanner that errs or times out means for the request.
+    #[serde(default)]
+    pub on_scanner_error: OnScannerError,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub input: Vec<Scanner>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub output: Vec<Scanner>,
+    #[serde(default)]
+    pub streaming: Streaming,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub enum OnScannerError {
+    #[default]
+    FailClosed,
+    FailOpen,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Streaming {
+    /// Characters of a streamed response held back so a match split across chunks is caught.
+    #[serde(default = "default_window")]
+    #[schemars(range(min = 16, max = 65536))]
+    pub window_chars: u32,
+}
+
+impl Default for Streaming {
+    fn default() -> Self {
+        Self { window_chars: default_window() }
+    }
+}
+
+fn default_window() -> u32 {
+    256
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "camelCase")]
+pub enum ScannerType {
+    PromptInjection,
+    BanTopics,
+    Secrets,
+    Pii,
+    InvisibleText,
+    TokenLimit,
+    Regex,
+    BanSubstrings,
+    Language,
+    Json,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[serde(rename_all = "camelCase")]
+pub enum Action {
+    #[default]
+    Block,
+    Redact,
+    /// Log and count only.
+    Audit,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub enum Mode {
+    #[default]
+    Enforce,
+    /// Evaluate and report what `action` would have done, without doing it.
+    Audit,
+}
+
+/// One scanner. Which of the optional fields apply depends on `type`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[x_kube(validation = Rule::new("!has(self.sampling) || (self.sampling > 0.0 && self.sampling <= 1.0)").message("sampling must be in (0, 1]"))]
+pub struct Scanner {
+    #[serde(rename = "type")]
+    pub type_: ScannerType,
+    #[serde(default)]
+    pub action: Action,
+    #[serde(default)]
+    pub mode: Mode,
+    /// Score at or above which a model-based scanner fires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<f64>,
+    /// Fraction of requests scanned, in (0, 1]. Default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sampling: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Duration>,
+    /// `pii`: entity kinds (email, phone, creditCard, iban, ssn, ipAddress).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub entities: Vec<String>,
+    /// `pii`: put the original values back into the response.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_in_response: Option<bool>,
+    /// `tokenLimit`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u32>,
+    /// `tokenLimit`: `cl100k_base` or `o200k_base`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoding: Option<String>,
+    /// `regex`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub patterns: Vec<String>,
+    /// `banSubstrings`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub substrings: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub case_sensitive: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub word_boundary: Option<bool>,
+    /// `banTopics`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub topics: Vec<String>,
+    /// `language`: ISO 639-1 codes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub languages: Vec<String>,
+    /// `json`: a JSON Schema the output must satisfy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "any_object")]
+    pub schema: Option<serde_json::Value>,
+    /// Model-based scanners: bring your own ONNX export.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<ModelRef>,
+}
+
+fn any_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({"type": "object", "x-kubernetes-preserve-unknown-fields": true})
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ModelRef {
+    /// Directory with `model.onnx` and `tokenizer.json`.
+    pub path: String,
+    /// Expected sha256 of `model.onnx`, hex.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ScannerPolicyStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}

@@ -1,0 +1,342 @@
+//! Semantic validation of each resource on its own: what the schema cannot say.
+//! Every error names the field and tells the user what to write instead.
+
+use std::{collections::BTreeMap, fmt};
+
+use globset::Glob;
+
+use crate::{
+    policy::{Action, ScannerPolicySpec, ScannerType},
+    rollout::ModelRolloutSpec,
+    route::{Backend, Credentials, LLMRouteSpec, Provider},
+    selector,
+};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// Joins errors into one line for a condition message or a log line.
+pub fn join(errors: &[FieldError]) -> String {
+    errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+}
+
+#[derive(Default)]
+struct Errors(Vec<FieldError>);
+
+impl Errors {
+    fn add(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(FieldError { path: path.into(), message: message.into() });
+    }
+}
+
+pub const PII_ENTITIES: &[&str] = &["email", "phone", "creditCard", "iban", "ssn", "ipAddress"];
+pub const TOKEN_ENCODINGS: &[&str] = &["cl100k_base", "o200k_base"];
+
+pub fn route<'a>(spec: &'a LLMRouteSpec) -> Vec<FieldError> {
+    let mut e = Errors::default();
+    if let Some(sel) = &spec.workload_selector
+        && let Err(msg) = selector::validate(sel)
+    {
+        e.add("spec.workloadSelector", msg);
+    }
+    if spec.rules.is_empty() {
+        e.add("spec.rules", "an LLMRoute needs at least one rule");
+    }
+    let mut defined: BTreeMap<&str, (&Backend, String)> = BTreeMap::new();
+    let mut define = |e: &mut Errors, b: &'a Backend, path: String| {
+        backend(e, b, &path);
+        match defined.get(b.name.as_str()) {
+            Some((other, first)) if *other != b => e.add(
+                format!("{path}.name"),
+                format!("backend {:?} is already defined differently at {first}; give it another name", b.name),
+            ),
+            Some(_) => {}
+            None => {
+                defined.insert(&b.name, (b, path));
+            }
+        }
+    };
+    for (i, b) in spec.backends.iter().enumerate() {
+        define(&mut e, b, format!("spec.backends[{i}]"));
+    }
+    for (r, rule) in spec.rules.iter().enumerate() {
+        let p = format!("spec.rules[{r}]");
+        for (i, b) in rule.backends.iter().enumerate() {
+            define(&mut e, b, format!("{p}.backends[{i}]"));
+        }
+        if rule.backends.is_empty() && rule.fallback.is_empty() {
+            e.add(format!("{p}.backends"), "a rule needs at least one backend or fallback");
+        }
+        if !rule.backends.is_empty() && rule.backends.iter().all(|b| b.weight == 0) {
+            e.add(format!("{p}.backends"), "all weights are 0; give at least one backend a weight above 0");
+        }
+        for (i, path) in rule.matches.paths.iter().enumerate() {
+            if !path.starts_with('/') {
+                e.add(
+                    format!("{p}.match.paths[{i}]"),
+                    format!("{path:?} must start with '/', such as /v1/chat/completions"),
+                );
+            }
+        }
+        for (i, model) in rule.matches.models.iter().enumerate() {
+            if model.is_empty() {
+                e.add(format!("{p}.match.models[{i}]"), "must not be empty");
+            } else if let Err(err) = Glob::new(model) {
+                e.add(format!("{p}.match.models[{i}]"), format!("{model:?} is not a valid glob: {}", err.kind()));
+            }
+        }
+        for name in rule.matches.headers.keys() {
+            if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                e.add(format!("{p}.match.headers"), format!("{name:?} is not a valid header name"));
+            }
+        }
+        if let Some(retry) = &rule.retry {
+            if retry.backoff.base > retry.backoff.max {
+                e.add(
+                    format!("{p}.retry.backoff"),
+                    format!("base ({}) is longer than max ({})", retry.backoff.base, retry.backoff.max),
+                );
+            }
+            if retry.attempts > 10 {
+                e.add(format!("{p}.retry.attempts"), "at most 10 extra attempts");
+            }
+        }
+        if let Some(t) = &rule.timeouts {
+            for (name, d) in [("request", t.request), ("firstToken", t.first_token), ("idle", t.idle)] {
+                if d.is_some_and(|d| d.0.is_zero()) {
+                    e.add(format!("{p}.timeouts.{name}"), "must be longer than 0s");
+                }
+            }
+            if let (Some(req), Some(first)) = (t.request, t.first_token)
+                && first > req
+            {
+                e.add(
+                    format!("{p}.timeouts.firstToken"),
+                    format!("({first}) is longer than the request timeout ({req})"),
+                );
+            }
+        }
+        if let Some(cb) = &rule.circuit_breaker {
+            if cb.consecutive_failures == 0 {
+                e.add(format!("{p}.circuitBreaker.consecutiveFailures"), "must be at least 1");
+            }
+            if cb.cooldown.0.is_zero() {
+                e.add(format!("{p}.circuitBreaker.cooldown"), "must be longer than 0s");
+            }
+        }
+        if let Some(rl) = &rule.rate_limit {
+            if rl.requests_per_minute.is_none() && rl.tokens_per_minute.is_none() {
+                e.add(format!("{p}.rateLimit"), "a rateLimit needs requestsPerMinute or tokensPerMinute");
+            }
+            if rl.requests_per_minute == Some(0) || rl.tokens_per_minute == Some(0) {
+                e.add(format!("{p}.rateLimit"), "limits must be at least 1; remove the field for no limit");
+            }
+            if let Some(h) = rl.key.as_ref().and_then(|k| k.header.as_ref())
+                && http::HeaderName::from_bytes(h.as_bytes()).is_err()
+            {
+                e.add(format!("{p}.rateLimit.key.header"), format!("{h:?} is not a valid header name"));
+            }
+        }
+        if let Some(exact) = rule.cache.as_ref().and_then(|c| c.exact.as_ref()) {
+            if exact.ttl.0.is_zero() {
+                e.add(format!("{p}.cache.exact.ttl"), "must be longer than 0s");
+            }
+            if exact.max_entries == 0 || exact.max_bytes == 0 {
+                e.add(format!("{p}.cache.exact"), "maxEntries and maxBytes must be at least 1");
+            }
+        }
+    }
+    for (r, rule) in spec.rules.iter().enumerate() {
+        for (i, f) in rule.fallback.iter().enumerate() {
+            if !defined.contains_key(f.backend.as_str()) {
+                e.add(
+                    format!("spec.rules[{r}].fallback[{i}].backend"),
+                    format!("no backend named {:?}; define it in spec.backends or in a rule's backends", f.backend),
+                );
+            }
+        }
+    }
+    e.0
+}
+
+fn backend(e: &mut Errors, b: &Backend, path: &str) {
+    if b.name.is_empty() {
+        e.add(format!("{path}.name"), "must not be empty");
+    }
+    match b.url.parse::<http::Uri>() {
+        Ok(uri) if matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some() => {
+            if uri.query().is_some() {
+                e.add(format!("{path}.url"), "must not have a query string");
+            }
+        }
+        _ => e.add(format!("{path}.url"), format!("{:?} is not an http:// or https:// URL", b.url)),
+    }
+    if b.provider == Provider::AzureOpenai && b.model.is_none() {
+        e.add(format!("{path}.model"), "azure-openai needs the deployment name in model");
+    }
+    if let Some(c) = &b.credentials {
+        credentials(e, c, &format!("{path}.credentials"));
+    }
+}
+
+fn credentials(e: &mut Errors, c: &Credentials, path: &str) {
+    let set = [c.secret_key_ref.is_some(), c.env.is_some(), c.file.is_some()].iter().filter(|s| **s).count();
+    if set != 1 {
+        e.add(path, "set exactly one of secretKeyRef, env or file");
+    }
+    if let Some(s) = &c.secret_key_ref
+        && (s.name.is_empty() || s.key.is_empty())
+    {
+        e.add(format!("{path}.secretKeyRef"), "name and key must not be empty");
+    }
+}
+
+pub fn scanner_policy(spec: &ScannerPolicySpec) -> Vec<FieldError> {
+    let mut e = Errors::default();
+    for (side, list) in [("input", &spec.input), ("output", &spec.output)] {
+        for (i, s) in list.iter().enumerate() {
+            let p = format!("spec.{side}[{i}]");
+            let t = s.type_;
+            let scores = matches!(t, ScannerType::PromptInjection | ScannerType::BanTopics);
+            match s.threshold {
+                Some(_) if !scores => {
+                    e.add(format!("{p}.threshold"), format!("{t:?} does not score; remove threshold"))
+                }
+                Some(v) if !(0.0..=1.0).contains(&v) => e.add(format!("{p}.threshold"), "must be between 0 and 1"),
+                _ => {}
+            }
+            if let Some(v) = s.sampling
+                && !(v > 0.0 && v <= 1.0)
+            {
+                e.add(format!("{p}.sampling"), "must be in (0, 1]: the fraction of requests scanned");
+            }
+            let redacts = matches!(
+                t,
+                ScannerType::Secrets
+                    | ScannerType::Pii
+                    | ScannerType::Regex
+                    | ScannerType::BanSubstrings
+                    | ScannerType::InvisibleText
+            );
+            if s.action == Action::Redact && !redacts {
+                e.add(format!("{p}.action"), format!("{t:?} cannot redact; use block or audit"));
+            }
+            if s.restore_in_response.is_some() && t != ScannerType::Pii {
+                e.add(format!("{p}.restoreInResponse"), "only pii scanners restore values");
+            }
+            if s.restore_in_response == Some(true) && side == "output" {
+                e.add(format!("{p}.restoreInResponse"), "set it on the input pii scanner");
+            }
+            match t {
+                ScannerType::Regex => {
+                    if s.patterns.is_empty() {
+                        e.add(format!("{p}.patterns"), "a regex scanner needs at least one pattern");
+                    }
+                    for (j, pat) in s.patterns.iter().enumerate() {
+                        if let Err(err) = regex::Regex::new(pat) {
+                            let first = err.to_string().lines().last().unwrap_or_default().trim().to_string();
+                            e.add(format!("{p}.patterns[{j}]"), format!("{pat:?} is not a valid regex: {first}"));
+                        }
+                    }
+                }
+                ScannerType::BanSubstrings if s.substrings.iter().all(String::is_empty) => {
+                    e.add(format!("{p}.substrings"), "a banSubstrings scanner needs at least one substring");
+                }
+                ScannerType::Pii => {
+                    for (j, ent) in s.entities.iter().enumerate() {
+                        if !PII_ENTITIES.contains(&ent.as_str()) {
+                            e.add(
+                                format!("{p}.entities[{j}]"),
+                                format!("unknown entity {ent:?}; use {}", PII_ENTITIES.join(", ")),
+                            );
+                        }
+                    }
+                }
+                ScannerType::TokenLimit => {
+                    if s.max_tokens.is_none_or(|n| n == 0) {
+                        e.add(format!("{p}.maxTokens"), "a tokenLimit scanner needs maxTokens of at least 1");
+                    }
+                    if let Some(enc) = &s.encoding
+                        && !TOKEN_ENCODINGS.contains(&enc.as_str())
+                    {
+                        e.add(
+                            format!("{p}.encoding"),
+                            format!("unknown encoding {enc:?}; use {}", TOKEN_ENCODINGS.join(" or ")),
+                        );
+                    }
+                }
+                ScannerType::BanTopics if s.topics.is_empty() => {
+                    e.add(format!("{p}.topics"), "a banTopics scanner needs at least one topic");
+                }
+                ScannerType::Language if s.languages.is_empty() => {
+                    e.add(format!("{p}.languages"), "a language scanner needs the allowed languages");
+                }
+                _ => {}
+            }
+            if let Some(m) = &s.model {
+                if !matches!(t, ScannerType::PromptInjection | ScannerType::BanTopics) {
+                    e.add(format!("{p}.model"), format!("{t:?} uses no model"));
+                }
+                if let Some(h) = &m.sha256
+                    && !(h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+                {
+                    e.add(format!("{p}.model.sha256"), "must be 64 hex digits");
+                }
+            }
+        }
+    }
+    e.0
+}
+
+pub fn model_rollout(spec: &ModelRolloutSpec) -> Vec<FieldError> {
+    let mut e = Errors::default();
+    if spec.stable.backend == spec.canary.backend {
+        e.add("spec.canary.backend", "stable and canary must be different backends");
+    }
+    if spec.steps.is_empty() {
+        e.add("spec.steps", "a rollout needs at least one step");
+    }
+    for (i, s) in spec.steps.iter().enumerate() {
+        if s.weight > 100 {
+            e.add(format!("spec.steps[{i}].weight"), "is a percentage: 0 to 100");
+        }
+    }
+    let a = &spec.analysis;
+    if !(0.0..=1.0).contains(&a.max_error_rate) {
+        e.add("spec.analysis.maxErrorRate", "must be between 0 and 1");
+    }
+    if a.interval.0.is_zero() || a.window < a.interval {
+        e.add(
+            "spec.analysis.window",
+            format!("({}) must be at least the interval ({}), which must be above 0s", a.window, a.interval),
+        );
+    }
+    if let Some(ms) = &spec.model_server {
+        if ms.image.is_empty() {
+            e.add("spec.modelServer.image", "must not be empty");
+        }
+        if let Some(g) = &ms.gpu
+            && g.count == 0
+        {
+            e.add("spec.modelServer.gpu.count", "must be at least 1; remove gpu for a CPU server");
+        }
+        if let Some(a) = &ms.autoscaling {
+            if a.min_replicas > a.max_replicas {
+                e.add("spec.modelServer.autoscaling", "minReplicas must not exceed maxReplicas");
+            }
+            if a.target == 0 {
+                e.add("spec.modelServer.autoscaling.target", "must be at least 1");
+            }
+        }
+    }
+    e.0
+}

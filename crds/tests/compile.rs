@@ -1,0 +1,422 @@
+//! Table-driven tests of `compile()`: resources in, config and rejections out.
+
+use bulwark_api::{
+    CompileOptions, Compiled, Workload, compile,
+    config::CredentialSource,
+    manifest::{self, Resources},
+};
+
+fn parse(yaml: &str) -> Resources {
+    let (res, errors) = manifest::parse(yaml, "default");
+    assert!(errors.is_empty(), "{errors:?}");
+    res
+}
+
+fn standalone(yaml: &str) -> Compiled {
+    compile(&parse(yaml), None, &CompileOptions::default())
+}
+
+const OK_ROUTE: &str = r#"
+apiVersion: bulwark.dev/v1alpha1
+kind: LLMRoute
+metadata: {name: chat, namespace: team-a}
+spec:
+  backends:
+    - {name: claude, provider: anthropic, url: https://api.anthropic.com/v1, model: claude-3-5-haiku-latest,
+       credentials: {secretKeyRef: {name: anthropic, key: api-key}}}
+  rules:
+    - match: {paths: [/v1/chat/completions], models: ["gpt-4o*"]}
+      backends:
+        - {name: openai, url: https://api.openai.com/v1/, model: gpt-4o-mini, weight: 90, credentials: {env: OPENAI_API_KEY}}
+        - {name: local, provider: openai-compatible, url: http://vllm.models:8000/v1, weight: 10}
+      fallback: [{backend: claude}]
+      retry: {attempts: 2, backoff: {base: 100ms, max: 2s}, on: [connect-failure, "5xx"]}
+      timeouts: {request: 120s, firstToken: 15s}
+"#;
+
+#[test]
+fn a_valid_route_compiles_into_one_self_contained_rule() {
+    let out = standalone(OK_ROUTE);
+    assert!(out.rejected.is_empty(), "{:?}", out.rejected);
+    let c = &out.config;
+    assert_eq!(c.routes.len(), 1);
+    let r = &c.routes[0];
+    assert_eq!(r.id, "team-a/chat/0");
+    assert_eq!(r.route, "team-a/chat");
+    assert_eq!(
+        r.backends.iter().map(|b| (b.name.as_str(), b.weight)).collect::<Vec<_>>(),
+        [("openai", 90), ("local", 10)]
+    );
+    assert_eq!(r.backends[0].url, "https://api.openai.com/v1", "trailing slash trimmed");
+    assert_eq!(r.backends[0].credential, Some(CredentialSource::Env { name: "OPENAI_API_KEY".into() }));
+    assert_eq!(r.fallback[0].name, "claude");
+    assert_eq!(
+        r.fallback[0].credential,
+        Some(CredentialSource::File { path: "/var/run/secrets/bulwark/anthropic/api-key".into() })
+    );
+    assert_eq!(r.timeouts.request.to_string(), "2m");
+    assert_eq!(r.timeouts.idle.to_string(), "60s", "default");
+    assert_eq!(c.version.len(), 16);
+    // Same input, same version; the config never holds a secret value.
+    assert_eq!(standalone(OK_ROUTE).config.version, c.version);
+    assert!(!serde_json::to_string(c).unwrap().contains("sk-"));
+}
+
+#[test]
+fn invalid_resources_are_rejected_with_exact_errors() {
+    let route =
+        |spec: &str| format!("apiVersion: bulwark.dev/v1alpha1\nkind: LLMRoute\nmetadata: {{name: r}}\nspec:\n{spec}");
+    let cases: &[(&str, String, &str)] = &[
+        ("no rules", route("  rules: []"), "spec.rules: an LLMRoute needs at least one rule"),
+        (
+            "bad url",
+            route("  rules: [{backends: [{name: a, url: 'ftp://x'}]}]"),
+            "spec.rules[0].backends[0].url: \"ftp://x\" is not an http:// or https:// URL",
+        ),
+        (
+            "unknown fallback",
+            route("  rules: [{backends: [{name: a, url: 'http://x'}], fallback: [{backend: b}]}]"),
+            "spec.rules[0].fallback[0].backend: no backend named \"b\"; define it in spec.backends or in a rule's backends",
+        ),
+        (
+            "zero weights",
+            route("  rules: [{backends: [{name: a, url: 'http://x', weight: 0}]}]"),
+            "spec.rules[0].backends: all weights are 0; give at least one backend a weight above 0",
+        ),
+        (
+            "two credentials",
+            route("  rules: [{backends: [{name: a, url: 'http://x', credentials: {env: A, file: /k}}]}]"),
+            "spec.rules[0].backends[0].credentials: set exactly one of secretKeyRef, env or file",
+        ),
+        (
+            "azure without deployment",
+            route("  rules: [{backends: [{name: a, provider: azure-openai, url: 'https://x.openai.azure.com'}]}]"),
+            "spec.rules[0].backends[0].model: azure-openai needs the deployment name in model",
+        ),
+        (
+            "path without slash",
+            route("  rules: [{match: {paths: [v1/chat]}, backends: [{name: a, url: 'http://x'}]}]"),
+            "spec.rules[0].match.paths[0]: \"v1/chat\" must start with '/', such as /v1/chat/completions",
+        ),
+        (
+            "backoff upside down",
+            route("  rules: [{backends: [{name: a, url: 'http://x'}], retry: {backoff: {base: 5s, max: 1s}}}]"),
+            "spec.rules[0].retry.backoff: base (5s) is longer than max (1s)",
+        ),
+        (
+            "first token after request",
+            route("  rules: [{backends: [{name: a, url: 'http://x'}], timeouts: {request: 10s, firstToken: 30s}}]"),
+            "spec.rules[0].timeouts.firstToken: (30s) is longer than the request timeout (10s)",
+        ),
+        (
+            "same name twice",
+            route(
+                "  rules: [{match: {models: [a]}, backends: [{name: a, url: 'http://x'}]}, {backends: [{name: a, url: 'http://y'}]}]",
+            ),
+            "spec.rules[1].backends[0].name: backend \"a\" is already defined differently at spec.rules[0].backends[0]; give it another name",
+        ),
+        (
+            "duplicate rule",
+            route(
+                "  rules: [{match: {models: [a]}, backends: [{name: a, url: 'http://x'}]}, {match: {models: [a]}, backends: [{name: a, url: 'http://x'}]}]",
+            ),
+            "spec.rules[1]: has the same match as spec.rules[0] and would never be used",
+        ),
+        (
+            "rate limit without limits",
+            route("  rules: [{backends: [{name: a, url: 'http://x'}], rateLimit: {key: {header: x-user}}}]"),
+            "spec.rules[0].rateLimit: a rateLimit needs requestsPerMinute or tokensPerMinute",
+        ),
+        (
+            "missing policy",
+            route("  rules: [{backends: [{name: a, url: 'http://x'}], scannerPolicyRef: {name: guard}}]"),
+            "spec.rules[0].scannerPolicyRef: no valid ScannerPolicy \"guard\" in namespace \"default\"",
+        ),
+        (
+            "bad selector",
+            route(
+                "  workloadSelector: {matchExpressions: [{key: app, operator: In}]}\n  rules: [{backends: [{name: a, url: 'http://x'}]}]",
+            ),
+            "spec.workloadSelector: matchExpressions[0]: operator In needs at least one value",
+        ),
+    ];
+    for (name, yaml, want) in cases {
+        let out = standalone(yaml);
+        assert!(out.config.routes.is_empty(), "{name}: an invalid route must not be compiled");
+        let got: Vec<_> = out.rejected.iter().map(|r| r.message.as_str()).collect();
+        assert_eq!(got, [*want], "{name}");
+    }
+}
+
+#[test]
+fn invalid_policies_and_rollouts_are_rejected_with_exact_errors() {
+    let policy = |spec: &str| {
+        format!("apiVersion: bulwark.dev/v1alpha1\nkind: ScannerPolicy\nmetadata: {{name: p}}\nspec:\n{spec}")
+    };
+    let rollout = |spec: &str| {
+        format!(
+            "apiVersion: bulwark.dev/v1alpha1\nkind: ModelRollout\nmetadata: {{name: ro}}\nspec:\n  routeRef: {{name: chat}}\n{spec}"
+        )
+    };
+    let cases: &[(&str, String, &str)] = &[
+        (
+            "bad regex",
+            policy("  input: [{type: regex, patterns: ['(unclosed']}]"),
+            "spec.input[0].patterns[0]: \"(unclosed\" is not a valid regex: error: unclosed group",
+        ),
+        (
+            "regex without patterns",
+            policy("  input: [{type: regex}]"),
+            "spec.input[0].patterns: a regex scanner needs at least one pattern",
+        ),
+        (
+            "threshold on regex",
+            policy("  input: [{type: secrets, threshold: 0.5}]"),
+            "spec.input[0].threshold: Secrets does not score; remove threshold",
+        ),
+        (
+            "threshold out of range",
+            policy("  input: [{type: promptInjection, threshold: 1.5}]"),
+            "spec.input[0].threshold: must be between 0 and 1",
+        ),
+        (
+            "sampling zero",
+            policy("  input: [{type: secrets, sampling: 0}]"),
+            "spec.input[0].sampling: must be in (0, 1]: the fraction of requests scanned",
+        ),
+        (
+            "redact injection",
+            policy("  input: [{type: promptInjection, action: redact}]"),
+            "spec.input[0].action: PromptInjection cannot redact; use block or audit",
+        ),
+        (
+            "unknown pii",
+            policy("  input: [{type: pii, entities: [passport]}]"),
+            "spec.input[0].entities[0]: unknown entity \"passport\"; use email, phone, creditCard, iban, ssn, ipAddress",
+        ),
+        (
+            "token limit",
+            policy("  input: [{type: tokenLimit, maxTokens: 10, encoding: p50k}]"),
+            "spec.input[0].encoding: unknown encoding \"p50k\"; use cl100k_base or o200k_base",
+        ),
+        (
+            "same backends",
+            rollout("  stable: {backend: a}\n  canary: {backend: a}\n  steps: [{weight: 10}]"),
+            "spec.canary.backend: stable and canary must be different backends",
+        ),
+        (
+            "weight over 100",
+            rollout("  stable: {backend: a}\n  canary: {backend: b}\n  steps: [{weight: 120}]"),
+            "spec.steps[0].weight: is a percentage: 0 to 100",
+        ),
+        (
+            "no route",
+            rollout("  stable: {backend: a}\n  canary: {backend: b}\n  steps: [{weight: 10}]"),
+            "no valid LLMRoute \"chat\" in namespace \"default\"",
+        ),
+    ];
+    for (name, yaml, want) in cases {
+        let out = standalone(yaml);
+        let got: Vec<_> = out.rejected.iter().map(|r| r.message.as_str()).collect();
+        assert_eq!(got, [*want], "{name}");
+    }
+}
+
+#[test]
+fn parse_errors_name_the_document_and_field() {
+    let cases = [
+        (
+            "apiVersion: bulwark.dev/v1alpha1\nkind: LLMRoute\nmetadata: {name: r}\nspec: {rules: [{backends: [{name: a, url: 'http://x', weight: -1}]}]}",
+            "document 1 (LLMRoute r): spec.rules[0].backends[0].weight: invalid value: integer `-1`, expected u32",
+        ),
+        (
+            "apiVersion: bulwark.dev/v1alpha1\nkind: LLMRoute\nmetadata: {name: r}\nspec: {rules: [{timeouts: {request: 10x}}]}",
+            "document 1 (LLMRoute r): spec.rules[0].timeouts.request: invalid duration \"10x\": write a number followed by ms, s, m or h, such as 250ms, 2s, 10m or 1h30m",
+        ),
+        (
+            "apiVersion: bulwark.dev/v1alpha1\nkind: LLMRoute\nmetadata: {name: r}\nspec: {rulez: []}",
+            "document 1 (LLMRoute r): spec.rulez: unknown field `rulez`, expected one of `workloadSelector`, `backends`, `rules`",
+        ),
+        (
+            "apiVersion: v1\nkind: Secret\nmetadata: {name: s}\n---\napiVersion: bulwark.dev/v1beta9\nkind: LLMRoute\nmetadata: {name: r}",
+            "document 2 (LLMRoute r): unsupported apiVersion \"bulwark.dev/v1beta9\"; this version reads bulwark.dev/v1alpha1",
+        ),
+        (
+            "apiVersion: bulwark.dev/v1alpha1\nkind: LLMRouter\nmetadata: {name: r}",
+            "document 1 (LLMRouter r): unknown kind \"LLMRouter\"; use LLMRoute, ScannerPolicy or ModelRollout",
+        ),
+        (
+            "key: [unclosed",
+            "document 1: not valid YAML: did not find expected ',' or ']' at line 2 column 1, while parsing a flow sequence at line 1 column 6",
+        ),
+    ];
+    for (yaml, want) in cases {
+        let (_, errors) = manifest::parse(yaml, "default");
+        assert_eq!(errors.iter().map(ToString::to_string).collect::<Vec<_>>(), [want]);
+    }
+}
+
+#[test]
+fn an_invalid_route_never_breaks_the_others_and_conflicts_go_to_the_newer() {
+    let yaml = r#"
+apiVersion: bulwark.dev/v1alpha1
+kind: LLMRoute
+metadata: {name: a-first, creationTimestamp: "2026-01-01T00:00:00Z"}
+spec: {rules: [{match: {models: [m]}, backends: [{name: x, url: 'http://x'}]}]}
+---
+apiVersion: bulwark.dev/v1alpha1
+kind: LLMRoute
+metadata: {name: 0-second, creationTimestamp: "2026-02-01T00:00:00Z"}
+spec: {rules: [{match: {models: [m]}, backends: [{name: y, url: 'http://y'}]}]}
+---
+apiVersion: bulwark.dev/v1alpha1
+kind: LLMRoute
+metadata: {name: broken}
+spec: {rules: [{backends: [{name: z, url: 'nope'}]}]}
+"#;
+    let out = standalone(yaml);
+    assert_eq!(out.config.routes.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["default/a-first/0"]);
+    let got: Vec<_> = out.rejected.iter().map(|r| (r.name.as_str(), r.reason)).collect();
+    assert_eq!(got, [("0-second", "Conflict"), ("broken", "Invalid")]);
+}
+
+#[test]
+fn rules_are_ordered_most_specific_first() {
+    let yaml = r#"
+apiVersion: bulwark.dev/v1alpha1
+kind: LLMRoute
+metadata: {name: r}
+spec:
+  backends: [{name: x, url: 'http://x'}]
+  rules:
+    - {name: catch-all, backends: [{name: x, url: 'http://x'}]}
+    - {name: path, match: {paths: [/v1/messages]}, fallback: [{backend: x}]}
+    - {name: glob, match: {models: ["gpt-*"]}, fallback: [{backend: x}]}
+    - {name: gold, match: {models: ["gpt-*"], headers: {x-tier: gold}}, fallback: [{backend: x}]}
+    - {name: exact, match: {models: [gpt-4o]}, fallback: [{backend: x}]}
+"#;
+    let out = standalone(yaml);
+    let ids: Vec<_> = out.config.routes.iter().map(|r| r.id.rsplit('/').next().unwrap()).collect();
+    assert_eq!(ids, ["exact", "gold", "glob", "path", "catch-all"]);
+}
+
+#[test]
+fn workload_selection_by_namespace_and_labels() {
+    let yaml = r#"
+apiVersion: bulwark.dev/v1alpha1
+kind: LLMRoute
+metadata: {name: bots, namespace: team-a}
+spec: {workloadSelector: {matchLabels: {app: bot}}, rules: [{match: {models: [a]}, backends: [{name: x, url: 'http://x'}]}]}
+---
+apiVersion: bulwark.dev/v1alpha1
+kind: LLMRoute
+metadata: {name: everyone, namespace: team-a}
+spec: {rules: [{backends: [{name: x, url: 'http://x'}]}]}
+---
+apiVersion: bulwark.dev/v1alpha1
+kind: LLMRoute
+metadata: {name: elsewhere, namespace: team-b}
+spec: {rules: [{backends: [{name: x, url: 'http://x'}]}]}
+"#;
+    let res = parse(yaml);
+    let ids = |labels: &[(&str, &str)]| {
+        let w = Workload {
+            namespace: "team-a".into(),
+            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        };
+        compile(&res, Some(&w), &CompileOptions::default())
+            .config
+            .routes
+            .into_iter()
+            .map(|r| r.route)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(ids(&[("app", "bot")]), ["team-a/bots", "team-a/everyone"]);
+    assert_eq!(ids(&[("app", "web")]), ["team-a/everyone"]);
+}
+
+#[test]
+fn a_rollout_sets_the_stable_canary_split_from_its_status() {
+    let yaml = r#"
+apiVersion: bulwark.dev/v1alpha1
+kind: LLMRoute
+metadata: {name: chat}
+spec:
+  backends: [{name: canary, url: 'http://canary'}]
+  rules: [{backends: [{name: stable, url: 'http://stable', weight: 7}]}]
+---
+apiVersion: bulwark.dev/v1alpha1
+kind: ModelRollout
+metadata: {name: upgrade}
+spec:
+  routeRef: {name: chat}
+  stable: {backend: stable}
+  canary: {backend: canary}
+  steps: [{weight: 25, pause: 5m}, {weight: 100}]
+status: {phase: Progressing, currentStep: 0, canaryWeight: 25}
+"#;
+    let out = standalone(yaml);
+    assert!(out.rejected.is_empty(), "{:?}", out.rejected);
+    let w: Vec<_> = out.config.routes[0].backends.iter().map(|b| (b.name.as_str(), b.weight)).collect();
+    assert_eq!(w, [("stable", 75), ("canary", 25)]);
+    let missing = yaml.replace("canary: {backend: canary}", "canary: {backend: nope}");
+    let out = standalone(&missing);
+    assert_eq!(out.rejected[0].message, "backend \"nope\" is not defined in LLMRoute \"chat\"");
+    assert_eq!(out.config.routes[0].backends.len(), 1, "the route keeps serving unchanged");
+}
+
+#[test]
+fn only_referenced_policies_travel_with_the_config() {
+    let yaml = r#"
+apiVersion: bulwark.dev/v1alpha1
+kind: ScannerPolicy
+metadata: {name: guard}
+spec: {input: [{type: secrets, action: redact}]}
+---
+apiVersion: bulwark.dev/v1alpha1
+kind: ScannerPolicy
+metadata: {name: unused}
+spec: {}
+---
+apiVersion: bulwark.dev/v1alpha1
+kind: LLMRoute
+metadata: {name: chat}
+spec: {rules: [{backends: [{name: x, url: 'http://x'}], scannerPolicyRef: {name: guard}}]}
+"#;
+    let out = standalone(yaml);
+    assert_eq!(out.config.scanner_policies.keys().collect::<Vec<_>>(), ["default/guard"]);
+    assert_eq!(out.config.routes[0].scanner_policy.as_deref(), Some("default/guard"));
+}
+
+#[test]
+fn committed_crd_yaml_matches_the_types() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for dir in ["crds/yaml", "charts/bulwark/crds"] {
+        for (file, yaml) in bulwark_api::crds() {
+            let committed = std::fs::read_to_string(root.join(dir).join(file)).unwrap_or_default();
+            assert!(committed == yaml, "{dir}/{file} is stale: run `make crds`");
+        }
+    }
+}
+
+#[test]
+fn every_example_loads_and_compiles_cleanly() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let mut files = 0;
+    let mut stack = vec![root];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+                let (res, errors) = manifest::parse(&std::fs::read_to_string(&path).unwrap(), "default");
+                assert!(errors.is_empty(), "{}: {errors:?}", path.display());
+                let out = compile(&res, None, &CompileOptions::default());
+                assert!(out.rejected.is_empty(), "{}: {:?}", path.display(), out.rejected);
+                files += 1;
+            }
+        }
+    }
+    assert!(files >= 2, "examples/ holds the quickstart and the reference examples");
+}
