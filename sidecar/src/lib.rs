@@ -1,1 +1,104 @@
+//! Bulwark's sidecar: an LLM API proxy next to each application. The modules follow the data
+//! flow: `source` → `runtime`; `listener` → `request` → route match (`runtime`) → `ratelimit`
+//! → `cache` → `balance` / `circuit` / `retry` → `upstream` → `stream` → `metrics`.
 
+pub mod admin;
+pub mod balance;
+pub mod body;
+pub mod cache;
+pub mod circuit;
+pub mod credentials;
+pub mod error;
+pub mod listener;
+pub mod metrics;
+pub mod proxy;
+pub mod ratelimit;
+pub mod request;
+pub mod retry;
+pub mod runtime;
+pub mod source;
+pub mod stream;
+pub mod upstream;
+pub mod usage;
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+
+pub use source::Source;
+
+use crate::{admin::AdminState, metrics::Metrics, proxy::AppState, request::Limits, runtime::Shared};
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:15080";
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:15090";
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub listen: SocketAddr,
+    pub admin: SocketAddr,
+    pub source: Source,
+    pub limits: Limits,
+    pub reload_interval: Duration,
+    pub upstream_ca: Option<PathBuf>,
+}
+
+impl Options {
+    pub fn new(source: Source) -> Self {
+        Self {
+            listen: ([127, 0, 0, 1], 15080).into(),
+            admin: ([127, 0, 0, 1], 15090).into(),
+            source,
+            limits: Limits::default(),
+            reload_interval: Duration::from_secs(1),
+            upstream_ca: None,
+        }
+    }
+}
+
+/// A running sidecar.
+pub struct Sidecar {
+    pub proxy_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub metrics: Arc<Metrics>,
+    pub runtime: watch::Receiver<Arc<runtime::Runtime>>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Sidecar {
+    /// Loads the config (refusing to start on a bad one), binds both listeners and serves.
+    pub async fn start(opts: Options) -> anyhow::Result<Self> {
+        let shared = Arc::new(Shared::default());
+        let metrics = Arc::new(Metrics::new());
+        let initial = source::build(&opts.source, &shared).map_err(|e| anyhow::anyhow!("invalid config:\n{e}"))?;
+        metrics.set_version(&initial.config.version);
+        metrics.reloads.get_or_create(&metrics::ReloadLabels { result: "success" }).inc();
+        tracing::info!(version = %initial.config.version, routes = initial.routes.len(), "config loaded");
+        let (tx, rx) = watch::channel(Arc::new(initial));
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let proxy_listener =
+            TcpListener::bind(opts.listen).await.with_context(|| format!("binding {}", opts.listen))?;
+        let admin_listener = TcpListener::bind(opts.admin).await.with_context(|| format!("binding {}", opts.admin))?;
+        let proxy_addr = proxy_listener.local_addr()?;
+        let admin_addr = admin_listener.local_addr()?;
+        let client = upstream::client(opts.upstream_ca.as_deref())?;
+        let app = Arc::new(AppState { runtime: rx.clone(), client, metrics: metrics.clone(), limits: opts.limits });
+        let admin = Arc::new(AdminState { runtime: rx.clone(), metrics: metrics.clone() });
+        let tasks = vec![
+            tokio::spawn(listener::serve(proxy_listener, app, proxy::handle, shutdown_rx.clone())),
+            tokio::spawn(listener::serve(admin_listener, admin, admin::handle, shutdown_rx.clone())),
+            tokio::spawn(source::watch(opts.source, opts.reload_interval, shared, tx, metrics.clone(), shutdown_rx)),
+        ];
+        tracing::info!(%proxy_addr, %admin_addr, "serving");
+        Ok(Self { proxy_addr, admin_addr, metrics, runtime: rx, shutdown, tasks })
+    }
+
+    /// Stops accepting, lets in-flight requests finish (up to `listener::DRAIN`), and returns.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}

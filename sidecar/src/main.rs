@@ -1,1 +1,148 @@
-fn main() {}
+//! `bulwark-sidecar`: runs the proxy standalone on a directory of resources (`--manifests`)
+//! or on a compiled config (`--config`). These flag spellings are stable.
+
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+
+use bulwark_api::{CompileOptions, Duration as Dur, Workload};
+use bulwark_sidecar::{Options, Sidecar, Source};
+use clap::Parser;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "bulwark-sidecar",
+    version,
+    about = "LLM API proxy: routing, fallbacks, rate limits, caching, metrics"
+)]
+struct Cli {
+    /// Directory of LLMRoute / ScannerPolicy / ModelRollout YAML (standalone mode).
+    #[arg(long, value_name = "DIR", conflicts_with = "config", required_unless_present = "config")]
+    manifests: Option<PathBuf>,
+    /// A compiled sidecar config file (as the operator writes it).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Address (or port on 127.0.0.1) of the LLM API listener.
+    #[arg(long, value_name = "ADDR", default_value = bulwark_sidecar::DEFAULT_LISTEN, value_parser = addr)]
+    listen: SocketAddr,
+    /// Address (or port on 127.0.0.1) of the admin listener: /metrics /ready /live /config.
+    #[arg(long, value_name = "ADDR", default_value = bulwark_sidecar::DEFAULT_ADMIN, value_parser = addr)]
+    admin: SocketAddr,
+    /// With --manifests: compile for this namespace only (default: every namespace).
+    #[arg(long, env = "BULWARK_NAMESPACE")]
+    namespace: Option<String>,
+    /// With --namespace: this pod's labels, `k=v,k2=v2`, for routes' workloadSelector.
+    #[arg(long, env = "BULWARK_POD_LABELS", value_name = "LABELS", default_value = "")]
+    labels: String,
+    /// Where Secrets named by secretKeyRef are mounted: <dir>/<secret>/<key>.
+    #[arg(long, default_value = "/var/run/secrets/bulwark")]
+    secrets_dir: String,
+    /// Largest request body accepted, in bytes.
+    #[arg(long, default_value_t = 32 << 20)]
+    max_body_bytes: usize,
+    /// How often the config source is checked for changes.
+    #[arg(long, default_value = "1s")]
+    reload_interval: Dur,
+    /// Extra CA certificate (PEM) trusted for upstream TLS, besides the system roots.
+    #[arg(long, env = "BULWARK_UPSTREAM_CA", value_name = "FILE")]
+    upstream_ca: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+}
+
+fn addr(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(port) = s.parse::<u16>() {
+        return Ok(([127, 0, 0, 1], port).into());
+    }
+    s.parse().map_err(|_| format!("{s:?} is not an address like 127.0.0.1:15080 or a port"))
+}
+
+fn labels(s: &str) -> Result<BTreeMap<String, String>, String> {
+    s.split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(|p| {
+            p.split_once('=')
+                .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+                .ok_or_else(|| format!("label {p:?} is not k=v"))
+        })
+        .collect()
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BULWARK_LOG").unwrap_or_else(|_| "info".into());
+    if cli.log_format == "json" {
+        tracing_subscriber::fmt().json().with_env_filter(filter).init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+    let source = match (&cli.manifests, &cli.config) {
+        (Some(dir), _) => {
+            let workload = match (&cli.namespace, labels(&cli.labels)) {
+                (_, Err(e)) => {
+                    eprintln!("bulwark-sidecar: --labels: {e}");
+                    return ExitCode::from(2);
+                }
+                (Some(ns), Ok(l)) => Some(Workload { namespace: ns.clone(), labels: l }),
+                (None, Ok(_)) => None,
+            };
+            Source::Manifests {
+                dir: dir.clone(),
+                workload,
+                options: CompileOptions { secrets_dir: cli.secrets_dir.clone() },
+            }
+        }
+        (None, Some(file)) => Source::File(file.clone()),
+        (None, None) => unreachable_source(),
+    };
+    let mut opts = Options::new(source);
+    opts.listen = cli.listen;
+    opts.admin = cli.admin;
+    opts.limits.max_body_bytes = cli.max_body_bytes;
+    opts.reload_interval = cli.reload_interval.as_std().max(Duration::from_millis(50));
+    opts.upstream_ca = cli.upstream_ca;
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("bulwark-sidecar: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        let sidecar = match Sidecar::start(opts).await {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("bulwark-sidecar: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        };
+        wait_for_signal().await;
+        tracing::info!("shutting down: draining in-flight requests");
+        sidecar.shutdown().await;
+        ExitCode::SUCCESS
+    })
+}
+
+fn unreachable_source() -> Source {
+    // clap requires one of --manifests or --config.
+    Source::File(PathBuf::from("/dev/null"))
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

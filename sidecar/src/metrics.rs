@@ -1,0 +1,195 @@
+//! Prometheus metrics of the sidecar, with labels bounded by the config (route, backend,
+//! model, status class, error code), never by client input. GenAI names follow OpenTelemetry.
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::{Registry, Unit},
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub route: String,
+    pub backend: String,
+    pub model: String,
+    pub status_class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabels {
+    pub route: String,
+    pub backend: String,
+    pub model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenLabels {
+    pub route: String,
+    pub backend: String,
+    pub model: String,
+    pub gen_ai_token_type: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheLabels {
+    pub route: String,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CircuitLabels {
+    pub route: String,
+    pub backend: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VersionLabels {
+    pub version: String,
+}
+
+type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn seconds() -> Histogram {
+    Histogram::new(exponential_buckets(0.005, 2.0, 14))
+}
+
+fn tokens() -> Histogram {
+    Histogram::new(exponential_buckets(1.0, 4.0, 12))
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub duration: Histograms<BackendLabels>,
+    pub time_to_first_token: Histograms<BackendLabels>,
+    pub token_usage: Histograms<TokenLabels>,
+    pub retries: Family<CircuitLabels, Counter>,
+    pub fallbacks: Family<CircuitLabels, Counter>,
+    pub circuit_state: Family<CircuitLabels, Gauge>,
+    pub cache: Family<CacheLabels, Counter>,
+    pub rate_limited: Family<RouteLabels, Counter>,
+    pub stream_errors: Family<CircuitLabels, Counter>,
+    pub errors: Family<ErrorLabels, Counter>,
+    pub reloads: Family<ReloadLabels, Counter>,
+    pub config_info: Family<VersionLabels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::default();
+        registry.register(
+            "bulwark_requests",
+            "Requests answered, by route, backend, model and status class",
+            requests.clone(),
+        );
+        let duration: Histograms<BackendLabels> = Family::new_with_constructor(seconds);
+        registry.register_with_unit(
+            "gen_ai_server_request_duration",
+            "Time from the request to the end of the response",
+            Unit::Seconds,
+            duration.clone(),
+        );
+        let time_to_first_token: Histograms<BackendLabels> = Family::new_with_constructor(seconds);
+        registry.register_with_unit(
+            "gen_ai_server_time_to_first_token",
+            "Time from the request to the first byte of the upstream's response body",
+            Unit::Seconds,
+            time_to_first_token.clone(),
+        );
+        let token_usage: Histograms<TokenLabels> = Family::new_with_constructor(tokens);
+        registry.register(
+            "gen_ai_client_token_usage",
+            "Tokens per request, by gen_ai_token_type (input or output)",
+            token_usage.clone(),
+        );
+        let retries = Family::default();
+        registry.register("bulwark_retries", "Attempts repeated on the same backend", retries.clone());
+        let fallbacks = Family::default();
+        registry.register("bulwark_fallbacks", "Requests moved on to this fallback backend", fallbacks.clone());
+        let circuit_state = Family::default();
+        registry.register(
+            "bulwark_circuit_state",
+            "Circuit breaker state: 0 closed, 1 open, 2 half-open",
+            circuit_state.clone(),
+        );
+        let cache = Family::default();
+        registry.register("bulwark_cache_lookups", "Response cache lookups by result (hit, miss)", cache.clone());
+        let rate_limited = Family::default();
+        registry.register("bulwark_rate_limited", "Requests refused by a rate limit", rate_limited.clone());
+        let stream_errors = Family::default();
+        registry.register(
+            "bulwark_stream_errors",
+            "Streams that broke after the first byte and ended with an error event",
+            stream_errors.clone(),
+        );
+        let errors = Family::default();
+        registry.register("bulwark_request_errors", "Requests answered with an error, by code", errors.clone());
+        let reloads = Family::default();
+        registry.register("bulwark_config_reloads", "Config loads by result (success, error)", reloads.clone());
+        let config_info = Family::default();
+        registry.register("bulwark_config_info", "The config version being served", config_info.clone());
+        Self {
+            registry,
+            requests,
+            duration,
+            time_to_first_token,
+            token_usage,
+            retries,
+            fallbacks,
+            circuit_state,
+            cache,
+            rate_limited,
+            stream_errors,
+            errors,
+            reloads,
+            config_info,
+        }
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(16 * 1024);
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    pub fn set_version(&self, version: &str) {
+        self.config_info.clear();
+        self.config_info.get_or_create(&VersionLabels { version: version.to_owned() }).set(1);
+    }
+}
+
+pub fn status_class(status: u16) -> &'static str {
+    match status {
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}

@@ -1,0 +1,164 @@
+//! Relays a streamed upstream response to the client frame by frame, as it arrives. Watches
+//! the SSE for usage and the end marker; enforces the idle timeout; when the upstream breaks
+//! after the first byte, sends an explicit error event and aborts instead of ending cleanly.
+
+use std::{
+    pin::Pin,
+    task::{Context, Poll, ready},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::StatusCode;
+use http_body::{Body, Frame};
+use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
+
+use crate::{
+    body::BoxError,
+    error::{Flavor, ProxyError},
+    usage::SseTracker,
+};
+
+/// How a relayed stream ended, handed to the `on_end` callback exactly once.
+#[derive(Debug)]
+pub struct StreamEnd {
+    pub tracker: SseTracker,
+    /// `None` when the stream completed; otherwise the error the client was sent.
+    pub error: Option<ProxyError>,
+    /// The client went away before the end.
+    pub cancelled: bool,
+    /// The whole stream, when it completed and was small enough to record.
+    pub recorded: Option<Bytes>,
+}
+
+pub type OnEnd = Box<dyn FnOnce(StreamEnd) + Send>;
+
+enum State {
+    Streaming,
+    /// The error event went out; the next poll aborts the response.
+    Aborting,
+    Done,
+}
+
+pub struct Relay {
+    first: Option<Bytes>,
+    inner: Incoming,
+    flavor: Flavor,
+    idle: Duration,
+    sleep: Pin<Box<Sleep>>,
+    tracker: SseTracker,
+    record: Option<(Vec<u8>, usize)>,
+    state: State,
+    on_end: Option<OnEnd>,
+}
+
+impl Relay {
+    /// `first` is the chunk already read when the stream was committed to a backend.
+    /// `record_limit` turns on recording (for the cache) up to that many bytes.
+    pub fn new(
+        first: Bytes,
+        inner: Incoming,
+        flavor: Flavor,
+        idle: Duration,
+        record_limit: Option<usize>,
+        on_end: OnEnd,
+    ) -> Self {
+        Self {
+            first: Some(first),
+            inner,
+            flavor,
+            idle,
+            sleep: Box::pin(tokio::time::sleep(idle)),
+            tracker: SseTracker::default(),
+            record: record_limit.map(|l| (Vec::new(), l)),
+            state: State::Streaming,
+            on_end: Some(on_end),
+        }
+    }
+
+    fn data(&mut self, chunk: &Bytes) {
+        self.tracker.feed(chunk);
+        if let Some((buf, limit)) = &mut self.record {
+            if buf.len() + chunk.len() <= *limit {
+                buf.extend_from_slice(chunk);
+            } else {
+                self.record = None;
+            }
+        }
+        self.sleep.as_mut().reset(Instant::now() + self.idle);
+    }
+
+    fn finish(&mut self, error: Option<ProxyError>) {
+        if let Some(f) = self.on_end.take() {
+            let recorded = if error.is_none() { self.record.take().map(|(b, _)| Bytes::from(b)) } else { None };
+            f(StreamEnd { tracker: std::mem::take(&mut self.tracker), error, cancelled: false, recorded });
+        }
+    }
+
+    fn fail(&mut self, code: &'static str, message: String) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let err = ProxyError::new(StatusCode::BAD_GATEWAY, code, message);
+        let event = err.sse_event(self.flavor);
+        self.finish(Some(err));
+        self.state = State::Aborting;
+        Poll::Ready(Some(Ok(Frame::data(event))))
+    }
+}
+
+impl Body for Relay {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        match this.state {
+            State::Done => return Poll::Ready(None),
+            State::Aborting => {
+                this.state = State::Done;
+                return Poll::Ready(Some(Err("upstream stream failed after the first byte".into())));
+            }
+            State::Streaming => {}
+        }
+        if let Some(first) = this.first.take() {
+            this.data(&first);
+            return Poll::Ready(Some(Ok(Frame::data(first))));
+        }
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(chunk) = frame.data_ref() {
+                    this.data(chunk);
+                }
+                Poll::Ready(Some(Ok(frame.map_data(|d| d))))
+            }
+            Poll::Ready(Some(Err(e))) => this.fail("upstream_stream_broken", format!("the upstream stream broke: {e}")),
+            Poll::Ready(None) => {
+                if this.tracker.finished {
+                    this.state = State::Done;
+                    this.finish(None);
+                    Poll::Ready(None)
+                } else {
+                    this.fail(
+                        "upstream_stream_truncated",
+                        "the upstream ended the stream before its end marker; the response is incomplete".into(),
+                    )
+                }
+            }
+            Poll::Pending => {
+                ready!(this.sleep.as_mut().poll(cx));
+                let secs = this.idle.as_secs_f64();
+                this.fail(
+                    "upstream_idle_timeout",
+                    format!("the upstream sent nothing for {secs}s in the middle of the stream"),
+                )
+            }
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if let Some(f) = self.on_end.take() {
+            f(StreamEnd { tracker: std::mem::take(&mut self.tracker), error: None, cancelled: true, recorded: None });
+        }
+    }
+}

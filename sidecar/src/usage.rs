@@ -1,0 +1,148 @@
+//! Token usage as providers report it: the `usage` object of a JSON response, or the usage
+//! carried by stream events (OpenAI's final chunk, Anthropic's message_start/message_delta).
+
+use serde_json::Value;
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    pub input: Option<u64>,
+    pub output: Option<u64>,
+}
+
+impl Usage {
+    fn merge_from(&mut self, usage: &Value) {
+        let get = |keys: &[&str]| keys.iter().find_map(|k| usage.get(*k).and_then(Value::as_u64));
+        if let Some(v) = get(&["prompt_tokens", "input_tokens"]) {
+            self.input = Some(v);
+        }
+        if let Some(v) = get(&["completion_tokens", "output_tokens"]) {
+            self.output = Some(v);
+        }
+    }
+
+    pub fn total(&self) -> Option<u64> {
+        match (self.input, self.output) {
+            (None, None) => None,
+            (i, o) => Some(i.unwrap_or(0) + o.unwrap_or(0)),
+        }
+    }
+}
+
+/// Usage of a complete JSON response.
+pub fn from_json(body: &[u8]) -> Usage {
+    let mut u = Usage::default();
+    if memchr::memmem::find(body, b"\"usage\"").is_none() {
+        return u;
+    }
+    if let Ok(v) = serde_json::from_slice::<Value>(body)
+        && let Some(usage) = v.get("usage")
+    {
+        u.merge_from(usage);
+    }
+    u
+}
+
+/// Follows an SSE byte stream chunk by chunk without copying it: counts events, notices the
+/// end marker, and parses only the lines that carry usage.
+#[derive(Debug, Default)]
+pub struct SseTracker {
+    partial: Vec<u8>,
+    pub usage: Usage,
+    /// `data:` lines seen: a fallback estimate of output tokens.
+    pub data_events: u64,
+    /// `data: [DONE]` (OpenAI) or `message_stop` (Anthropic) was seen.
+    pub finished: bool,
+}
+
+impl SseTracker {
+    pub fn feed(&mut self, chunk: &[u8]) {
+        let mut rest = chunk;
+        if !self.partial.is_empty() {
+            match memchr::memchr(b'\n', rest) {
+                Some(i) => {
+                    let mut line = std::mem::take(&mut self.partial);
+                    line.extend_from_slice(&rest[..i]);
+                    self.line(&line);
+                    rest = &rest[i + 1..];
+                }
+                None => {
+                    self.partial.extend_from_slice(rest);
+                    return;
+                }
+            }
+        }
+        while let Some(i) = memchr::memchr(b'\n', rest) {
+            self.line(&rest[..i]);
+            rest = &rest[i + 1..];
+        }
+        if !rest.is_empty() {
+            self.partial.extend_from_slice(rest);
+        }
+    }
+
+    fn line(&mut self, line: &[u8]) {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let Some(data) = line.strip_prefix(b"data:") else {
+            if line.starts_with(b"event:") && memchr::memmem::find(line, b"message_stop").is_some() {
+                self.finished = true;
+            }
+            return;
+        };
+        let data = data.strip_prefix(b" ").unwrap_or(data);
+        if data == b"[DONE]" {
+            self.finished = true;
+            return;
+        }
+        self.data_events += 1;
+        if memchr::memmem::find(data, b"\"usage\"").is_none() {
+            return;
+        }
+        if let Ok(v) = serde_json::from_slice::<Value>(data) {
+            if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
+                self.usage.merge_from(u);
+            }
+            // Anthropic: message_start carries {"message": {"usage": ...}}.
+            if let Some(u) = v.get("message").and_then(|m| m.get("usage")) {
+                self.usage.merge_from(u);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_usage_of_both_providers() {
+        assert_eq!(
+            from_json(br#"{"usage":{"prompt_tokens":3,"completion_tokens":5,"total_tokens":8}}"#),
+            Usage { input: Some(3), output: Some(5) }
+        );
+        assert_eq!(from_json(br#"{"usage":{"input_tokens":4,"output_tokens":6}}"#).total(), Some(10));
+        assert_eq!(from_json(br#"{"id":"x"}"#), Usage::default());
+    }
+
+    #[test]
+    fn stream_usage_across_chunk_boundaries() {
+        let openai = "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":2}}\n\ndata: [DONE]\n\n";
+        for split in 1..openai.len() {
+            let mut t = SseTracker::default();
+            t.feed(&openai.as_bytes()[..split]);
+            t.feed(&openai.as_bytes()[split..]);
+            assert_eq!(
+                (t.usage, t.data_events, t.finished),
+                (Usage { input: Some(7), output: Some(2) }, 2, true),
+                "split at {split}"
+            );
+        }
+        let anthropic = "event: message_start\r\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":9,\"output_tokens\":1}}}\r\n\r\nevent: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":12}}\n\nevent: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
+        let mut t = SseTracker::default();
+        t.feed(anthropic.as_bytes());
+        assert_eq!(t.usage, Usage { input: Some(9), output: Some(12) });
+        assert!(t.finished);
+        let mut cut = SseTracker::default();
+        cut.feed(b"data: {\"choices\":[]}\n\n");
+        assert!(!cut.finished, "no end marker: a truncated stream");
+    }
+}
