@@ -1,5 +1,7 @@
 //! Table-driven tests of `compile()`: resources in, config and rejections out.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use bulwark_api::{
     CompileOptions, Compiled, Workload, compile,
     config::CredentialSource,

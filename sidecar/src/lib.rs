@@ -71,6 +71,7 @@ impl Sidecar {
     pub async fn start(opts: Options) -> anyhow::Result<Self> {
         let shared = Arc::new(Shared::default());
         let metrics = Arc::new(Metrics::new());
+        let fingerprint = opts.source.fingerprint().ok();
         let initial = source::build(&opts.source, &shared).map_err(|e| anyhow::anyhow!("invalid config:\n{e}"))?;
         metrics.set_version(&initial.config.version);
         metrics.reloads.get_or_create(&metrics::ReloadLabels { result: "success" }).inc();
@@ -88,7 +89,15 @@ impl Sidecar {
         let tasks = vec![
             tokio::spawn(listener::serve(proxy_listener, app, proxy::handle, shutdown_rx.clone())),
             tokio::spawn(listener::serve(admin_listener, admin, admin::handle, shutdown_rx.clone())),
-            tokio::spawn(source::watch(opts.source, opts.reload_interval, shared, tx, metrics.clone(), shutdown_rx)),
+            tokio::spawn(source::watch(
+                opts.source,
+                fingerprint,
+                opts.reload_interval,
+                shared,
+                tx,
+                metrics.clone(),
+                shutdown_rx,
+            )),
         ];
         tracing::info!(%proxy_addr, %admin_addr, "serving");
         Ok(Self { proxy_addr, admin_addr, metrics, runtime: rx, shutdown, tasks })

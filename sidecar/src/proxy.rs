@@ -104,6 +104,7 @@ async fn serve(state: &AppState, req: Request<Incoming>) -> Result<Response<Prox
         }
     }
 
+    let cache_tag = cache.is_some().then_some("miss");
     let (backend, committed) = match call(state, route, &req, started).await {
         Ok(ok) => ok,
         Err(e) => {
@@ -133,7 +134,7 @@ async fn serve(state: &AppState, req: Request<Incoming>) -> Result<Response<Prox
             let mut resp = Response::new(ProxyBody::full(body));
             *resp.status_mut() = status;
             copy_headers(&committed.headers, resp.headers_mut());
-            tag(resp.headers_mut(), &route.cfg.route, &backend.cfg.name, route.cache.is_some().then_some("miss"));
+            tag(resp.headers_mut(), &route.cfg.route, &backend.cfg.name, cache_tag);
             Ok(resp)
         }
         CommittedBody::Stream { first, rest } => {
@@ -172,7 +173,7 @@ async fn serve(state: &AppState, req: Request<Incoming>) -> Result<Response<Prox
             let mut resp = Response::new(ProxyBody::Stream(Box::new(relay)));
             copy_headers(&committed.headers, resp.headers_mut());
             resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-            tag(resp.headers_mut(), &route.cfg.route, &backend.cfg.name, route.cache.is_some().then_some("miss"));
+            tag(resp.headers_mut(), &route.cfg.route, &backend.cfg.name, cache_tag);
             Ok(resp)
         }
     }

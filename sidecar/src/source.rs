@@ -108,16 +108,18 @@ pub fn build(source: &Source, shared: &Shared) -> Result<Runtime, String> {
     Runtime::build(source.load()?, shared)
 }
 
-/// Polls the source and swaps in each new good config until `shutdown` fires.
+/// Polls the source and swaps in each new good config until `shutdown` fires. `loaded` is
+/// the fingerprint of what the current config was built from.
 pub async fn watch(
     source: Source,
+    loaded: Option<[u8; 32]>,
     every: Duration,
     shared: Arc<Shared>,
     tx: watch::Sender<Arc<Runtime>>,
     metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut last = source.fingerprint().ok();
+    let mut last = loaded;
     let mut interval = tokio::time::interval(every);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

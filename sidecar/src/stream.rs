@@ -36,10 +36,13 @@ pub type OnEnd = Box<dyn FnOnce(StreamEnd) + Send>;
 
 enum State {
     Streaming,
-    /// The error event went out; the next poll aborts the response.
-    Aborting,
+    /// The error event went out; once it had time to be flushed, the response is aborted.
+    Aborting(Pin<Box<Sleep>>),
     Done,
 }
+
+/// Time given to the error event to reach the wire before the connection is cut.
+const FLUSH_GRACE: Duration = Duration::from_millis(50);
 
 pub struct Relay {
     first: Option<Bytes>,
@@ -100,7 +103,7 @@ impl Relay {
         let err = ProxyError::new(StatusCode::BAD_GATEWAY, code, message);
         let event = err.sse_event(self.flavor);
         self.finish(Some(err));
-        self.state = State::Aborting;
+        self.state = State::Aborting(Box::pin(tokio::time::sleep(FLUSH_GRACE)));
         Poll::Ready(Some(Ok(Frame::data(event))))
     }
 }
@@ -113,7 +116,8 @@ impl Body for Relay {
         let this = self.get_mut();
         match this.state {
             State::Done => return Poll::Ready(None),
-            State::Aborting => {
+            State::Aborting(ref mut grace) => {
+                ready!(grace.as_mut().poll(cx));
                 this.state = State::Done;
                 return Poll::Ready(Some(Err("upstream stream failed after the first byte".into())));
             }

@@ -105,8 +105,10 @@ pub fn build(backend: &BackendRuntime, req: &LlmRequest, now: Instant) -> Result
         _ => req.raw.clone(),
     };
     let mut headers = HeaderMap::with_capacity(req.headers.len() + 3);
+    let keyed = key.is_some();
     for (name, value) in &req.headers {
-        if !dropped(name) && !(key.is_some() && is_credential(name)) {
+        let replaced = keyed && is_credential(name);
+        if !replaced && !dropped(name) {
             headers.append(name.clone(), value.clone());
         }
     }
