@@ -57,7 +57,7 @@ fn a_valid_route_compiles_into_one_self_contained_rule() {
         Some(CredentialSource::File { path: "/var/run/secrets/bulwark/anthropic/api-key".into() })
     );
     assert_eq!(r.timeouts.request.to_string(), "2m");
-    assert_eq!(r.timeouts.idle.to_string(), "60s", "default");
+    assert_eq!(r.timeouts.idle.to_string(), "1m", "default");
     assert_eq!(c.version.len(), 16);
     // Same input, same version; the config never holds a secret value.
     assert_eq!(standalone(OK_ROUTE).config.version, c.version);

@@ -153,6 +153,10 @@ impl Runtime {
 
 impl RouteRuntime {
     fn matches(&self, api: Api, model: &str, headers: &http::HeaderMap) -> bool {
+        // A rule none of whose backends speaks this API cannot take the request.
+        if !self.backends.iter().chain(&self.fallback).any(|b| b.speaks(api)) {
+            return false;
+        }
         let m = &self.cfg.matches;
         if !m.paths.is_empty() && !m.paths.iter().any(|p| p.trim_end_matches('/') == api.path()) {
             return false;
