@@ -146,7 +146,7 @@ async fn serve(state: &AppState, req: Request<Incoming>) -> Result<Response<Prox
             let on_end = Box::new(move |end: StreamEnd| {
                 let mut usage = end.tracker.usage;
                 if usage.output.is_none() {
-                    usage.output = Some(end.tracker.data_events);
+                    usage.output = Some(end.tracker.content_events);
                 }
                 let class = if end.error.is_some() {
                     "5xx"

@@ -48,8 +48,10 @@ pub fn from_json(body: &[u8]) -> Usage {
 pub struct SseTracker {
     partial: Vec<u8>,
     pub usage: Usage,
-    /// `data:` lines seen: a fallback estimate of output tokens.
+    /// `data:` lines seen.
     pub data_events: u64,
+    /// Events carrying generated text: the estimate of output tokens when no usage is sent.
+    pub content_events: u64,
     /// `data: [DONE]` (OpenAI) or `message_stop` (Anthropic) was seen.
     pub finished: bool,
 }
@@ -94,6 +96,9 @@ impl SseTracker {
             return;
         }
         self.data_events += 1;
+        if has_text(data) {
+            self.content_events += 1;
+        }
         if memchr::memmem::find(data, b"\"usage\"").is_none() {
             return;
         }
@@ -107,6 +112,17 @@ impl SseTracker {
             }
         }
     }
+}
+
+/// Whether an event carries non-empty generated text (OpenAI `content`/`text`, Anthropic
+/// `text_delta`).
+fn has_text(data: &[u8]) -> bool {
+    if memchr::memmem::find(data, b"\"text_delta\"").is_some() {
+        return true;
+    }
+    [&b"\"content\":\""[..], &b"\"text\":\""[..]]
+        .iter()
+        .any(|key| memchr::memmem::find(data, key).is_some_and(|i| data.get(i + key.len()).is_some_and(|c| *c != b'"')))
 }
 
 #[cfg(test)]
