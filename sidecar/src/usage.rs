@@ -28,16 +28,18 @@ impl Usage {
     }
 }
 
-/// Usage of a complete JSON response.
+/// Usage of a complete JSON response. Only the `usage` object is materialised.
 pub fn from_json(body: &[u8]) -> Usage {
+    #[derive(serde::Deserialize)]
+    struct Envelope {
+        usage: Option<Value>,
+    }
     let mut u = Usage::default();
     if memchr::memmem::find(body, b"\"usage\"").is_none() {
         return u;
     }
-    if let Ok(v) = serde_json::from_slice::<Value>(body)
-        && let Some(usage) = v.get("usage")
-    {
-        u.merge_from(usage);
+    if let Ok(Envelope { usage: Some(usage) }) = serde_json::from_slice::<Envelope>(body) {
+        u.merge_from(&usage);
     }
     u
 }
