@@ -1,6 +1,7 @@
 //! Bulwark's sidecar: an LLM API proxy next to each application. The modules follow the data
 //! flow: `source` → `runtime`; `listener` → `request` → route match (`runtime`) → `ratelimit`
-//! → `cache` → `balance` / `circuit` / `retry` → `upstream` → `stream` → `metrics`.
+//! → `scan` (input) → `cache` → `balance` / `circuit` / `retry` → `upstream` → `stream` (with
+//! `scan::stream` on output) → `metrics`.
 
 pub mod admin;
 pub mod balance;
@@ -16,6 +17,7 @@ pub mod ratelimit;
 pub mod request;
 pub mod retry;
 pub mod runtime;
+pub mod scan;
 pub mod source;
 pub mod stream;
 pub mod upstream;

@@ -67,10 +67,29 @@ pub struct VersionLabels {
     pub version: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ScannerLabels {
+    pub policy: String,
+    pub scanner: &'static str,
+    pub direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VerdictLabels {
+    pub policy: String,
+    pub scanner: &'static str,
+    pub direction: &'static str,
+    pub outcome: &'static str,
+}
+
 type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn seconds() -> Histogram {
     Histogram::new(exponential_buckets(0.005, 2.0, 14))
+}
+
+fn scan_seconds() -> Histogram {
+    Histogram::new(exponential_buckets(0.00001, 3.0, 12))
 }
 
 fn tokens() -> Histogram {
@@ -92,6 +111,8 @@ pub struct Metrics {
     pub errors: Family<ErrorLabels, Counter>,
     pub reloads: Family<ReloadLabels, Counter>,
     pub config_info: Family<VersionLabels, Gauge>,
+    pub scanner_duration: Histograms<ScannerLabels>,
+    pub scanner_verdicts: Family<VerdictLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -155,8 +176,23 @@ impl Metrics {
         registry.register("bulwark_config_reloads", "Config loads by result (success, error)", reloads.clone());
         let config_info = Family::default();
         registry.register("bulwark_config_info", "The config version being served", config_info.clone());
+        let scanner_duration: Histograms<ScannerLabels> = Family::new_with_constructor(scan_seconds);
+        registry.register_with_unit(
+            "bulwark_scanner_duration",
+            "Time a scanner took on one request or stream window",
+            Unit::Seconds,
+            scanner_duration.clone(),
+        );
+        let scanner_verdicts = Family::default();
+        registry.register(
+            "bulwark_scanner_verdicts",
+            "Scanner outcomes: pass, block, redact, audit, error",
+            scanner_verdicts.clone(),
+        );
         Self {
             registry,
+            scanner_duration,
+            scanner_verdicts,
             requests,
             duration,
             time_to_first_token,

@@ -27,6 +27,7 @@ use crate::{
     request::{self, Api, Limits, LlmRequest},
     retry::{self, Failure},
     runtime::{BackendRuntime, RouteRuntime, Runtime},
+    scan::{self, Direction, Restore, stream::OutputGuard},
     stream::{Relay, StreamEnd},
     upstream::{self, Client},
     usage::{self, Usage},
@@ -66,7 +67,7 @@ async fn serve(state: &AppState, req: Request<Incoming>) -> Result<Response<Prox
     // One snapshot of the config for the whole request: reloads never tear a request.
     let rt = state.runtime.borrow().clone();
     let (parts, body) = req.into_parts();
-    let req = request::read(&parts.method, parts.uri.path(), parts.headers, body, &state.limits).await?;
+    let mut req = request::read(&parts.method, parts.uri.path(), parts.headers, body, &state.limits).await?;
     if req.api == Api::Models {
         return Ok(models(&rt));
     }
@@ -88,8 +89,17 @@ async fn serve(state: &AppState, req: Request<Incoming>) -> Result<Response<Prox
         }
     };
 
+    // Input scanners run before the cache: a cached answer never bypasses a policy.
+    let restore = match scan_input(state, route, &mut req) {
+        Ok(r) => r,
+        Err(e) => {
+            settle(&Usage { input: Some(0), output: Some(0) }, 0);
+            return Err(e);
+        }
+    };
+    // Answers restored with this request's personal data are not cached.
     let cache = match &route.cache {
-        Some(c) if !Cache::bypass(&req.headers) => {
+        Some(c) if !Cache::bypass(&req.headers) && restore.is_empty() => {
             Some((c.clone(), Cache::key(&route.cfg.id, req.api.path(), &req.body)))
         }
         _ => None,
@@ -117,12 +127,20 @@ async fn serve(state: &AppState, req: Request<Incoming>) -> Result<Response<Prox
     state.metrics.time_to_first_token.get_or_create(&labels).observe(committed.ttfb.as_secs_f64());
 
     match committed.body {
-        CommittedBody::Full(body) => {
+        CommittedBody::Full(mut body) => {
             let status = committed.status;
+            let mut blocked = None;
+            if status.is_success()
+                && let Some(policy) = &route.policy
+                && (!policy.output.is_empty() || !restore.is_empty())
+            {
+                (body, blocked) = scan_output(state, route, policy, req.api, body, &restore);
+            }
             let usage = if status.is_success() { usage::from_json(&body) } else { Usage::default() };
             record(&state.metrics, &labels, status_class(status.as_u16()), started, &usage);
             settle(&usage, 0);
             if status.is_success()
+                && blocked.is_none()
                 && let Some((c, key)) = cache
             {
                 c.insert(
@@ -134,7 +152,15 @@ async fn serve(state: &AppState, req: Request<Incoming>) -> Result<Response<Prox
             let mut resp = Response::new(ProxyBody::full(body));
             *resp.status_mut() = status;
             copy_headers(&committed.headers, resp.headers_mut());
+            if blocked.is_some() {
+                resp.headers_mut().remove(header::CONTENT_LENGTH);
+            }
             tag(resp.headers_mut(), &route.cfg.route, &backend.cfg.name, cache_tag);
+            if let Some(b) = blocked
+                && let Ok(v) = HeaderValue::from_str(&format!("{}/{}", b.policy, b.scanner))
+            {
+                resp.headers_mut().insert("x-bulwark-blocked", v);
+            }
             Ok(resp)
         }
         CommittedBody::Stream { first, rest } => {
@@ -168,14 +194,97 @@ async fn serve(state: &AppState, req: Request<Incoming>) -> Result<Response<Prox
                 }
             });
             let record_limit = cache.as_ref().map(|(c, _)| c.max_entry_bytes());
-            let relay =
+            let mut relay =
                 Relay::new(first, rest, req.api.flavor(), route.cfg.timeouts.idle.as_std(), record_limit, on_end);
+            if let Some(policy) = &route.policy
+                && (!policy.output.is_empty() || !restore.is_empty())
+            {
+                let guard = OutputGuard::new(
+                    policy.clone(),
+                    restore,
+                    req.api.flavor(),
+                    state.metrics.clone(),
+                    route.cfg.route.clone(),
+                );
+                relay = relay.with_guard(guard);
+            }
             let mut resp = Response::new(ProxyBody::Stream(Box::new(relay)));
             copy_headers(&committed.headers, resp.headers_mut());
             resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
             tag(resp.headers_mut(), &route.cfg.route, &backend.cfg.name, cache_tag);
             Ok(resp)
         }
+    }
+}
+
+/// Runs the route's input scanners; rewrites the body when they redact.
+fn scan_input(state: &AppState, route: &RouteRuntime, req: &mut LlmRequest) -> Result<Restore, ProxyError> {
+    let Some(policy) = route.policy.as_ref().filter(|p| !p.input.is_empty()) else { return Ok(Restore::default()) };
+    let ctx = scan::Ctx { metrics: &state.metrics, route: &route.cfg.route };
+    let mut texts = scan::text::request_texts(req.api, &mut req.body);
+    match scan::run(policy, Direction::Input, &mut texts, &ctx) {
+        Ok(restore) => {
+            if restore.redacted {
+                req.raw = Bytes::from(serde_json::to_vec(&req.body).unwrap_or_default());
+            }
+            Ok(restore)
+        }
+        Err(blocked) => {
+            tracing::info!(route = %route.cfg.route, "request {blocked}");
+            Err(ProxyError::bad_request("blocked_by_policy", format!("the request was {blocked}")))
+        }
+    }
+}
+
+/// Runs the output scanners over a complete response and restores redacted values. A blocked
+/// answer keeps its shape with its text removed and `content_filter` as the finish reason.
+fn scan_output(
+    state: &AppState,
+    route: &RouteRuntime,
+    policy: &scan::PolicyRuntime,
+    api: Api,
+    body: Bytes,
+    restore: &Restore,
+) -> (Bytes, Option<scan::Blocked>) {
+    let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&body) else { return (body, None) };
+    let ctx = scan::Ctx { metrics: &state.metrics, route: &route.cfg.route };
+    let mut texts = scan::text::response_texts(api, &mut v);
+    let blocked = match scan::run(policy, Direction::Output, &mut texts, &ctx) {
+        Ok(_) => {
+            if !restore.is_empty() {
+                for t in texts {
+                    *t = restore.apply(t);
+                }
+            }
+            None
+        }
+        Err(b) => {
+            tracing::info!(route = %route.cfg.route, "response {b}");
+            content_filtered(api, &mut v);
+            Some(b)
+        }
+    };
+    (Bytes::from(serde_json::to_vec(&v).unwrap_or_default()), blocked)
+}
+
+fn content_filtered(api: Api, v: &mut serde_json::Value) {
+    use serde_json::Value;
+    if api == Api::Messages {
+        v["content"] = Value::Array(vec![]);
+        v["stop_reason"] = Value::String("refusal".into());
+        return;
+    }
+    for choice in v.get_mut("choices").and_then(Value::as_array_mut).into_iter().flatten() {
+        if let Some(m) = choice.get_mut("message") {
+            m["content"] = Value::String(String::new());
+            if let Some(o) = m.as_object_mut() {
+                o.remove("tool_calls");
+            }
+        }
+        if choice.get("text").is_some() {
+            choice["text"] = Value::String(String::new());
+        }
+        choice["finish_reason"] = Value::String("content_filter".into());
     }
 }
 

@@ -12,7 +12,9 @@ use bulwark_api::{
 use globset::{Glob, GlobSet, GlobSetBuilder};
 use parking_lot::Mutex;
 
-use crate::{cache::Cache, circuit::Circuit, credentials::Credential, ratelimit::RateLimiter, request::Api};
+use crate::{
+    cache::Cache, circuit::Circuit, credentials::Credential, ratelimit::RateLimiter, request::Api, scan::PolicyRuntime,
+};
 
 /// Everything one request needs, immutable once built; swapped whole on reload.
 pub struct Runtime {
@@ -28,6 +30,7 @@ pub struct RouteRuntime {
     pub fallback: Vec<Arc<BackendRuntime>>,
     pub limiter: Option<Arc<RateLimiter>>,
     pub cache: Option<Arc<Cache>>,
+    pub policy: Option<Arc<PolicyRuntime>>,
 }
 
 pub struct BackendRuntime {
@@ -67,6 +70,10 @@ impl Runtime {
                 config.api_version,
                 bulwark_api::config::CONFIG_API_VERSION
             ));
+        }
+        let mut policies = HashMap::new();
+        for (name, spec) in &config.scanner_policies {
+            policies.insert(name.clone(), Arc::new(PolicyRuntime::build(name, spec)?));
         }
         let mut routes = Vec::with_capacity(config.routes.len());
         let mut live_ids = vec![];
@@ -135,7 +142,25 @@ impl Runtime {
                 }
                 entry.clone()
             });
-            routes.push(RouteRuntime { cfg: r.clone(), models, exact_models, backends, fallback, limiter, cache });
+            let policy = match &r.scanner_policy {
+                Some(name) => Some(
+                    policies
+                        .get(name)
+                        .cloned()
+                        .ok_or_else(|| format!("route {}: scanner policy {name} is not in the config", r.id))?,
+                ),
+                None => None,
+            };
+            routes.push(RouteRuntime {
+                cfg: r.clone(),
+                models,
+                exact_models,
+                backends,
+                fallback,
+                limiter,
+                cache,
+                policy,
+            });
         }
         // Drop state of routes that are gone, so memory follows the config.
         let ids: std::collections::HashSet<&str> = config.routes.iter().map(|r| r.id.as_str()).collect();

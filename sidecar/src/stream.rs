@@ -1,6 +1,7 @@
 //! Relays a streamed upstream response to the client frame by frame, as it arrives. Watches
-//! the SSE for usage and the end marker; enforces the idle timeout; when the upstream breaks
-//! after the first byte, sends an explicit error event and aborts instead of ending cleanly.
+//! the SSE for usage and the end marker; passes text through the output guard when a policy
+//! scans output; enforces the idle timeout; when the upstream breaks after the first byte,
+//! sends an explicit error event and aborts instead of ending cleanly.
 
 use std::{
     pin::Pin,
@@ -17,6 +18,7 @@ use tokio::time::{Instant, Sleep};
 use crate::{
     body::BoxError,
     error::{Flavor, ProxyError},
+    scan::stream::OutputGuard,
     usage::SseTracker,
 };
 
@@ -28,8 +30,10 @@ pub struct StreamEnd {
     pub error: Option<ProxyError>,
     /// The client went away before the end.
     pub cancelled: bool,
-    /// The whole stream, when it completed and was small enough to record.
+    /// The whole stream as sent, when it completed and was small enough to record.
     pub recorded: Option<Bytes>,
+    /// The output guard stopped the stream.
+    pub blocked: bool,
 }
 
 pub type OnEnd = Box<dyn FnOnce(StreamEnd) + Send>;
@@ -54,6 +58,8 @@ pub struct Relay {
     record: Option<(Vec<u8>, usize)>,
     state: State,
     on_end: Option<OnEnd>,
+    guard: Option<Box<OutputGuard>>,
+    blocked: bool,
 }
 
 impl Relay {
@@ -77,25 +83,61 @@ impl Relay {
             record: record_limit.map(|l| (Vec::new(), l)),
             state: State::Streaming,
             on_end: Some(on_end),
+            guard: None,
+            blocked: false,
         }
     }
 
-    fn data(&mut self, chunk: &Bytes) {
-        self.tracker.feed(chunk);
+    /// Scans the streamed text with a policy's output scanners before it leaves.
+    pub fn with_guard(mut self, guard: OutputGuard) -> Self {
+        self.guard = Some(Box::new(guard));
+        self
+    }
+
+    /// Takes an upstream chunk; returns what goes to the client now.
+    fn data(&mut self, chunk: Bytes) -> Bytes {
+        self.tracker.feed(&chunk);
+        self.sleep.as_mut().reset(Instant::now() + self.idle);
+        let out = match &mut self.guard {
+            None => chunk,
+            Some(g) => match g.feed(&chunk) {
+                Ok(b) => b,
+                Err(blocked) => {
+                    tracing::info!("{blocked}");
+                    let events = g.blocked_events(&blocked);
+                    self.blocked = true;
+                    self.record = None;
+                    self.state = State::Done;
+                    self.finish(None);
+                    events
+                }
+            },
+        };
+        self.keep(&out);
+        out
+    }
+
+    fn keep(&mut self, out: &Bytes) {
         if let Some((buf, limit)) = &mut self.record {
-            if buf.len() + chunk.len() <= *limit {
-                buf.extend_from_slice(chunk);
+            if buf.len() + out.len() <= *limit {
+                buf.extend_from_slice(out);
             } else {
                 self.record = None;
             }
         }
-        self.sleep.as_mut().reset(Instant::now() + self.idle);
     }
 
     fn finish(&mut self, error: Option<ProxyError>) {
         if let Some(f) = self.on_end.take() {
-            let recorded = if error.is_none() { self.record.take().map(|(b, _)| Bytes::from(b)) } else { None };
-            f(StreamEnd { tracker: std::mem::take(&mut self.tracker), error, cancelled: false, recorded });
+            let recorded =
+                if error.is_none() && !self.blocked { self.record.take().map(|(b, _)| Bytes::from(b)) } else { None };
+            f(StreamEnd {
+                tracker: std::mem::take(&mut self.tracker),
+                error,
+                cancelled: false,
+                recorded,
+                blocked: self.blocked,
+            });
         }
     }
 
@@ -124,45 +166,69 @@ impl Body for Relay {
             State::Streaming => {}
         }
         if let Some(first) = this.first.take() {
-            this.data(&first);
-            return Poll::Ready(Some(Ok(Frame::data(first))));
-        }
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(chunk) = frame.data_ref() {
-                    this.data(chunk);
-                }
-                Poll::Ready(Some(Ok(frame.map_data(|d| d))))
+            let out = this.data(first);
+            if !out.is_empty() {
+                return Poll::Ready(Some(Ok(Frame::data(out))));
             }
-            Poll::Ready(Some(Err(e))) => this.fail("upstream_stream_broken", format!("the upstream stream broke: {e}")),
-            Poll::Ready(None) => {
-                if this.tracker.finished {
-                    this.state = State::Done;
-                    this.finish(None);
-                    Poll::Ready(None)
-                } else {
-                    this.fail(
+        }
+        loop {
+            if matches!(this.state, State::Done) {
+                return Poll::Ready(None);
+            }
+            let Poll::Ready(next) = Pin::new(&mut this.inner).poll_frame(cx) else { break };
+            match next {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(chunk) => {
+                        let out = this.data(chunk);
+                        if !out.is_empty() {
+                            return Poll::Ready(Some(Ok(Frame::data(out))));
+                        }
+                    }
+                    Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                },
+                Some(Err(e)) => return this.fail("upstream_stream_broken", format!("the upstream stream broke: {e}")),
+                None if this.tracker.finished => return Poll::Ready(this.end()),
+                None => {
+                    return this.fail(
                         "upstream_stream_truncated",
                         "the upstream ended the stream before its end marker; the response is incomplete".into(),
-                    )
+                    );
                 }
             }
-            Poll::Pending => {
-                ready!(this.sleep.as_mut().poll(cx));
-                let secs = this.idle.as_secs_f64();
-                this.fail(
-                    "upstream_idle_timeout",
-                    format!("the upstream sent nothing for {secs}s in the middle of the stream"),
-                )
-            }
         }
+        ready!(this.sleep.as_mut().poll(cx));
+        let secs = this.idle.as_secs_f64();
+        this.fail("upstream_idle_timeout", format!("the upstream sent nothing for {secs}s in the middle of the stream"))
+    }
+}
+
+impl Relay {
+    /// The upstream completed: release what the guard still holds, then end.
+    fn end(&mut self) -> Option<Result<Frame<Bytes>, BoxError>> {
+        self.state = State::Done;
+        let rest = match &mut self.guard {
+            Some(g) => g.finish().unwrap_or_else(|blocked| {
+                self.blocked = true;
+                g.blocked_events(&blocked)
+            }),
+            None => Bytes::new(),
+        };
+        self.keep(&rest);
+        self.finish(None);
+        (!rest.is_empty()).then(|| Ok(Frame::data(rest)))
     }
 }
 
 impl Drop for Relay {
     fn drop(&mut self) {
         if let Some(f) = self.on_end.take() {
-            f(StreamEnd { tracker: std::mem::take(&mut self.tracker), error: None, cancelled: true, recorded: None });
+            f(StreamEnd {
+                tracker: std::mem::take(&mut self.tracker),
+                error: None,
+                cancelled: true,
+                recorded: None,
+                blocked: false,
+            });
         }
     }
 }

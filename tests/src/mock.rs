@@ -215,7 +215,12 @@ async fn serve(st: Arc<MockState>, req: Request<Incoming>) -> Response<MockBody>
     }
     let model = body.get("model").and_then(Value::as_str).unwrap_or("mock-model").to_owned();
     let prompt_tokens = count_words(&body);
-    let words: Vec<String> = (0..st.chunks).map(|i| format!("w{i} ")).collect();
+    // A last message starting with `echo: ` is answered with the rest, in 5-character chunks.
+    let words: Vec<String> = match echo_text(&body) {
+        Some(text) => text.chars().collect::<Vec<_>>().chunks(5).map(|c| c.iter().collect()).collect(),
+        None => (0..st.chunks).map(|i| format!("w{i} ")).collect(),
+    };
+    let chunks = words.len();
     let text: String = words.concat();
     let id = format!("{}-{n}", st.name);
     let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
@@ -227,13 +232,13 @@ async fn serve(st: Arc<MockState>, req: Request<Incoming>) -> Response<MockBody>
         );
     }
     if !stream {
-        let usage_oa = json!({"prompt_tokens": prompt_tokens, "completion_tokens": st.chunks, "total_tokens": prompt_tokens + st.chunks});
+        let usage_oa = json!({"prompt_tokens": prompt_tokens, "completion_tokens": chunks, "total_tokens": prompt_tokens + chunks});
         return full(
             StatusCode::OK,
             if anthropic {
                 json!({"id": id, "type": "message", "role": "assistant", "model": model,
                        "content": [{"type": "text", "text": text}], "stop_reason": "end_turn", "stop_sequence": null,
-                       "usage": {"input_tokens": prompt_tokens, "output_tokens": st.chunks}})
+                       "usage": {"input_tokens": prompt_tokens, "output_tokens": chunks}})
             } else if path.ends_with("/chat/completions") {
                 json!({"id": id, "object": "chat.completion", "created": 0, "model": model,
                        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
@@ -247,7 +252,6 @@ async fn serve(st: Arc<MockState>, req: Request<Incoming>) -> Response<MockBody>
     let include_usage = body.pointer("/stream_options/include_usage").and_then(Value::as_bool).unwrap_or(false);
     let (tx, rx) = mpsc::channel(16);
     let chunk_delay = st.chunk_delay;
-    let chunks = st.chunks;
     tokio::spawn(async move {
         let send = |b: String| {
             let tx = tx.clone();
@@ -331,6 +335,16 @@ fn sse_events(
         out.push("data: [DONE]\n\n".into());
     }
     out
+}
+
+fn echo_text(body: &Value) -> Option<String> {
+    let last = body.get("messages")?.as_array()?.last()?;
+    let content = match last.get("content")? {
+        Value::String(s) => s.clone(),
+        Value::Array(parts) => parts.iter().filter_map(|p| p.get("text")?.as_str()).collect::<Vec<_>>().join(""),
+        _ => return None,
+    };
+    content.strip_prefix("echo: ").map(str::to_owned)
 }
 
 fn count_words(body: &Value) -> usize {

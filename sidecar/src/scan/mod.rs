@@ -1,0 +1,469 @@
+//! Guardrails: a `ScannerPolicy` compiled into scanners that judge a request's text before it
+//! leaves and a response's text before it reaches the client (streams on a sliding window, in
+//! `stream.rs`). Each finding is blocked, redacted or audited as the policy says.
+
+pub mod invisible;
+pub mod json;
+pub mod language;
+pub mod patterns;
+pub mod pii;
+pub mod secrets;
+pub mod stream;
+pub mod text;
+pub mod tokens;
+
+use std::{collections::HashMap, sync::Arc};
+
+use bulwark_api::policy::{Action, Mode, OnScannerError, Scanner, ScannerPolicySpec, ScannerType};
+use sha2::{Digest, Sha256};
+
+use crate::metrics::{Metrics, ScannerLabels, VerdictLabels};
+
+/// Something a scanner found: a byte span of the text it was given.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Finding {
+    pub start: usize,
+    pub end: usize,
+    /// What was found (`email`, `aws-access-key-id`, ...): safe to show, never the text itself.
+    pub kind: &'static str,
+    pub score: f32,
+}
+
+impl Finding {
+    pub fn span(start: usize, end: usize, kind: &'static str) -> Self {
+        Self { start, end, kind, score: 1.0 }
+    }
+    pub fn whole(text: &str, kind: &'static str, score: f32) -> Self {
+        Self { start: 0, end: text.len(), kind, score }
+    }
+}
+
+pub trait Detector: Send + Sync {
+    fn detect(&self, text: &str) -> Result<Vec<Finding>, String>;
+    /// Judges all of a message's texts together (token counts, JSON documents).
+    fn whole_request(&self) -> bool {
+        false
+    }
+}
+
+pub struct ScannerRuntime {
+    pub spec: Scanner,
+    pub name: &'static str,
+    detector: Result<Arc<dyn Detector>, String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    Input,
+    Output,
+}
+
+impl Direction {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Input => "input",
+            Self::Output => "output",
+        }
+    }
+}
+
+pub struct PolicyRuntime {
+    pub name: String,
+    pub spec: ScannerPolicySpec,
+    pub input: Vec<ScannerRuntime>,
+    pub output: Vec<ScannerRuntime>,
+    pub window: usize,
+}
+
+/// Why a request or response was stopped. Names the scanner and what it found, never the text.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Blocked {
+    pub policy: String,
+    pub scanner: &'static str,
+    pub reason: String,
+}
+
+impl std::fmt::Display for Blocked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "blocked by ScannerPolicy {}: {} {}", self.policy, self.scanner, self.reason)
+    }
+}
+
+/// Placeholders put into a request and the values they stand for, to restore in the answer.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Restore {
+    pub pairs: Vec<(String, String)>,
+    /// Some text was changed by a redaction.
+    pub redacted: bool,
+    /// With `hold_tail`: where the earliest match that reaches the end of the text starts. It
+    /// may still grow with the next chunk, so it is neither redacted nor released yet.
+    pub held_from: Option<usize>,
+}
+
+impl Restore {
+    pub fn is_empty(&self) -> bool {
+        self.pairs.is_empty()
+    }
+    pub fn apply(&self, text: &str) -> String {
+        let mut out = text.to_owned();
+        for (placeholder, value) in &self.pairs {
+            if out.contains(placeholder.as_str()) {
+                out = out.replace(placeholder.as_str(), value);
+            }
+        }
+        out
+    }
+    /// Longest placeholder, so a stream holds back enough to restore one split across chunks.
+    pub fn longest(&self) -> usize {
+        self.pairs.iter().map(|(p, _)| p.len()).max().unwrap_or(0)
+    }
+}
+
+pub fn type_name(t: ScannerType) -> &'static str {
+    match t {
+        ScannerType::PromptInjection => "promptInjection",
+        ScannerType::BanTopics => "banTopics",
+        ScannerType::Secrets => "secrets",
+        ScannerType::Pii => "pii",
+        ScannerType::InvisibleText => "invisibleText",
+        ScannerType::TokenLimit => "tokenLimit",
+        ScannerType::Regex => "regex",
+        ScannerType::BanSubstrings => "banSubstrings",
+        ScannerType::Language => "language",
+        ScannerType::Json => "json",
+    }
+}
+
+fn detector(s: &Scanner) -> Result<Arc<dyn Detector>, String> {
+    Ok(match s.type_ {
+        ScannerType::Secrets => Arc::new(secrets::Secrets::new()?),
+        ScannerType::Pii => Arc::new(pii::Pii::new(&s.entities)?),
+        ScannerType::InvisibleText => Arc::new(invisible::Invisible),
+        ScannerType::Regex => Arc::new(patterns::Patterns::new(&s.patterns)?),
+        ScannerType::BanSubstrings => Arc::new(patterns::Substrings::new(
+            &s.substrings,
+            s.case_sensitive.unwrap_or(false),
+            s.word_boundary.unwrap_or(false),
+        )?),
+        ScannerType::TokenLimit => {
+            Arc::new(tokens::TokenLimit::new(s.encoding.as_deref(), s.max_tokens.unwrap_or(u32::MAX))?)
+        }
+        ScannerType::Language => Arc::new(language::Language::new(&s.languages)),
+        ScannerType::Json => Arc::new(json::Json::new(s.schema.as_ref())?),
+        ScannerType::PromptInjection | ScannerType::BanTopics => {
+            return Err("model-based scanners need the ONNX models, which this build does not load yet".into());
+        }
+    })
+}
+
+impl PolicyRuntime {
+    /// Compiles a policy. A scanner that cannot run (a missing model) is kept as unavailable
+    /// and `onScannerError` decides per request; a broken pattern fails the whole config.
+    pub fn build(name: &str, spec: &ScannerPolicySpec) -> Result<Self, String> {
+        let compile = |list: &[Scanner]| -> Result<Vec<ScannerRuntime>, String> {
+            list.iter()
+                .map(|s| {
+                    let d = detector(s);
+                    if let Err(e) = &d
+                        && !matches!(s.type_, ScannerType::PromptInjection | ScannerType::BanTopics)
+                    {
+                        return Err(format!("ScannerPolicy {name}: {} scanner: {e}", type_name(s.type_)));
+                    }
+                    if let Err(e) = &d {
+                        tracing::warn!(policy = name, scanner = type_name(s.type_), "scanner unavailable: {e}");
+                    }
+                    Ok(ScannerRuntime { spec: s.clone(), name: type_name(s.type_), detector: d })
+                })
+                .collect()
+        };
+        Ok(Self {
+            name: name.to_owned(),
+            input: compile(&spec.input)?,
+            output: compile(&spec.output)?,
+            window: spec.streaming.window_chars as usize,
+            spec: spec.clone(),
+        })
+    }
+
+    pub fn restores(&self) -> bool {
+        self.input.iter().any(|s| s.spec.restore_in_response == Some(true) && s.spec.action == Action::Redact)
+    }
+
+    pub fn scanners(&self, d: Direction) -> &[ScannerRuntime] {
+        match d {
+            Direction::Input => &self.input,
+            Direction::Output => &self.output,
+        }
+    }
+}
+
+/// Per-request context for metrics and logs.
+pub struct Ctx<'a> {
+    pub metrics: &'a Metrics,
+    pub route: &'a str,
+}
+
+/// Runs the policy's scanners of one direction over `texts`; applies redactions in place.
+/// Returns the placeholders to restore, or why the text is blocked.
+pub fn run(policy: &PolicyRuntime, d: Direction, texts: &mut [&mut String], ctx: &Ctx<'_>) -> Result<Restore, Blocked> {
+    run_with(policy, d, texts, ctx, false)
+}
+
+/// `run`, leaving matches that reach the end of a text for later when `hold_tail` (streams).
+pub fn run_with(
+    policy: &PolicyRuntime,
+    d: Direction,
+    texts: &mut [&mut String],
+    ctx: &Ctx<'_>,
+    hold_tail: bool,
+) -> Result<Restore, Blocked> {
+    let mut redactions: Vec<Vec<(Finding, &ScannerRuntime)>> = vec![vec![]; texts.len()];
+    let mut blocked: Option<Blocked> = None;
+    for s in policy.scanners(d) {
+        if let Some(p) = s.spec.sampling
+            && rand::random::<f64>() >= p
+        {
+            continue;
+        }
+        let started = tokio::time::Instant::now();
+        let result = scan_one(s, texts);
+        ctx.metrics
+            .scanner_duration
+            .get_or_create(&ScannerLabels { policy: policy.name.clone(), scanner: s.name, direction: d.as_str() })
+            .observe(started.elapsed().as_secs_f64());
+        let verdict = |outcome: &'static str| {
+            ctx.metrics
+                .scanner_verdicts
+                .get_or_create(&VerdictLabels {
+                    policy: policy.name.clone(),
+                    scanner: s.name,
+                    direction: d.as_str(),
+                    outcome,
+                })
+                .inc();
+        };
+        let findings = match result {
+            Ok(f) => f,
+            Err(e) => {
+                verdict("error");
+                if policy.spec.on_scanner_error == OnScannerError::FailClosed {
+                    let b = Blocked {
+                        policy: policy.name.clone(),
+                        scanner: s.name,
+                        reason: format!("could not run ({e}) and the policy fails closed"),
+                    };
+                    if policy.spec.fail_fast {
+                        return Err(b);
+                    }
+                    blocked.get_or_insert(b);
+                } else {
+                    tracing::warn!(policy = %policy.name, scanner = s.name, route = ctx.route, "scanner failed open: {e}");
+                }
+                continue;
+            }
+        };
+        if findings.iter().all(|(_, f)| f.is_empty()) {
+            verdict("pass");
+            continue;
+        }
+        let kinds = summarize(&findings);
+        if s.spec.mode == Mode::Audit || s.spec.action == Action::Audit {
+            verdict("audit");
+            let hash = text_hash(texts);
+            tracing::info!(policy = %policy.name, scanner = s.name, route = ctx.route, direction = d.as_str(), text_sha256 = %hash, found = %kinds, would = ?s.spec.action, "audit");
+            continue;
+        }
+        match s.spec.action {
+            Action::Block => {
+                verdict("block");
+                let b = Blocked { policy: policy.name.clone(), scanner: s.name, reason: format!("found {kinds}") };
+                if policy.spec.fail_fast {
+                    return Err(b);
+                }
+                blocked.get_or_insert(b);
+            }
+            Action::Redact => {
+                verdict("redact");
+                for (i, f) in findings.into_iter().filter(|(i, _)| *i != WHOLE) {
+                    redactions[i].extend(f.into_iter().map(|f| (f, s)));
+                }
+            }
+            Action::Audit => {}
+        }
+    }
+    if let Some(b) = blocked {
+        return Err(b);
+    }
+    let mut restore = Restore::default();
+    let mut numbering: HashMap<(&'static str, String), String> = HashMap::new();
+    for (text, mut found) in texts.iter_mut().zip(redactions) {
+        if found.is_empty() {
+            continue;
+        }
+        found.sort_by_key(|(f, _)| (f.start, std::cmp::Reverse(f.end)));
+        let mut out = String::with_capacity(text.len());
+        let mut at = 0;
+        for (f, s) in found {
+            if f.start < at || f.end > text.len() {
+                continue; // overlaps a span already redacted
+            }
+            if hold_tail && f.end == text.len() {
+                restore.held_from = Some(restore.held_from.map_or(f.start, |h| h.min(f.start)));
+                continue;
+            }
+            out.push_str(&text[at..f.start]);
+            let original = &text[f.start..f.end];
+            if s.spec.restore_in_response == Some(true) {
+                let next = numbering.len() + 1;
+                let placeholder = numbering
+                    .entry((f.kind, original.to_owned()))
+                    .or_insert_with(|| format!("[{}_{next}]", label(f.kind)))
+                    .clone();
+                if !restore.pairs.iter().any(|(p, _)| *p == placeholder) {
+                    restore.pairs.push((placeholder.clone(), original.to_owned()));
+                }
+                out.push_str(&placeholder);
+            } else if s.spec.type_ == ScannerType::InvisibleText {
+                // Hidden characters are removed, not replaced.
+            } else {
+                out.push_str(&format!("[REDACTED_{}]", label(f.kind)));
+            }
+            at = f.end;
+        }
+        out.push_str(&text[at..]);
+        if out != **text {
+            **text = out;
+            restore.redacted = true;
+        }
+    }
+    Ok(restore)
+}
+
+/// Findings per text index; `WHOLE` for findings about all texts together.
+type Found = Vec<(usize, Vec<Finding>)>;
+const WHOLE: usize = usize::MAX;
+
+fn scan_one(s: &ScannerRuntime, texts: &[&mut String]) -> Result<Found, String> {
+    let detector = s.detector.as_ref().map_err(Clone::clone)?;
+    let threshold = s.spec.threshold;
+    let keep = |f: &Finding| threshold.is_none_or(|t| f64::from(f.score) >= t);
+    if detector.whole_request() {
+        let joined = texts.iter().map(|t| t.as_str()).collect::<Vec<_>>().join("\n");
+        let f: Vec<Finding> = detector.detect(&joined)?.into_iter().filter(keep).collect();
+        // Whole-text findings are judged, never redacted: report them without a span.
+        return Ok(if f.is_empty() { vec![] } else { vec![(WHOLE, f)] });
+    }
+    let mut out = vec![];
+    for (i, t) in texts.iter().enumerate() {
+        let f: Vec<Finding> = detector.detect(t)?.into_iter().filter(keep).collect();
+        if !f.is_empty() {
+            out.push((i, f));
+        }
+    }
+    Ok(out)
+}
+
+fn summarize(found: &Found) -> String {
+    let mut kinds: Vec<&str> = found.iter().flat_map(|(_, f)| f.iter().map(|f| f.kind)).collect();
+    kinds.sort_unstable();
+    kinds.dedup();
+    kinds.join(", ")
+}
+
+fn label(kind: &str) -> String {
+    let mut out = String::with_capacity(kind.len() + 4);
+    let mut prev_lower = false;
+    for c in kind.chars() {
+        if c == '-' {
+            out.push('_');
+            prev_lower = false;
+        } else if c.is_uppercase() && prev_lower {
+            out.push('_');
+            out.push(c);
+            prev_lower = false;
+        } else {
+            out.push(c.to_ascii_uppercase());
+            prev_lower = c.is_lowercase();
+        }
+    }
+    out
+}
+
+fn text_hash(texts: &[&mut String]) -> String {
+    let mut h = Sha256::new();
+    for t in texts {
+        h.update(t.as_bytes());
+        h.update([0]);
+    }
+    h.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(yaml: &str) -> PolicyRuntime {
+        let spec: ScannerPolicySpec = serde_yaml::from_str(yaml).unwrap();
+        PolicyRuntime::build("team-a/guard", &spec).unwrap()
+    }
+
+    fn run_on(p: &PolicyRuntime, d: Direction, texts: &[&str]) -> (Result<Restore, Blocked>, Vec<String>) {
+        let metrics = Metrics::new();
+        let mut owned: Vec<String> = texts.iter().map(|t| t.to_string()).collect();
+        let mut refs: Vec<&mut String> = owned.iter_mut().collect();
+        let r = run(p, d, &mut refs, &Ctx { metrics: &metrics, route: "r" });
+        (r, owned)
+    }
+
+    #[test]
+    fn redacts_blocks_and_audits() {
+        let p = policy(
+            "input:\n- {type: secrets, action: redact}\n- {type: pii, entities: [email], action: redact, restoreInResponse: true}\n- {type: banSubstrings, substrings: [falcon], action: block}\n- {type: invisibleText, action: redact}\n- {type: regex, patterns: [secret-plan], action: block, mode: audit}",
+        );
+        let (r, texts) = run_on(
+            &p,
+            Direction::Input,
+            &[
+                "mail ann@example.com and bob@example.org, key AKIAIOSFODNN7EXAMPLE",
+                "again ann@example.com\u{200B} secret-plan",
+            ],
+        );
+        let restore = r.unwrap();
+        assert_eq!(texts[0], "mail [EMAIL_1] and [EMAIL_2], key [REDACTED_AWS_ACCESS_KEY_ID]");
+        assert_eq!(texts[1], "again [EMAIL_1] secret-plan", "same value, same placeholder; audit changes nothing");
+        assert_eq!(restore.apply("Reply to [EMAIL_2] and [EMAIL_1]"), "Reply to bob@example.org and ann@example.com");
+        let (r, _) = run_on(&p, Direction::Input, &["about Falcon"]);
+        assert_eq!(r.unwrap_err().to_string(), "blocked by ScannerPolicy team-a/guard: banSubstrings found substring");
+    }
+
+    #[test]
+    fn unavailable_scanners_follow_on_scanner_error() {
+        let closed = policy("input:\n- {type: promptInjection, threshold: 0.5}");
+        let (r, _) = run_on(&closed, Direction::Input, &["hello"]);
+        assert!(r.unwrap_err().reason.starts_with("could not run (model-based scanners need"));
+        let open = policy("onScannerError: failOpen\ninput:\n- {type: promptInjection, threshold: 0.5}");
+        assert!(run_on(&open, Direction::Input, &["hello"]).0.is_ok());
+    }
+
+    #[test]
+    fn sampling_and_whole_text_scanners() {
+        let p = policy("input:\n- {type: tokenLimit, maxTokens: 4, encoding: cl100k_base}");
+        assert!(run_on(&p, Direction::Input, &["one two", "three"]).0.is_ok());
+        let (r, texts) = run_on(&p, Direction::Input, &["one two three", "four five six"]);
+        assert_eq!(r.unwrap_err().reason, "found too-many-tokens");
+        assert_eq!(texts[0], "one two three", "judged, not redacted");
+        let mut blocked = 0;
+        let sampled = policy("input:\n- {type: banSubstrings, substrings: [x], sampling: 0.3}");
+        for _ in 0..1000 {
+            blocked += usize::from(run_on(&sampled, Direction::Input, &["x"]).0.is_err());
+        }
+        assert!((200..400).contains(&blocked), "{blocked} of 1000 sampled at 0.3");
+    }
+
+    #[test]
+    fn labels() {
+        assert_eq!(label("creditCard"), "CREDIT_CARD");
+        assert_eq!(label("aws-access-key-id"), "AWS_ACCESS_KEY_ID");
+        assert_eq!(label("ipAddress"), "IP_ADDRESS");
+    }
+}

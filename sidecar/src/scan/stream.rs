@@ -1,0 +1,321 @@
+//! Output scanning of a streamed response, as it streams. Text deltas are held back on a
+//! sliding window (`streaming.windowChars`) so a secret split across chunks is still caught;
+//! released text is redacted and restored, then re-emitted as events of the same shape.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde_json::Value;
+
+use super::{Blocked, Ctx, Direction, PolicyRuntime, Restore, run_with};
+use crate::{error::Flavor, metrics::Metrics};
+
+pub struct OutputGuard {
+    policy: Arc<PolicyRuntime>,
+    restore: Restore,
+    flavor: Flavor,
+    metrics: Arc<Metrics>,
+    route: String,
+    /// Bytes of an event not complete yet.
+    partial: Vec<u8>,
+    /// Scanned text not yet released to the client.
+    held: String,
+    /// The last content event, re-used as the shape of released text.
+    template: Option<(Option<String>, Value)>,
+    window: usize,
+}
+
+/// What a text event carries, by provider.
+fn text_of(flavor: Flavor, v: &Value) -> Option<&str> {
+    match flavor {
+        Flavor::OpenAi => {
+            let choice = v.get("choices")?.get(0)?;
+            choice.get("delta").and_then(|d| d.get("content")).or_else(|| choice.get("text"))?.as_str()
+        }
+        Flavor::Anthropic => {
+            let d = v.get("delta")?;
+            (d.get("type")?.as_str()? == "text_delta").then(|| d.get("text")?.as_str())?
+        }
+    }
+}
+
+fn set_text(flavor: Flavor, v: &mut Value, text: &str) {
+    let slot = match flavor {
+        Flavor::OpenAi => v.pointer_mut("/choices/0/delta/content"),
+        Flavor::Anthropic => v.pointer_mut("/delta/text"),
+    };
+    match slot {
+        Some(s) => *s = Value::String(text.to_owned()),
+        None => {
+            if let Some(t) = v.pointer_mut("/choices/0/text") {
+                *t = Value::String(text.to_owned());
+            }
+        }
+    }
+}
+
+impl OutputGuard {
+    pub fn new(
+        policy: Arc<PolicyRuntime>,
+        restore: Restore,
+        flavor: Flavor,
+        metrics: Arc<Metrics>,
+        route: String,
+    ) -> Self {
+        // Hold back enough to restore a placeholder split across chunks, too.
+        let window = policy.window.max(restore.longest() + 1);
+        Self { policy, restore, flavor, metrics, route, partial: vec![], held: String::new(), template: None, window }
+    }
+
+    /// Takes upstream bytes; returns the bytes to send now (possibly none).
+    pub fn feed(&mut self, chunk: &[u8]) -> Result<Bytes, Blocked> {
+        self.partial.extend_from_slice(chunk);
+        let mut out = Vec::new();
+        while let Some(end) = find_event_end(&self.partial) {
+            let event: Vec<u8> = self.partial.drain(..end.1).collect();
+            self.event(&event[..end.0], &event, &mut out)?;
+        }
+        Ok(Bytes::from(out))
+    }
+
+    /// The upstream ended: scan and release what is held, and any trailing bytes.
+    pub fn finish(&mut self) -> Result<Bytes, Blocked> {
+        let mut out = Vec::new();
+        self.release(true, &mut out)?;
+        out.append(&mut self.partial);
+        Ok(Bytes::from(out))
+    }
+
+    fn event(&mut self, body: &[u8], raw: &[u8], out: &mut Vec<u8>) -> Result<(), Blocked> {
+        let text = String::from_utf8_lossy(body);
+        let mut name = None;
+        let mut data = String::new();
+        for line in text.lines() {
+            if let Some(v) = line.strip_prefix("event:") {
+                name = Some(v.trim().to_owned());
+            } else if let Some(v) = line.strip_prefix("data:") {
+                if !data.is_empty() {
+                    data.push('\n');
+                }
+                data.push_str(v.strip_prefix(' ').unwrap_or(v));
+            }
+        }
+        let parsed: Option<Value> = serde_json::from_str(&data).ok();
+        if let Some(v) = parsed
+            && let Some(t) = text_of(self.flavor, &v)
+        {
+            self.held.push_str(t);
+            self.template = Some((name, v));
+            return self.release(false, out);
+        }
+        // Anything else (role, tool calls, finish, usage, [DONE]): flush the text first, keep order.
+        self.release(true, out)?;
+        out.extend_from_slice(raw);
+        Ok(())
+    }
+
+    /// Scans the held text; releases all of it (`all`) or all but the window.
+    fn release(&mut self, all: bool, out: &mut Vec<u8>) -> Result<(), Blocked> {
+        if self.held.is_empty() {
+            return Ok(());
+        }
+        let ctx = Ctx { metrics: &self.metrics, route: &self.route };
+        let held_from = {
+            let mut texts = [&mut self.held];
+            run_with(&self.policy, Direction::Output, &mut texts, &ctx, !all)?.held_from
+        };
+        let chars = self.held.chars().count();
+        let keep = if all { 0 } else { self.window.min(chars) };
+        if chars <= keep {
+            return Ok(());
+        }
+        let mut cut = self.held.char_indices().nth(chars - keep).map_or(self.held.len(), |(i, _)| i);
+        // A match still growing at the end stays held whole.
+        if let Some(h) = held_from {
+            cut = cut.min(h);
+        }
+        // Never cut a placeholder in two.
+        if !all
+            && let Some(open) = self.held[..cut].rfind('[')
+            && !self.held[open..cut].contains(']')
+        {
+            cut = open;
+        }
+        if cut == 0 {
+            return Ok(());
+        }
+        let released: String = self.held.drain(..cut).collect();
+        let released = if self.restore.is_empty() { released } else { self.restore.apply(&released) };
+        if let Some((name, template)) = &self.template {
+            let mut ev = template.clone();
+            set_text(self.flavor, &mut ev, &released);
+            if let Some(n) = name {
+                out.extend_from_slice(format!("event: {n}\n").as_bytes());
+            }
+            out.extend_from_slice(format!("data: {ev}\n\n").as_bytes());
+        }
+        Ok(())
+    }
+
+    /// The events that end a stream whose output was blocked.
+    pub fn blocked_events(&self, b: &Blocked) -> Bytes {
+        let err = crate::error::ProxyError::new(http::StatusCode::BAD_REQUEST, "output_blocked", b.to_string());
+        let mut out = Vec::new();
+        match self.flavor {
+            Flavor::OpenAi => {
+                let mut stop = serde_json::json!({"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {}, "finish_reason": "content_filter"}]});
+                if let Some((_, t)) = &self.template {
+                    for k in ["id", "created", "model"] {
+                        if let Some(v) = t.get(k) {
+                            stop[k] = v.clone();
+                        }
+                    }
+                }
+                out.extend_from_slice(format!("data: {stop}\n\n").as_bytes());
+            }
+            Flavor::Anthropic => {
+                let stop = serde_json::json!({"type": "message_delta", "delta": {"stop_reason": "refusal", "stop_sequence": null}, "usage": {"output_tokens": 0}});
+                out.extend_from_slice(format!("event: message_delta\ndata: {stop}\n\n").as_bytes());
+            }
+        }
+        out.extend_from_slice(&err.sse_event(self.flavor));
+        Bytes::from(out)
+    }
+}
+
+/// End of the first complete event: (end of its body, end including the blank line).
+fn find_event_end(buf: &[u8]) -> Option<(usize, usize)> {
+    let lf = memchr::memmem::find(buf, b"\n\n").map(|i| (i, i + 2));
+    let crlf = memchr::memmem::find(buf, b"\r\n\r\n").map(|i| (i, i + 4));
+    match (lf, crlf) {
+        (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
+        (a, b) => a.or(b),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bulwark_api::ScannerPolicySpec;
+
+    fn guard(yaml: &str, restore: Restore, flavor: Flavor) -> OutputGuard {
+        let spec: ScannerPolicySpec = serde_yaml::from_str(yaml).unwrap();
+        let policy = Arc::new(PolicyRuntime::build("p", &spec).unwrap());
+        OutputGuard::new(policy, restore, flavor, Arc::new(Metrics::new()), "r".into())
+    }
+
+    fn openai_events(pieces: &[&str]) -> Vec<String> {
+        let mut v: Vec<String> = pieces
+            .iter()
+            .map(|p| {
+                format!(
+                    "data: {}\n\n",
+                    serde_json::json!({"id": "c1", "choices": [{"index": 0, "delta": {"content": p}}]})
+                )
+            })
+            .collect();
+        v.push(format!(
+            "data: {}\n\n",
+            serde_json::json!({"id": "c1", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+        ));
+        v.push("data: [DONE]\n\n".into());
+        v
+    }
+
+    fn text_out(bytes: &[u8]) -> String {
+        String::from_utf8_lossy(bytes)
+            .split("\n\n")
+            .filter_map(|e| e.strip_prefix("data: "))
+            .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+            .filter_map(|v| text_of(Flavor::OpenAi, &v).map(str::to_owned))
+            .collect()
+    }
+
+    #[test]
+    fn a_secret_split_across_chunks_and_byte_boundaries_is_redacted() {
+        let events = openai_events(&["Your key is AKIA", "IOSFODNN7", "EXAMPLE and more ", "text follows here."]);
+        let wire: String = events.concat();
+        for split in [1, 7, 50, 200] {
+            let mut g = guard(
+                "output:\n- {type: secrets, action: redact}\nstreaming: {windowChars: 32}",
+                Restore::default(),
+                Flavor::OpenAi,
+            );
+            let mut out = Vec::new();
+            for chunk in wire.as_bytes().chunks(split) {
+                out.extend_from_slice(&g.feed(chunk).unwrap());
+            }
+            out.extend_from_slice(&g.finish().unwrap());
+            let text = text_out(&out);
+            assert_eq!(
+                text, "Your key is [REDACTED_AWS_ACCESS_KEY_ID] and more text follows here.",
+                "chunks of {split}"
+            );
+            let s = String::from_utf8_lossy(&out);
+            assert!(s.ends_with("data: [DONE]\n\n") && s.contains("\"finish_reason\":\"stop\""));
+            assert!(!s.contains("IOSFODNN7"));
+        }
+    }
+
+    #[test]
+    fn placeholders_are_restored_even_when_split() {
+        let restore =
+            Restore { pairs: vec![("[EMAIL_1]".into(), "ann@example.com".into())], redacted: true, held_from: None };
+        let mut g = guard("output: []", restore, Flavor::OpenAi);
+        let mut out = Vec::new();
+        for e in openai_events(&["Write to [EMA", "IL_1] today"]) {
+            out.extend_from_slice(&g.feed(e.as_bytes()).unwrap());
+        }
+        assert_eq!(text_out(&out), "Write to ann@example.com today");
+    }
+
+    #[test]
+    fn a_banned_output_blocks_the_stream_before_it_leaves() {
+        let mut g = guard(
+            "output:\n- {type: banSubstrings, substrings: [BEGIN PRIVATE KEY], action: block}",
+            Restore::default(),
+            Flavor::OpenAi,
+        );
+        let mut sent = Vec::new();
+        let mut blocked = None;
+        for e in openai_events(&["Here: -----BEGIN PRI", "VATE KEY-----\nMIIE"]) {
+            match g.feed(e.as_bytes()) {
+                Ok(b) => sent.extend_from_slice(&b),
+                Err(b) => {
+                    blocked = Some(b);
+                    break;
+                }
+            }
+        }
+        let b = blocked.expect("blocked");
+        assert!(!String::from_utf8_lossy(&sent).contains("PRI"), "nothing of it was released");
+        let end = String::from_utf8_lossy(&g.blocked_events(&b)).into_owned();
+        assert!(end.contains("\"finish_reason\":\"content_filter\"") && end.contains("event: error"), "{end}");
+    }
+
+    #[test]
+    fn anthropic_text_deltas() {
+        let mut g = guard(
+            "output:\n- {type: pii, entities: [email], action: redact}\nstreaming: {windowChars: 16}",
+            Restore::default(),
+            Flavor::Anthropic,
+        );
+        let ev = |t: &str| {
+            format!(
+                "event: content_block_delta\ndata: {}\n\n",
+                serde_json::json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": t}})
+            )
+        };
+        let mut out = Vec::new();
+        for e in [
+            ev("mail me at bo"),
+            ev("b@example.org please, thanks a lot"),
+            "event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\n".to_owned(),
+        ] {
+            out.extend_from_slice(&g.feed(e.as_bytes()).unwrap());
+        }
+        let s = String::from_utf8_lossy(&out);
+        assert!(s.contains("[REDACTED_EMAIL]") && !s.contains("example.org"), "{s}");
+        assert!(s.trim_end().ends_with("{\"type\":\"content_block_stop\",\"index\":0}"));
+    }
+}

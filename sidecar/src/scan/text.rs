@@ -1,0 +1,148 @@
+//! Where the text is in a request or a response: every message's content (strings and text
+//! parts), system prompts, tool-call arguments, prompts and inputs. Yields mutable slots so
+//! scanners read them and redaction writes them back in place.
+
+use serde_json::{Map, Value};
+
+use crate::request::Api;
+
+/// Text slots of a request body, in document order.
+pub fn request_texts(api: Api, body: &mut Map<String, Value>) -> Vec<&mut String> {
+    let mut out = vec![];
+    for (key, value) in body.iter_mut() {
+        match (api, key.as_str()) {
+            (Api::ChatCompletions | Api::Messages, "messages") => {
+                for m in value.as_array_mut().into_iter().flatten() {
+                    message(m, &mut out);
+                }
+            }
+            (Api::Messages, "system") => content(value, &mut out),
+            (Api::Completions, "prompt") | (Api::Embeddings, "input") => strings(value, &mut out),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Text slots of a complete (non-streamed) response body.
+pub fn response_texts(api: Api, body: &mut Value) -> Vec<&mut String> {
+    let mut out = vec![];
+    match api {
+        Api::Messages => {
+            if let Some(blocks) = body.get_mut("content") {
+                content(blocks, &mut out);
+            }
+        }
+        Api::ChatCompletions | Api::Completions => {
+            for choice in body.get_mut("choices").and_then(Value::as_array_mut).into_iter().flatten() {
+                let Some(obj) = choice.as_object_mut() else { continue };
+                for (key, value) in obj.iter_mut() {
+                    match (key.as_str(), value) {
+                        ("message", m) => message(m, &mut out),
+                        ("text", Value::String(s)) => out.push(s),
+                        _ => {}
+                    }
+                }
+            }
+        }
+        Api::Embeddings | Api::Models => {}
+    }
+    out
+}
+
+fn message<'a>(m: &'a mut Value, out: &mut Vec<&'a mut String>) {
+    let Some(obj) = m.as_object_mut() else { return };
+    for (key, value) in obj.iter_mut() {
+        match key.as_str() {
+            "content" => content(value, out),
+            "tool_calls" => {
+                for call in value.as_array_mut().into_iter().flatten() {
+                    if let Some(Value::String(args)) = call.get_mut("function").and_then(|f| f.get_mut("arguments")) {
+                        out.push(args);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// A content field: a string, or an array of parts (`{type: text, text}`, Anthropic
+/// `tool_result` blocks with nested content, `tool_use` inputs as strings).
+fn content<'a>(v: &'a mut Value, out: &mut Vec<&'a mut String>) {
+    match v {
+        Value::String(s) => out.push(s),
+        Value::Array(parts) => {
+            for part in parts {
+                let Some(obj) = part.as_object_mut() else { continue };
+                for (key, value) in obj.iter_mut() {
+                    match (key.as_str(), value) {
+                        ("text", Value::String(s)) => out.push(s),
+                        ("content", nested) => content(nested, out),
+                        _ => {}
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+fn strings<'a>(v: &'a mut Value, out: &mut Vec<&'a mut String>) {
+    match v {
+        Value::String(s) => out.push(s),
+        Value::Array(items) => {
+            for item in items {
+                if let Value::String(s) = item {
+                    out.push(s);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn finds_every_text_of_a_chat_request() {
+        let mut body = json!({
+            "model": "m",
+            "messages": [
+                {"role": "system", "content": "sys"},
+                {"role": "user", "content": [{"type": "text", "text": "part"}, {"type": "image_url", "image_url": {"url": "x"}}]},
+                {"role": "assistant", "content": null, "tool_calls": [{"function": {"name": "f", "arguments": "{\"a\":1}"}}]}
+            ]
+        });
+        let texts = request_texts(Api::ChatCompletions, body.as_object_mut().unwrap());
+        let got: Vec<String> = texts.into_iter().map(|s| s.clone()).collect();
+        assert_eq!(got, ["sys", "part", "{\"a\":1}"]);
+    }
+
+    #[test]
+    fn anthropic_system_and_tool_results_and_write_back() {
+        let mut body = json!({
+            "system": [{"type": "text", "text": "be nice"}],
+            "messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": [{"type": "text", "text": "result"}]}]}]
+        });
+        for s in request_texts(Api::Messages, body.as_object_mut().unwrap()) {
+            *s = s.to_uppercase();
+        }
+        assert_eq!(body["system"][0]["text"], "BE NICE");
+        assert_eq!(body["messages"][0]["content"][0]["content"][0]["text"], "RESULT");
+    }
+
+    #[test]
+    fn response_texts_of_each_api() {
+        let mut chat = json!({"choices": [{"message": {"role": "assistant", "content": "hi"}}]});
+        assert_eq!(response_texts(Api::ChatCompletions, &mut chat).len(), 1);
+        let mut msg = json!({"content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]});
+        assert_eq!(response_texts(Api::Messages, &mut msg).len(), 2);
+        let mut comp = json!({"choices": [{"text": "t"}]});
+        assert_eq!(response_texts(Api::Completions, &mut comp).len(), 1);
+    }
+}

@@ -1,0 +1,219 @@
+//! Guardrail scenarios through a real sidecar and a mock provider that echoes prompts:
+//! blocked, redacted and audited requests and responses, streamed and not.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::Duration;
+
+use bulwark_sidecar::{Options, Sidecar, Source};
+use bulwark_tests::{client::Client, mock::MockProvider};
+use serde_json::{Value, json};
+
+struct Env {
+    sidecar: Sidecar,
+    client: Client,
+    admin: Client,
+}
+
+async fn start(policy: &str, mock: &MockProvider) -> Env {
+    let dir = std::env::temp_dir().join(format!(
+        "bulwark-scan-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let yaml = format!(
+        "apiVersion: bulwark.dev/v1alpha1\nkind: ScannerPolicy\nmetadata: {{name: guard}}\nspec:\n{policy}\n---\n\
+         apiVersion: bulwark.dev/v1alpha1\nkind: LLMRoute\nmetadata: {{name: chat}}\nspec:\n  rules:\n  - backends: [{{name: mock, url: '{}'}}]\n    scannerPolicyRef: {{name: guard}}\n  - match: {{paths: [/v1/messages]}}\n    backends: [{{name: claude, provider: anthropic, url: '{}'}}]\n    scannerPolicyRef: {{name: guard}}\n",
+        mock.url(),
+        mock.url()
+    );
+    std::fs::write(dir.join("all.yaml"), yaml).unwrap();
+    let mut opts = Options::new(Source::Manifests { dir, workload: None, options: Default::default() });
+    opts.listen = "127.0.0.1:0".parse().unwrap();
+    opts.admin = "127.0.0.1:0".parse().unwrap();
+    let sidecar = Sidecar::start(opts).await.unwrap();
+    let client = Client::new(format!("http://{}", sidecar.proxy_addr));
+    let admin = Client::new(format!("http://{}", sidecar.admin_addr));
+    Env { sidecar, client, admin }
+}
+
+fn chat(text: &str, stream: bool) -> Value {
+    json!({"model": "m", "stream": stream, "messages": [{"role": "user", "content": text}]})
+}
+
+/// The assistant text of an SSE stream (OpenAI chunks or Anthropic text deltas).
+fn stream_text(sse: &str) -> String {
+    sse.split("\n\n")
+        .filter_map(|e| e.lines().find_map(|l| l.strip_prefix("data: ")))
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .filter_map(|v| {
+            v.pointer("/choices/0/delta/content")
+                .or_else(|| v.pointer("/delta/text"))
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        })
+        .collect()
+}
+
+const LONG: Duration = Duration::from_secs(10);
+
+#[tokio::test]
+async fn a_blocked_request_names_the_scanner_not_the_secret_and_never_leaves() {
+    let mock = MockProvider::start().await;
+    let env =
+        start("  input:\n  - {type: secrets, action: block}\n  - {type: banSubstrings, substrings: [falcon]}", &mock)
+            .await;
+    let r = env
+        .client
+        .post("/v1/chat/completions", &chat("deploy with ghp_0123456789abcdefghijklmnopqrstuvwxyzAB", false), &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 400);
+    let e = &r.json()["error"];
+    assert_eq!(e["code"], "blocked_by_policy");
+    assert_eq!(e["message"], "the request was blocked by ScannerPolicy default/guard: secrets found github-token");
+    assert!(!r.text().contains("ghp_"));
+    // The Anthropic API gets its own error shape.
+    let body =
+        json!({"model": "c", "max_tokens": 10, "messages": [{"role": "user", "content": "Project Falcon details"}]});
+    let r = env.client.post("/v1/messages", &body, &[]).await.unwrap();
+    assert_eq!((r.status.as_u16(), r.json()["type"].as_str()), (400, Some("error")));
+    assert_eq!(mock.calls(), 0, "nothing reached the provider");
+    let m = env.admin.get("/metrics").await.unwrap().text();
+    assert!(m.contains("bulwark_scanner_verdicts_total{policy=\"default/guard\",scanner=\"secrets\",direction=\"input\",outcome=\"block\"} 1"), "{m}");
+    assert!(m.contains("bulwark_scanner_duration_seconds_bucket{"));
+    env.sidecar.shutdown().await;
+}
+
+#[tokio::test]
+async fn redacted_prompts_and_restored_answers() {
+    let mock = MockProvider::start().await;
+    let env = start(
+        "  input:\n  - {type: secrets, action: redact}\n  - {type: pii, entities: [email, creditCard], action: redact, restoreInResponse: true}\n  - {type: invisibleText, action: redact}",
+        &mock,
+    )
+    .await;
+    let prompt = "echo: mail ann@example.com, card 4111 1111 1111 1111, key AKIAIOSFODNN7EXAMPLE\u{200B}!";
+    let r = env.client.post("/v1/chat/completions", &chat(prompt, false), &[]).await.unwrap();
+    assert_eq!(r.status, 200);
+    let sent = mock.recorded()[0].body["messages"][0]["content"].as_str().unwrap().to_owned();
+    assert_eq!(sent, "echo: mail [EMAIL_1], card [CREDIT_CARD_2], key [REDACTED_AWS_ACCESS_KEY_ID]!");
+    assert_eq!(
+        r.json()["choices"][0]["message"]["content"],
+        "mail ann@example.com, card 4111 1111 1111 1111, key [REDACTED_AWS_ACCESS_KEY_ID]!",
+        "PII restored in the answer, the secret stays redacted"
+    );
+    // Streamed: placeholders split across 5-character chunks are restored too.
+    let s = env.client.stream("/v1/chat/completions", &chat(prompt, true), &[], LONG).await.unwrap();
+    assert!(s.error.is_none());
+    assert_eq!(
+        stream_text(&s.text()),
+        "mail ann@example.com, card 4111 1111 1111 1111, key [REDACTED_AWS_ACCESS_KEY_ID]!"
+    );
+    assert!(s.text().ends_with("data: [DONE]\n\n"));
+    env.sidecar.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_secret_in_a_streamed_answer_is_redacted_before_it_leaves() {
+    let mock = MockProvider::start().await;
+    let env = start("  output:\n  - {type: secrets, action: redact}\n  streaming: {windowChars: 64}", &mock).await;
+    let prompt =
+        "echo: here it is: sk-proj-abcdefghijklmnopqrstuvwxyz0123456789 keep it safe, and more words after it.";
+    let s = env.client.stream("/v1/chat/completions", &chat(prompt, true), &[], LONG).await.unwrap();
+    let text = s.text();
+    assert!(!text.contains("abcdefghij"), "no piece of the key left the proxy: {text}");
+    assert_eq!(stream_text(&text), "here it is: [REDACTED_OPENAI_KEY] keep it safe, and more words after it.");
+    assert!(s.chunks.len() > 1, "still streamed");
+    let body =
+        json!({"model": "c", "max_tokens": 50, "stream": true, "messages": [{"role": "user", "content": prompt}]});
+    let s = env.client.stream("/v1/messages", &body, &[], LONG).await.unwrap();
+    assert_eq!(stream_text(&s.text()), "here it is: [REDACTED_OPENAI_KEY] keep it safe, and more words after it.");
+    assert!(s.text().contains("event: message_stop"));
+    // Not streamed.
+    let r = env.client.post("/v1/chat/completions", &chat(prompt, false), &[]).await.unwrap();
+    assert_eq!(
+        r.json()["choices"][0]["message"]["content"],
+        "here it is: [REDACTED_OPENAI_KEY] keep it safe, and more words after it."
+    );
+    env.sidecar.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_blocked_streamed_answer_ends_with_content_filter_and_an_error_event() {
+    let mock = MockProvider::start().await;
+    let env =
+        start("  output:\n  - {type: banSubstrings, substrings: [BEGIN PRIVATE KEY], action: block}", &mock).await;
+    let s = env
+        .client
+        .stream("/v1/chat/completions", &chat("echo: sure: -----BEGIN PRIVATE KEY-----\nMIIE", true), &[], LONG)
+        .await
+        .unwrap();
+    let text = s.text();
+    assert!(!text.contains("PRIVATE"), "{text}");
+    assert!(text.contains("\"finish_reason\":\"content_filter\""));
+    assert!(text.contains("event: error") && text.contains("\"code\":\"output_blocked\""));
+    assert!(!text.contains("[DONE]"));
+    let r = env
+        .client
+        .post("/v1/chat/completions", &chat("echo: sure: -----BEGIN PRIVATE KEY-----", false), &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["choices"][0]["finish_reason"], "content_filter");
+    assert_eq!(r.json()["choices"][0]["message"]["content"], "");
+    assert_eq!(r.header("x-bulwark-blocked"), Some("default/guard/banSubstrings"));
+    env.sidecar.shutdown().await;
+}
+
+#[tokio::test]
+async fn audit_mode_passes_and_counts() {
+    let mock = MockProvider::start().await;
+    let env =
+        start("  input:\n  - {type: regex, patterns: ['(?i)project[- ]falcon'], action: block, mode: audit}", &mock)
+            .await;
+    let r = env.client.post("/v1/chat/completions", &chat("tell me about Project Falcon", false), &[]).await.unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(mock.recorded()[0].body["messages"][0]["content"], "tell me about Project Falcon");
+    let m = env.admin.get("/metrics").await.unwrap().text();
+    assert!(m.contains("scanner=\"regex\",direction=\"input\",outcome=\"audit\"} 1"), "{m}");
+    env.sidecar.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_unavailable_model_scanner_fails_closed_or_open_as_configured() {
+    let mock = MockProvider::start().await;
+    let closed = start("  input:\n  - {type: promptInjection, threshold: 0.9}", &mock).await;
+    let r = closed.client.post("/v1/chat/completions", &chat("hello", false), &[]).await.unwrap();
+    assert_eq!(r.status, 400);
+    assert!(r.json()["error"]["message"].as_str().unwrap().contains("promptInjection could not run"));
+    closed.sidecar.shutdown().await;
+    let open = start("  onScannerError: failOpen\n  input:\n  - {type: promptInjection, threshold: 0.9}", &mock).await;
+    let r = open.client.post("/v1/chat/completions", &chat("hello", false), &[]).await.unwrap();
+    assert_eq!(r.status, 200);
+    open.sidecar.shutdown().await;
+}
+
+#[tokio::test]
+async fn fail_fast_stops_at_the_first_block_and_token_limits_use_real_encodings() {
+    let mock = MockProvider::start().await;
+    let env = start(
+        "  failFast: true\n  input:\n  - {type: tokenLimit, maxTokens: 8, encoding: o200k_base}\n  - {type: banSubstrings, substrings: [falcon]}",
+        &mock,
+    )
+    .await;
+    let r = env
+        .client
+        .post("/v1/chat/completions", &chat("one two three four five six seven eight nine ten falcon", false), &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        r.json()["error"]["message"],
+        "the request was blocked by ScannerPolicy default/guard: tokenLimit found too-many-tokens"
+    );
+    let m = env.admin.get("/metrics").await.unwrap().text();
+    assert!(!m.contains("scanner=\"banSubstrings\""), "the second scanner never ran");
+    assert_eq!(env.client.post("/v1/chat/completions", &chat("short", false), &[]).await.unwrap().status, 200);
+    env.sidecar.shutdown().await;
+}
