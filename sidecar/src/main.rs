@@ -44,6 +44,15 @@ struct Cli {
     /// Extra CA certificate (PEM) trusted for upstream TLS, besides the system roots.
     #[arg(long, env = "BULWARK_UPSTREAM_CA", value_name = "FILE")]
     upstream_ca: Option<PathBuf>,
+    /// Directory of the default models (`minilm/`), as `make models` builds them.
+    #[arg(long, env = "BULWARK_MODELS_DIR", value_name = "DIR")]
+    models_dir: Option<PathBuf>,
+    /// ONNX Runtime library (libonnxruntime.so, 1.31 or newer); else ORT_DYLIB_PATH.
+    #[arg(long, value_name = "FILE")]
+    onnxruntime: Option<PathBuf>,
+    /// Inference threads per loaded model.
+    #[arg(long, default_value_t = 1)]
+    model_threads: usize,
     /// Log format.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -100,6 +109,9 @@ fn main() -> ExitCode {
     opts.limits.max_body_bytes = cli.max_body_bytes;
     opts.reload_interval = cli.reload_interval.as_std().max(Duration::from_millis(50));
     opts.upstream_ca = cli.upstream_ca;
+    opts.models.models_dir = cli.models_dir;
+    opts.models.onnxruntime = cli.onnxruntime;
+    opts.models.threads = cli.model_threads.max(1);
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

@@ -90,7 +90,7 @@ async fn serve(state: &AppState, req: Request<Incoming>) -> Result<Response<Prox
     };
 
     // Input scanners run before the cache: a cached answer never bypasses a policy.
-    let restore = match scan_input(state, route, &mut req) {
+    let restore = match scan_input(state, route, &mut req).await {
         Ok(r) => r,
         Err(e) => {
             settle(&Usage { input: Some(0), output: Some(0) }, 0);
@@ -134,7 +134,7 @@ async fn serve(state: &AppState, req: Request<Incoming>) -> Result<Response<Prox
                 && let Some(policy) = &route.policy
                 && (!policy.output.is_empty() || !restore.is_empty())
             {
-                (body, blocked) = scan_output(state, route, policy, req.api, body, &restore);
+                (body, blocked) = scan_output(state, route, policy, req.api, body, &restore).await;
             }
             let usage = if status.is_success() { usage::from_json(&body) } else { Usage::default() };
             record(&state.metrics, &labels, status_class(status.as_u16()), started, &usage);
@@ -218,11 +218,11 @@ async fn serve(state: &AppState, req: Request<Incoming>) -> Result<Response<Prox
 }
 
 /// Runs the route's input scanners; rewrites the body when they redact.
-fn scan_input(state: &AppState, route: &RouteRuntime, req: &mut LlmRequest) -> Result<Restore, ProxyError> {
+async fn scan_input(state: &AppState, route: &RouteRuntime, req: &mut LlmRequest) -> Result<Restore, ProxyError> {
     let Some(policy) = route.policy.as_ref().filter(|p| !p.input.is_empty()) else { return Ok(Restore::default()) };
     let ctx = scan::Ctx { metrics: &state.metrics, route: &route.cfg.route };
     let mut texts = scan::text::request_texts(req.api, &mut req.body);
-    match scan::run(policy, Direction::Input, &mut texts, &ctx) {
+    match scan::run_async(policy, Direction::Input, &mut texts, &ctx).await {
         Ok(restore) => {
             if restore.redacted {
                 req.raw = Bytes::from(serde_json::to_vec(&req.body).unwrap_or_default());
@@ -238,7 +238,7 @@ fn scan_input(state: &AppState, route: &RouteRuntime, req: &mut LlmRequest) -> R
 
 /// Runs the output scanners over a complete response and restores redacted values. A blocked
 /// answer keeps its shape with its text removed and `content_filter` as the finish reason.
-fn scan_output(
+async fn scan_output(
     state: &AppState,
     route: &RouteRuntime,
     policy: &scan::PolicyRuntime,
@@ -249,7 +249,7 @@ fn scan_output(
     let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&body) else { return (body, None) };
     let ctx = scan::Ctx { metrics: &state.metrics, route: &route.cfg.route };
     let mut texts = scan::text::response_texts(api, &mut v);
-    let blocked = match scan::run(policy, Direction::Output, &mut texts, &ctx) {
+    let blocked = match scan::run_async(policy, Direction::Output, &mut texts, &ctx).await {
         Ok(_) => {
             if !restore.is_empty() {
                 for t in texts {

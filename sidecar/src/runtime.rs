@@ -52,10 +52,18 @@ impl BackendRuntime {
 /// State kept across reloads, keyed by route id and backend name.
 #[derive(Default)]
 pub struct Shared {
+    /// Loaded models, by directory.
+    pub models: crate::scan::model::ModelHub,
     circuits: Mutex<HashMap<String, Arc<Circuit>>>,
     limiters: Mutex<HashMap<String, Arc<RateLimiter>>>,
     caches: Mutex<HashMap<String, Arc<Cache>>>,
     credentials: Mutex<HashMap<bulwark_api::config::CredentialSource, Arc<Credential>>>,
+}
+
+impl Shared {
+    pub fn with_models(settings: crate::scan::model::ModelSettings) -> Self {
+        Self { models: crate::scan::model::ModelHub::new(settings), ..Self::default() }
+    }
 }
 
 impl Runtime {
@@ -73,7 +81,7 @@ impl Runtime {
         }
         let mut policies = HashMap::new();
         for (name, spec) in &config.scanner_policies {
-            policies.insert(name.clone(), Arc::new(PolicyRuntime::build(name, spec)?));
+            policies.insert(name.clone(), Arc::new(PolicyRuntime::build(name, spec, &shared.models)?));
         }
         let mut routes = Vec::with_capacity(config.routes.len());
         let mut live_ids = vec![];

@@ -108,6 +108,20 @@ spec:
     - name: embeddings
       match: {{paths: [/v1/embeddings]}}
       backends: [{{name: mock, url: "{mock}"}}]
+    - name: guarded
+      match: {{models: [guarded]}}
+      backends: [{{name: mock, url: "{mock}"}}]
+      scannerPolicyRef: {{name: guard}}
+---
+apiVersion: bulwark.dev/v1alpha1
+kind: ScannerPolicy
+metadata: {{name: guard}}
+spec:
+  input:
+    - {{type: promptInjection, action: block}}
+    - {{type: pii, entities: [email], action: redact, restoreInResponse: true}}
+  output:
+    - {{type: secrets, action: redact}}
 """
 
 

@@ -2,17 +2,22 @@
 //! leaves and a response's text before it reaches the client (streams on a sliding window, in
 //! `stream.rs`). Each finding is blocked, redacted or audited as the policy says.
 
+pub mod injection;
 pub mod invisible;
 pub mod json;
 pub mod language;
+pub mod model;
 pub mod patterns;
 pub mod pii;
 pub mod secrets;
 pub mod stream;
 pub mod text;
 pub mod tokens;
+pub mod topics;
 
-use std::{collections::HashMap, sync::Arc};
+use std::{collections::HashMap, path::PathBuf, sync::Arc, time::Duration};
+
+use futures_util::{StreamExt, stream::FuturesUnordered};
 
 use bulwark_api::policy::{Action, Mode, OnScannerError, Scanner, ScannerPolicySpec, ScannerType};
 use sha2::{Digest, Sha256};
@@ -46,10 +51,60 @@ pub trait Detector: Send + Sync {
     }
 }
 
+/// How a scanner judges text: cheaply in place, or with a model on the inference threads.
+pub enum Check {
+    Text(Arc<dyn Detector>),
+    Injection(injection::Injection),
+    Topics(topics::Topics),
+}
+
+impl Check {
+    fn is_model(&self) -> bool {
+        !matches!(self, Self::Text(_))
+    }
+
+    /// The highest score over the texts, and what it means.
+    async fn score(&self, texts: &[String]) -> Result<(f32, &'static str), String> {
+        let mut best = 0f32;
+        for t in texts.iter().filter(|t| !t.trim().is_empty()) {
+            let s = match self {
+                Self::Injection(i) => i.score(t).await?,
+                Self::Topics(topics) => topics.score(t).await?,
+                Self::Text(_) => 0.0,
+            };
+            best = best.max(s);
+        }
+        Ok((best, if matches!(self, Self::Topics(_)) { "banned-topic" } else { "prompt-injection" }))
+    }
+}
+
 pub struct ScannerRuntime {
     pub spec: Scanner,
     pub name: &'static str,
-    detector: Result<Arc<dyn Detector>, String>,
+    check: Result<Check, String>,
+}
+
+impl ScannerRuntime {
+    fn is_model(&self) -> bool {
+        self.check
+            .as_ref()
+            .map_or(matches!(self.spec.type_, ScannerType::PromptInjection | ScannerType::BanTopics), Check::is_model)
+    }
+
+    /// The policy's threshold, else the calibrated one of the bundled head, else 0.5 for
+    /// classifiers and 0.4 for topic similarity (cosine in the encoder's space).
+    fn threshold(&self) -> f64 {
+        self.spec.threshold.unwrap_or(match &self.check {
+            Ok(Check::Injection(i)) => i.default_threshold(),
+            Ok(Check::Topics(_)) => 0.4,
+            _ => 0.5,
+        })
+    }
+
+    /// Why this scanner cannot run, if it cannot.
+    pub fn unavailable(&self) -> Option<&str> {
+        self.check.as_ref().err().map(String::as_str)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -134,36 +189,59 @@ pub fn type_name(t: ScannerType) -> &'static str {
     }
 }
 
-fn detector(s: &Scanner) -> Result<Arc<dyn Detector>, String> {
-    Ok(match s.type_ {
-        ScannerType::Secrets => Arc::new(secrets::Secrets::new()?),
-        ScannerType::Pii => Arc::new(pii::Pii::new(&s.entities)?),
-        ScannerType::InvisibleText => Arc::new(invisible::Invisible),
-        ScannerType::Regex => Arc::new(patterns::Patterns::new(&s.patterns)?),
-        ScannerType::BanSubstrings => Arc::new(patterns::Substrings::new(
+fn check(s: &Scanner, hub: &model::ModelHub) -> Result<Check, String> {
+    let text = |d: Arc<dyn Detector>| Ok(Check::Text(d));
+    match s.type_ {
+        ScannerType::Secrets => text(Arc::new(secrets::Secrets::new()?)),
+        ScannerType::Pii => text(Arc::new(pii::Pii::new(&s.entities)?)),
+        ScannerType::InvisibleText => text(Arc::new(invisible::Invisible)),
+        ScannerType::Regex => text(Arc::new(patterns::Patterns::new(&s.patterns)?)),
+        ScannerType::BanSubstrings => text(Arc::new(patterns::Substrings::new(
             &s.substrings,
             s.case_sensitive.unwrap_or(false),
             s.word_boundary.unwrap_or(false),
-        )?),
+        )?)),
         ScannerType::TokenLimit => {
-            Arc::new(tokens::TokenLimit::new(s.encoding.as_deref(), s.max_tokens.unwrap_or(u32::MAX))?)
+            text(Arc::new(tokens::TokenLimit::new(s.encoding.as_deref(), s.max_tokens.unwrap_or(u32::MAX))?))
         }
-        ScannerType::Language => Arc::new(language::Language::new(&s.languages)),
-        ScannerType::Json => Arc::new(json::Json::new(s.schema.as_ref())?),
-        ScannerType::PromptInjection | ScannerType::BanTopics => {
-            return Err("model-based scanners need the ONNX models, which this build does not load yet".into());
+        ScannerType::Language => text(Arc::new(language::Language::new(&s.languages))),
+        ScannerType::Json => text(Arc::new(json::Json::new(s.schema.as_ref())?)),
+        ScannerType::PromptInjection => match &s.model {
+            Some(m) => Ok(Check::Injection(injection::Injection::Classifier(hub.get(
+                &PathBuf::from(&m.path),
+                m.sha256.as_deref(),
+                None,
+            )?))),
+            None => {
+                let dir = hub.default_encoder_dir().ok_or("no models directory is configured (--models-dir)")?;
+                let encoder = hub.get(&dir, None, Some(model::Output::Embedding))?;
+                Ok(Check::Injection(injection::Injection::Bundled {
+                    encoder,
+                    head: Arc::new(injection::Head::bundled()?),
+                }))
+            }
+        },
+        ScannerType::BanTopics => {
+            let encoder = match &s.model {
+                Some(m) => hub.get(&PathBuf::from(&m.path), m.sha256.as_deref(), Some(model::Output::Embedding))?,
+                None => {
+                    let dir = hub.default_encoder_dir().ok_or("no models directory is configured (--models-dir)")?;
+                    hub.get(&dir, None, Some(model::Output::Embedding))?
+                }
+            };
+            Ok(Check::Topics(topics::Topics::new(encoder, s.topics.clone())))
         }
-    })
+    }
 }
 
 impl PolicyRuntime {
     /// Compiles a policy. A scanner that cannot run (a missing model) is kept as unavailable
     /// and `onScannerError` decides per request; a broken pattern fails the whole config.
-    pub fn build(name: &str, spec: &ScannerPolicySpec) -> Result<Self, String> {
+    pub fn build(name: &str, spec: &ScannerPolicySpec, hub: &model::ModelHub) -> Result<Self, String> {
         let compile = |list: &[Scanner]| -> Result<Vec<ScannerRuntime>, String> {
             list.iter()
                 .map(|s| {
-                    let d = detector(s);
+                    let d = check(s, hub);
                     if let Err(e) = &d
                         && !matches!(s.type_, ScannerType::PromptInjection | ScannerType::BanTopics)
                     {
@@ -172,7 +250,7 @@ impl PolicyRuntime {
                     if let Err(e) = &d {
                         tracing::warn!(policy = name, scanner = type_name(s.type_), "scanner unavailable: {e}");
                     }
-                    Ok(ScannerRuntime { spec: s.clone(), name: type_name(s.type_), detector: d })
+                    Ok(ScannerRuntime { spec: s.clone(), name: type_name(s.type_), check: d })
                 })
                 .collect()
         };
@@ -219,7 +297,7 @@ pub fn run_with(
 ) -> Result<Restore, Blocked> {
     let mut redactions: Vec<Vec<(Finding, &ScannerRuntime)>> = vec![vec![]; texts.len()];
     let mut blocked: Option<Blocked> = None;
-    for s in policy.scanners(d) {
+    for s in policy.scanners(d).iter().filter(|s| !s.is_model()) {
         if let Some(p) = s.spec.sampling
             && rand::random::<f64>() >= p
         {
@@ -339,12 +417,108 @@ pub fn run_with(
     Ok(restore)
 }
 
+/// Runs every scanner of a direction: the cheap ones first, in place (judging and redacting),
+/// then the model-based ones concurrently on the inference threads. With `failFast`, the first
+/// block returns at once and drops (cancels) the model scans still running.
+pub async fn run_async(
+    policy: &PolicyRuntime,
+    d: Direction,
+    texts: &mut [&mut String],
+    ctx: &Ctx<'_>,
+) -> Result<Restore, Blocked> {
+    let restore = run(policy, d, texts, ctx)?;
+    let models: Vec<&ScannerRuntime> = policy
+        .scanners(d)
+        .iter()
+        .filter(|s| s.is_model())
+        .filter(|s| s.spec.sampling.is_none_or(|p| rand::random::<f64>() < p))
+        .collect();
+    if models.is_empty() {
+        return Ok(restore);
+    }
+    let owned: Vec<String> = texts.iter().map(|t| t.to_string()).collect();
+    let owned = &owned;
+    let mut running: FuturesUnordered<_> = models
+        .into_iter()
+        .map(|s| async move {
+            let started = tokio::time::Instant::now();
+            let limit = s.spec.timeout.map_or(Duration::from_secs(2), |t| t.as_std());
+            let result = match &s.check {
+                Ok(check) => match tokio::time::timeout(limit, check.score(owned)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(format!("timed out after {}ms", limit.as_millis())),
+                },
+                Err(e) => Err(e.clone()),
+            };
+            (s, result, started.elapsed())
+        })
+        .collect();
+    let mut blocked = None;
+    while let Some((s, result, took)) = running.next().await {
+        ctx.metrics
+            .scanner_duration
+            .get_or_create(&ScannerLabels { policy: policy.name.clone(), scanner: s.name, direction: d.as_str() })
+            .observe(took.as_secs_f64());
+        let verdict = |outcome: &'static str| {
+            ctx.metrics
+                .scanner_verdicts
+                .get_or_create(&VerdictLabels {
+                    policy: policy.name.clone(),
+                    scanner: s.name,
+                    direction: d.as_str(),
+                    outcome,
+                })
+                .inc();
+        };
+        let b = match result {
+            Err(e) => {
+                verdict("error");
+                if policy.spec.on_scanner_error == OnScannerError::FailOpen {
+                    tracing::warn!(policy = %policy.name, scanner = s.name, route = ctx.route, "scanner failed open: {e}");
+                    continue;
+                }
+                Blocked {
+                    policy: policy.name.clone(),
+                    scanner: s.name,
+                    reason: format!("could not run ({e}) and the policy fails closed"),
+                }
+            }
+            Ok((score, kind)) if f64::from(score) >= s.threshold() => {
+                if s.spec.mode == Mode::Audit || s.spec.action == Action::Audit {
+                    verdict("audit");
+                    tracing::info!(policy = %policy.name, scanner = s.name, route = ctx.route, score, "audit: {kind}");
+                    continue;
+                }
+                verdict("block");
+                Blocked {
+                    policy: policy.name.clone(),
+                    scanner: s.name,
+                    reason: format!("found {kind} (score {score:.2})"),
+                }
+            }
+            Ok(_) => {
+                verdict("pass");
+                continue;
+            }
+        };
+        if policy.spec.fail_fast {
+            return Err(b);
+        }
+        blocked.get_or_insert(b);
+    }
+    blocked.map_or(Ok(restore), Err)
+}
+
 /// Findings per text index; `WHOLE` for findings about all texts together.
 type Found = Vec<(usize, Vec<Finding>)>;
 const WHOLE: usize = usize::MAX;
 
 fn scan_one(s: &ScannerRuntime, texts: &[&mut String]) -> Result<Found, String> {
-    let detector = s.detector.as_ref().map_err(Clone::clone)?;
+    let detector = match &s.check {
+        Ok(Check::Text(d)) => d,
+        Ok(_) => return Ok(vec![]),
+        Err(e) => return Err(e.clone()),
+    };
     let threshold = s.spec.threshold;
     let keep = |f: &Finding| threshold.is_none_or(|t| f64::from(f.score) >= t);
     if detector.whole_request() {
@@ -404,7 +578,7 @@ mod tests {
 
     fn policy(yaml: &str) -> PolicyRuntime {
         let spec: ScannerPolicySpec = serde_yaml::from_str(yaml).unwrap();
-        PolicyRuntime::build("team-a/guard", &spec).unwrap()
+        PolicyRuntime::build("team-a/guard", &spec, &model::ModelHub::default()).unwrap()
     }
 
     fn run_on(p: &PolicyRuntime, d: Direction, texts: &[&str]) -> (Result<Restore, Blocked>, Vec<String>) {
@@ -436,13 +610,23 @@ mod tests {
         assert_eq!(r.unwrap_err().to_string(), "blocked by ScannerPolicy team-a/guard: banSubstrings found substring");
     }
 
-    #[test]
-    fn unavailable_scanners_follow_on_scanner_error() {
+    #[tokio::test]
+    async fn unavailable_scanners_follow_on_scanner_error() {
+        let metrics = Metrics::new();
+        let ctx = Ctx { metrics: &metrics, route: "r" };
+        let mut text = "hello".to_owned();
         let closed = policy("input:\n- {type: promptInjection, threshold: 0.5}");
-        let (r, _) = run_on(&closed, Direction::Input, &["hello"]);
-        assert!(r.unwrap_err().reason.starts_with("could not run (model-based scanners need"));
+        let r = run_async(&closed, Direction::Input, &mut [&mut text], &ctx).await;
+        assert_eq!(
+            r.unwrap_err().reason,
+            "could not run (no models directory is configured (--models-dir)) and the policy fails closed"
+        );
         let open = policy("onScannerError: failOpen\ninput:\n- {type: promptInjection, threshold: 0.5}");
-        assert!(run_on(&open, Direction::Input, &["hello"]).0.is_ok());
+        assert!(run_async(&open, Direction::Input, &mut [&mut text], &ctx).await.is_ok());
+        assert!(
+            run(&closed, Direction::Input, &mut [&mut text], &ctx).is_ok(),
+            "the in-place pass leaves models to run_async"
+        );
     }
 
     #[test]

@@ -200,7 +200,7 @@ mod tests {
 
     fn guard(yaml: &str, restore: Restore, flavor: Flavor) -> OutputGuard {
         let spec: ScannerPolicySpec = serde_yaml::from_str(yaml).unwrap();
-        let policy = Arc::new(PolicyRuntime::build("p", &spec).unwrap());
+        let policy = Arc::new(PolicyRuntime::build("p", &spec, &super::super::model::ModelHub::default()).unwrap());
         OutputGuard::new(policy, restore, flavor, Arc::new(Metrics::new()), "r".into())
     }
 

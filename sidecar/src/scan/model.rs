@@ -1,0 +1,345 @@
+//! Model-based scanners through ONNX Runtime (loaded dynamically): a sentence encoder and
+//! sequence classifiers in Hugging Face's ONNX export layout (`model.onnx` + `tokenizer.json`).
+//! Inference runs on dedicated threads behind a bounded queue, batching whatever requests are
+//! waiting; long texts are cut into overlapping token windows so nothing goes unscanned.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::{Arc, OnceLock},
+};
+
+use ort::{
+    environment::Environment,
+    session::{Session, builder::GraphOptimizationLevel},
+    value::Tensor,
+};
+use parking_lot::Mutex;
+use sha2::{Digest, Sha256};
+use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
+use tokio::sync::{mpsc, oneshot};
+
+/// Tokens per window and overlap between windows.
+const WINDOW: usize = 256;
+const STRIDE: usize = 32;
+const MAX_BATCH: usize = 32;
+const QUEUE: usize = 512;
+
+/// Where models and the ONNX Runtime library are found.
+#[derive(Clone, Debug, Default)]
+pub struct ModelSettings {
+    /// The default models (`<dir>/minilm/`), built by `make models`.
+    pub models_dir: Option<PathBuf>,
+    /// `libonnxruntime.so`; else the `ORT_DYLIB_PATH` environment variable.
+    pub onnxruntime: Option<PathBuf>,
+    /// Inference threads per model.
+    pub threads: usize,
+}
+
+static ENV: OnceLock<Result<Environment, String>> = OnceLock::new();
+static ENV_INIT: Mutex<()> = Mutex::new(());
+
+fn environment(settings: &ModelSettings) -> Result<&'static Environment, String> {
+    if let Some(e) = ENV.get() {
+        return e.as_ref().map_err(Clone::clone);
+    }
+    let _guard = ENV_INIT.lock();
+    let result = ENV.get_or_init(|| {
+        let path = settings
+            .onnxruntime
+            .clone()
+            .or_else(|| std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from))
+            .ok_or("ONNX Runtime not found: set ORT_DYLIB_PATH to libonnxruntime.so (1.31 or newer)")?;
+        let builder =
+            ort::init_from(&path).map_err(|e| format!("loading ONNX Runtime from {}: {e}", path.display()))?;
+        builder.with_name("bulwark").with_telemetry(false).build().map_err(|e| format!("starting ONNX Runtime: {e}"))
+    });
+    result.as_ref().map_err(Clone::clone)
+}
+
+fn sha256_file(path: &Path) -> Result<String, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Checks `model.onnx` against a pinned hash: the policy's, else the directory's manifest.
+fn verify(dir: &Path, pinned: Option<&str>) -> Result<(), String> {
+    let model = dir.join("model.onnx");
+    let expected = match pinned {
+        Some(h) => Some(h.to_ascii_lowercase()),
+        None => std::fs::read_to_string(dir.join("manifest.json"))
+            .ok()
+            .and_then(|m| serde_json::from_str::<serde_json::Value>(&m).ok())
+            .and_then(|m| m.pointer("/sha256/model.onnx")?.as_str().map(str::to_owned)),
+    };
+    if let Some(expected) = expected {
+        let got = sha256_file(&model)?;
+        if got != expected {
+            return Err(format!("{}: sha256 {got} does not match the pinned {expected}", model.display()));
+        }
+    }
+    Ok(())
+}
+
+/// What a model's output means.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Output {
+    /// Token states (mean-pooled) or a sentence embedding.
+    Embedding,
+    /// Class logits; the probability of this class index is the score.
+    Class(usize),
+}
+
+struct Job {
+    text: String,
+    reply: oneshot::Sender<Result<Vec<Vec<f32>>, String>>,
+}
+
+/// A loaded model and its inference threads.
+pub struct Model {
+    tx: mpsc::Sender<Job>,
+    pub output: Output,
+    pub name: String,
+}
+
+impl Model {
+    pub fn load(
+        dir: &Path,
+        pinned: Option<&str>,
+        output: Option<Output>,
+        settings: &ModelSettings,
+    ) -> Result<Arc<Self>, String> {
+        let env = environment(settings)?;
+        verify(dir, pinned)?;
+        let mut tokenizer = Tokenizer::from_file(dir.join("tokenizer.json"))
+            .map_err(|e| format!("{}: {e}", dir.join("tokenizer.json").display()))?;
+        tokenizer
+            .with_truncation(Some(TruncationParams {
+                max_length: WINDOW,
+                stride: STRIDE,
+                strategy: TruncationStrategy::LongestFirst,
+                direction: TruncationDirection::Right,
+            }))
+            .map_err(|e| format!("tokenizer: {e}"))?;
+        tokenizer.with_padding(None);
+        let output = match output {
+            Some(o) => o,
+            None => classifier_output(dir),
+        };
+        let threads = settings.threads.max(1);
+        let (tx, rx) = mpsc::channel::<Job>(QUEUE);
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..threads {
+            let session = open(env, &dir.join("model.onnx"))?;
+            let (rx, tokenizer) = (rx.clone(), tokenizer.clone());
+            std::thread::Builder::new()
+                .name(format!("bulwark-model-{i}"))
+                .spawn(move || worker(session, tokenizer, output, rx))
+                .map_err(|e| format!("starting an inference thread: {e}"))?;
+        }
+        Ok(Arc::new(Self { tx, output, name: dir.display().to_string() }))
+    }
+
+    /// One vector per window of `text`: embeddings, or `[score]` for a classifier.
+    pub async fn infer(&self, text: String) -> Result<Vec<Vec<f32>>, String> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Job { text, reply }).await.map_err(|_| "the inference threads stopped".to_owned())?;
+        rx.await.map_err(|_| "the inference thread dropped the request".to_owned())?
+    }
+}
+
+fn open(env: &Environment, path: &Path) -> Result<Session, String> {
+    fn build(env: &Environment, path: &Path) -> ort::Result<Session> {
+        Session::builder(env)?
+            .with_optimization_level(GraphOptimizationLevel::Level3)?
+            .with_intra_threads(1)?
+            .commit_from_file(path)
+    }
+    build(env, path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// The class index meaning "injection" (or "unsafe", "positive") from `config.json`'s
+/// `id2label`, else 1.
+fn classifier_output(dir: &Path) -> Output {
+    let labels = std::fs::read_to_string(dir.join("config.json"))
+        .ok()
+        .and_then(|c| serde_json::from_str::<serde_json::Value>(&c).ok())
+        .and_then(|c| c.get("id2label").cloned());
+    let positive = labels
+        .as_ref()
+        .and_then(|l| l.as_object())
+        .and_then(|m| {
+            m.iter().find_map(|(k, v)| {
+                let v = v.as_str()?.to_ascii_lowercase();
+                (v.contains("injection") || v.contains("jailbreak") || v.contains("unsafe") || v == "label_1")
+                    .then(|| k.parse().ok())?
+            })
+        })
+        .unwrap_or(1);
+    Output::Class(positive)
+}
+
+fn worker(mut session: Session, tokenizer: Tokenizer, output: Output, rx: Arc<Mutex<mpsc::Receiver<Job>>>) {
+    let has_types = session.inputs().iter().any(|i| i.name() == "token_type_ids");
+    loop {
+        let mut jobs = Vec::with_capacity(MAX_BATCH);
+        {
+            let mut rx = rx.lock();
+            match rx.blocking_recv() {
+                Some(j) => jobs.push(j),
+                None => return,
+            }
+            // Dynamic batching: take whatever else is already waiting.
+            while jobs.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(j) => jobs.push(j),
+                    Err(_) => break,
+                }
+            }
+        }
+        let result = run_batch(&mut session, &tokenizer, output, has_types, &jobs);
+        match result {
+            Ok(per_job) => {
+                for (job, out) in jobs.into_iter().zip(per_job) {
+                    let _ = job.reply.send(Ok(out));
+                }
+            }
+            Err(e) => {
+                for job in jobs {
+                    let _ = job.reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// One tokenized window: the job it belongs to, ids, attention mask, type ids.
+type Window = (usize, Vec<u32>, Vec<u32>, Vec<u32>);
+type Loaded = HashMap<(PathBuf, Option<String>), Result<Arc<Model>, String>>;
+
+fn run_batch(
+    session: &mut Session,
+    tokenizer: &Tokenizer,
+    output: Output,
+    has_types: bool,
+    jobs: &[Job],
+) -> Result<Vec<Vec<Vec<f32>>>, String> {
+    // Every window of every text, remembering which job it belongs to.
+    let mut windows: Vec<Window> = vec![];
+    for (j, job) in jobs.iter().enumerate() {
+        let enc = tokenizer.encode(job.text.as_str(), true).map_err(|e| format!("tokenizing: {e}"))?;
+        let mut all = vec![enc.clone()];
+        all.extend(enc.get_overflowing().iter().cloned());
+        for e in all {
+            windows.push((j, e.get_ids().to_vec(), e.get_attention_mask().to_vec(), e.get_type_ids().to_vec()));
+        }
+    }
+    let mut per_job: Vec<Vec<Vec<f32>>> = vec![vec![]; jobs.len()];
+    for chunk in windows.chunks(MAX_BATCH) {
+        let seq = chunk.iter().map(|w| w.1.len()).max().unwrap_or(1).max(1);
+        let b = chunk.len();
+        let (mut ids, mut mask, mut types) = (vec![0i64; b * seq], vec![0i64; b * seq], vec![0i64; b * seq]);
+        for (r, (_, i, m, t)) in chunk.iter().enumerate() {
+            for c in 0..i.len() {
+                ids[r * seq + c] = i64::from(i[c]);
+                mask[r * seq + c] = i64::from(m[c]);
+                types[r * seq + c] = i64::from(t[c]);
+            }
+        }
+        let tensor = |v: Vec<i64>| Tensor::from_array(([b, seq], v)).map_err(|e| e.to_string());
+        let mut inputs = ort::inputs!["input_ids" => tensor(ids)?, "attention_mask" => tensor(mask.clone())?];
+        if has_types {
+            inputs.push(("token_type_ids".into(), tensor(types)?.into()));
+        }
+        let outputs = session.run(inputs).map_err(|e| format!("inference: {e}"))?;
+        let (shape, data) = outputs[0].try_extract_tensor::<f32>().map_err(|e| format!("model output: {e}"))?;
+        let dims: Vec<usize> = shape.iter().map(|d| *d as usize).collect();
+        for (r, (job, ..)) in chunk.iter().enumerate() {
+            let v = match (output, dims.as_slice()) {
+                (Output::Embedding, [_, s, h]) => {
+                    mean_pool(&data[r * s * h..(r + 1) * s * h], &mask[r * seq..(r + 1) * seq], *h)
+                }
+                (Output::Embedding, [_, h]) => normalize(data[r * h..(r + 1) * h].to_vec()),
+                (Output::Class(k), [_, n]) => {
+                    let logits = &data[r * n..(r + 1) * n];
+                    vec![softmax_at(logits, k.min(n - 1))]
+                }
+                _ => return Err(format!("unexpected model output shape {dims:?}")),
+            };
+            per_job[*job].push(v);
+        }
+    }
+    Ok(per_job)
+}
+
+fn mean_pool(states: &[f32], mask: &[i64], hidden: usize) -> Vec<f32> {
+    let mut v = vec![0f32; hidden];
+    let mut n = 0f32;
+    for (t, m) in mask.iter().enumerate() {
+        if *m == 0 || (t + 1) * hidden > states.len() {
+            continue;
+        }
+        n += 1.0;
+        for (acc, x) in v.iter_mut().zip(&states[t * hidden..(t + 1) * hidden]) {
+            *acc += x;
+        }
+    }
+    if n > 0.0 {
+        v.iter_mut().for_each(|x| *x /= n);
+    }
+    normalize(v)
+}
+
+pub fn normalize(mut v: Vec<f32>) -> Vec<f32> {
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if norm > 0.0 {
+        v.iter_mut().for_each(|x| *x /= norm);
+    }
+    v
+}
+
+fn softmax_at(logits: &[f32], k: usize) -> f32 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f32 = logits.iter().map(|l| (l - max).exp()).sum();
+    (logits[k] - max).exp() / sum
+}
+
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// Loaded models by directory, shared by every policy and kept across config reloads.
+#[derive(Default)]
+pub struct ModelHub {
+    pub settings: ModelSettings,
+    loaded: Mutex<Loaded>,
+}
+
+impl ModelHub {
+    pub fn new(settings: ModelSettings) -> Self {
+        Self { settings, loaded: Mutex::new(HashMap::new()) }
+    }
+
+    /// The default encoder built by `make models`.
+    pub fn default_encoder_dir(&self) -> Option<PathBuf> {
+        self.settings.models_dir.as_ref().map(|d| d.join("minilm"))
+    }
+
+    pub fn get(&self, dir: &Path, pinned: Option<&str>, output: Option<Output>) -> Result<Arc<Model>, String> {
+        let key = (dir.to_path_buf(), pinned.map(str::to_owned));
+        let mut loaded = self.loaded.lock();
+        if let Some(Ok(m)) = loaded.get(&key) {
+            return Ok(m.clone());
+        }
+        let result = if dir.join("model.onnx").exists() {
+            Model::load(dir, pinned, output, &self.settings)
+        } else {
+            Err(format!(
+                "no model at {} (run `make models`, or point the policy's model.path at an ONNX export)",
+                dir.display()
+            ))
+        };
+        loaded.insert(key, result.clone());
+        result
+    }
+}
