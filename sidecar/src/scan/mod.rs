@@ -101,6 +101,11 @@ impl ScannerRuntime {
         })
     }
 
+    /// Judges a whole document (JSON validity, token counts), not spans.
+    pub fn judges_whole(&self) -> bool {
+        matches!(&self.check, Ok(Check::Text(d)) if d.whole_request())
+    }
+
     /// Why this scanner cannot run, if it cannot.
     pub fn unavailable(&self) -> Option<&str> {
         self.check.as_ref().err().map(String::as_str)
@@ -284,20 +289,35 @@ pub struct Ctx<'a> {
 /// Runs the policy's scanners of one direction over `texts`; applies redactions in place.
 /// Returns the placeholders to restore, or why the text is blocked.
 pub fn run(policy: &PolicyRuntime, d: Direction, texts: &mut [&mut String], ctx: &Ctx<'_>) -> Result<Restore, Blocked> {
-    run_with(policy, d, texts, ctx, false)
+    run_with(policy, d, texts, ctx, Pass::All)
 }
 
-/// `run`, leaving matches that reach the end of a text for later when `hold_tail` (streams).
+/// Which of the cheap scanners a pass runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pass {
+    All,
+    /// A stream's window: span scanners only, leaving matches that reach the end for later.
+    Window,
+    /// A stream's whole text at its end: the scanners that judge whole documents (JSON, tokens).
+    Whole,
+}
+
+/// `run`, for one pass of a stream (`Pass::Window`, `Pass::Whole`) or all of it.
 pub fn run_with(
     policy: &PolicyRuntime,
     d: Direction,
     texts: &mut [&mut String],
     ctx: &Ctx<'_>,
-    hold_tail: bool,
+    pass: Pass,
 ) -> Result<Restore, Blocked> {
+    let hold_tail = pass == Pass::Window;
     let mut redactions: Vec<Vec<(Finding, &ScannerRuntime)>> = vec![vec![]; texts.len()];
     let mut blocked: Option<Blocked> = None;
     for s in policy.scanners(d).iter().filter(|s| !s.is_model()) {
+        let whole = s.judges_whole();
+        if (pass == Pass::Window && whole) || (pass == Pass::Whole && !whole) {
+            continue;
+        }
         if let Some(p) = s.spec.sampling
             && rand::random::<f64>() >= p
         {
@@ -642,6 +662,25 @@ mod tests {
             blocked += usize::from(run_on(&sampled, Direction::Input, &["x"]).0.is_err());
         }
         assert!((200..400).contains(&blocked), "{blocked} of 1000 sampled at 0.3");
+    }
+
+    #[test]
+    fn huge_inputs_are_scanned_to_the_end() {
+        let p = policy(
+            "input:\n- {type: secrets, action: redact}\n- {type: pii, action: redact}\n- {type: invisibleText, action: redact}",
+        );
+        let text = format!(
+            "{} key AKIAIOSFODNN7EXAMPLE, mail a@b.example \u{200B}end",
+            "lorem ipsum dolor sit amet ".repeat(80_000)
+        );
+        let (r, texts) = run_on(&p, Direction::Input, &[&text]);
+        assert!(r.unwrap().redacted);
+        assert!(texts[0].ends_with(" key [REDACTED_AWS_ACCESS_KEY_ID], mail [REDACTED_EMAIL] end"));
+        assert_eq!(
+            texts[0].len(),
+            text.len() - "AKIAIOSFODNN7EXAMPLEa@b.example\u{200B}".len()
+                + "[REDACTED_AWS_ACCESS_KEY_ID][REDACTED_EMAIL]".len()
+        );
     }
 
     #[test]

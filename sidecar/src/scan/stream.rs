@@ -7,7 +7,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use serde_json::Value;
 
-use super::{Blocked, Ctx, Direction, PolicyRuntime, Restore, run_with};
+use super::{Blocked, Ctx, Direction, Pass, PolicyRuntime, Restore, run_with};
 use crate::{error::Flavor, metrics::Metrics};
 
 pub struct OutputGuard {
@@ -23,7 +23,12 @@ pub struct OutputGuard {
     /// The last content event, re-used as the shape of released text.
     template: Option<(Option<String>, Value)>,
     window: usize,
+    /// The whole text, for scanners that judge a complete document at the end (bounded).
+    full: Option<String>,
 }
+
+/// Most text kept for whole-document scanners; a longer stream is judged on its start.
+const MAX_FULL: usize = 4 << 20;
 
 /// What a text event carries, by provider.
 fn text_of(flavor: Flavor, v: &Value) -> Option<&str> {
@@ -64,7 +69,19 @@ impl OutputGuard {
     ) -> Self {
         // Hold back enough to restore a placeholder split across chunks, too.
         let window = policy.window.max(restore.longest() + 1);
-        Self { policy, restore, flavor, metrics, route, partial: vec![], held: String::new(), template: None, window }
+        let full = policy.output.iter().any(|s| s.judges_whole()).then(String::new);
+        Self {
+            policy,
+            restore,
+            flavor,
+            metrics,
+            route,
+            partial: vec![],
+            held: String::new(),
+            template: None,
+            window,
+            full,
+        }
     }
 
     /// Takes upstream bytes; returns the bytes to send now (possibly none).
@@ -82,8 +99,18 @@ impl OutputGuard {
     pub fn finish(&mut self) -> Result<Bytes, Blocked> {
         let mut out = Vec::new();
         self.release(true, &mut out)?;
+        self.judge_whole()?;
         out.append(&mut self.partial);
         Ok(Bytes::from(out))
+    }
+
+    /// Runs the whole-document scanners once, over everything released.
+    fn judge_whole(&mut self) -> Result<(), Blocked> {
+        if let Some(mut full) = self.full.take() {
+            let ctx = Ctx { metrics: &self.metrics, route: &self.route };
+            run_with(&self.policy, Direction::Output, &mut [&mut full], &ctx, Pass::Whole)?;
+        }
+        Ok(())
     }
 
     fn event(&mut self, body: &[u8], raw: &[u8], out: &mut Vec<u8>) -> Result<(), Blocked> {
@@ -110,6 +137,10 @@ impl OutputGuard {
         }
         // Anything else (role, tool calls, finish, usage, [DONE]): flush the text first, keep order.
         self.release(true, out)?;
+        if data == "[DONE]" || name.as_deref() == Some("message_stop") {
+            // The end marker leaves only once the whole answer passed.
+            self.judge_whole()?;
+        }
         out.extend_from_slice(raw);
         Ok(())
     }
@@ -122,7 +153,9 @@ impl OutputGuard {
         let ctx = Ctx { metrics: &self.metrics, route: &self.route };
         let held_from = {
             let mut texts = [&mut self.held];
-            run_with(&self.policy, Direction::Output, &mut texts, &ctx, !all)?.held_from
+            let pass = if all { Pass::All } else { Pass::Window };
+            let pass = if self.full.is_some() && pass == Pass::All { Pass::Window } else { pass };
+            run_with(&self.policy, Direction::Output, &mut texts, &ctx, pass)?.held_from
         };
         let chars = self.held.chars().count();
         let keep = if all { 0 } else { self.window.min(chars) };
@@ -145,6 +178,11 @@ impl OutputGuard {
             return Ok(());
         }
         let released: String = self.held.drain(..cut).collect();
+        if let Some(full) = &mut self.full
+            && full.len() + released.len() <= MAX_FULL
+        {
+            full.push_str(&released);
+        }
         let released = if self.restore.is_empty() { released } else { self.restore.apply(&released) };
         if let Some((name, template)) = &self.template {
             let mut ev = template.clone();
@@ -291,6 +329,24 @@ mod tests {
         assert!(!String::from_utf8_lossy(&sent).contains("PRI"), "nothing of it was released");
         let end = String::from_utf8_lossy(&g.blocked_events(&b)).into_owned();
         assert!(end.contains("\"finish_reason\":\"content_filter\"") && end.contains("event: error"), "{end}");
+    }
+
+    #[test]
+    fn json_output_is_judged_on_the_whole_stream_at_its_end() {
+        let yaml = "output:\n- {type: json, schema: {type: object, required: [ok]}}";
+        let feed_all = |pieces: &[&str]| {
+            let mut g = guard(yaml, Restore::default(), Flavor::OpenAi);
+            let mut out = Vec::new();
+            for e in openai_events(pieces) {
+                out.extend_from_slice(&g.feed(e.as_bytes())?);
+            }
+            g.finish().map(|b| {
+                out.extend_from_slice(&b);
+                out
+            })
+        };
+        assert!(feed_all(&["{\"o", "k\": tr", "ue}"]).is_ok());
+        assert_eq!(feed_all(&["{\"nope\": ", "1}"]).unwrap_err().reason, "found schema-mismatch");
     }
 
     #[test]

@@ -41,6 +41,9 @@ struct Cli {
     /// Directory holding the release binaries.
     #[arg(long, default_value = "target/release")]
     bin: PathBuf,
+    /// Only the scanner benchmarks.
+    #[arg(long)]
+    scanners_only: bool,
 }
 
 #[derive(Subcommand)]
@@ -60,12 +63,19 @@ const STREAM_CHUNKS: usize = 300;
 
 type Body = BoxBody<Bytes, Infallible>;
 
+mod scanners;
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     match cli.cmd {
         Some(Cmd::Floor { listen, upstream }) => rt.block_on(floor(listen, upstream)),
-        None => rt.block_on(bench(cli.seconds, cli.rate, &cli.bin)),
+        None => rt.block_on(async {
+            if !cli.scanners_only {
+                bench(cli.seconds, cli.rate, &cli.bin).await?;
+            }
+            scanners::bench(&cli.bin).await
+        }),
     }
 }
 
@@ -170,7 +180,7 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-struct Proc(Child);
+pub(crate) struct Proc(pub(crate) Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -185,7 +195,7 @@ impl Proc {
     }
 }
 
-async fn wait_ready(client: &Client<HttpConnector, Full<Bytes>>, url: &str) -> anyhow::Result<()> {
+pub(crate) async fn wait_ready(client: &Client<HttpConnector, Full<Bytes>>, url: &str) -> anyhow::Result<()> {
     for _ in 0..200 {
         if let Ok(r) = client.get(url.parse()?).await
             && r.status().is_success()
