@@ -27,7 +27,19 @@ def main():
     enc = Encoder(sys.argv[1])
     head, w, b = load_head(sys.argv[2])
     t_default = head["threshold"]
-    score = lambda texts: 1.0 / (1.0 + np.exp(-(features(enc, texts) @ w + b)))
+    fast = head.get("fast")
+    gated = []
+
+    def score(texts):
+        x = features(enc, texts)
+        s = 1.0 / (1.0 + np.exp(-(x @ w + b)))
+        if fast:
+            # As the sidecar scores: the n-gram gate passes clear cases without the encoder.
+            gw = np.frombuffer(base64.b64decode(fast["weights"]), "<f4")
+            g = 1.0 / (1.0 + np.exp(-(x[:, 384:] @ gw + fast["bias"])))
+            s = np.where(g < fast["pass_below"], g, s)
+            gated.append((g < fast["pass_below"]).mean())
+        return s
     rows = []
     for corpus in ("s-labs", "neuralchemy"):
         texts, y = load_split(corpus, "test")
@@ -50,7 +62,9 @@ def main():
     for name, t, n, p, r, f1, fpr in rows:
         fmt = lambda x, w: f"{x:>{w}.3f}" if x == x else f"{'-':>{w}}"
         print(f"{name:<32} {t:>9.3f} {n:>6} {fmt(p, 9)} {fmt(r, 7)} {fmt(f1, 7)} {fmt(fpr, 15)}")
-    print("\ntargets: F1 >= 0.93 on each test split; <= 3% of benign prompts blocked at the default threshold")
+    if gated:
+        print(f"\nthe n-gram gate decided {np.mean(gated):.1%} of the prompts above without the encoder")
+    print("targets: F1 >= 0.93 on each test split; <= 3% of benign prompts blocked at the default threshold")
 
 
 if __name__ == "__main__":

@@ -75,9 +75,50 @@ def calibrate(enc, xva, yva, w, b):
     return t
 
 
+# The fast gate may let through at most this share of the injections the full model catches.
+GATE_MISS = 0.005
+
+
+def fast_gate(enc, head):
+    """Trains an n-gram-only logistic regression and picks the score below which a text is
+    passed without running the encoder: most benign traffic then costs microseconds."""
+    from features import ngrams
+    tr_t, tr_y, va_t, va_y = [], [], [], []
+    for corpus in ("s-labs", "neuralchemy"):
+        t, y = load_split(corpus, "train")
+        tr_t += t
+        tr_y += y
+        t, y = load_split(corpus, "validation")
+        va_t += t
+        va_y += y
+    xg = np.stack([ngrams(t) for t in tr_t + va_t])
+    yg = np.array(tr_y + va_y, dtype=np.float32)
+    gw, gb = train_lr(xg, yg, 1e-4, epochs=30)
+    w = np.concatenate([np.frombuffer(base64.b64decode(head["embedding_weights"]), "<f4"),
+                        np.frombuffer(base64.b64decode(head["ngram_weights"]), "<f4")])
+    xva = features(enc, va_t)
+    full = scores(xva, w, head["bias"])
+    gate = scores(xva[:, 384:], gw, gb)
+    caught = full >= head["threshold"]
+    pass_below = 0.0
+    for t in np.arange(0.0, head["threshold"], 0.005):
+        if (gate[caught] < t).mean() <= GATE_MISS:
+            pass_below = float(t)
+    gated = (gate < pass_below).mean()
+    print(f"fast gate: passes below {pass_below:.3f}, deciding {gated:.1%} of validation prompts alone; "
+          f"misses {(gate[caught] < pass_below).mean():.2%} of what the full model blocks", flush=True)
+    head["fast"] = {"bias": float(gb), "pass_below": round(pass_below, 3),
+                    "weights": base64.b64encode(gw.astype("<f4").tobytes()).decode()}
+
+
 def main():
     enc_dir, out = sys.argv[1], sys.argv[2]
     enc = Encoder(enc_dir)
+    if "--fast-gate-only" in sys.argv:
+        h = json.load(open(out))
+        fast_gate(enc, h)
+        json.dump(h, open(out, "w"), indent=1)
+        return
     if "--calibrate-only" in sys.argv:
         # Re-pick the threshold of the committed head without retraining.
         h = json.load(open(out))
@@ -125,6 +166,7 @@ def main():
         "ngram_weights": base64.b64encode(w[384:].astype("<f4").tobytes()).decode(),
         "trained_on": ["s-labs train+validation (MIT)", "neuralchemy core train+validation (Apache-2.0)"],
     }
+    fast_gate(enc, head)
     json.dump(head, open(out, "w"), indent=1)
     print(f"wrote {out}")
 

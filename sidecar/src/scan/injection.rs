@@ -16,6 +16,15 @@ pub struct Head {
     min: usize,
     max: usize,
     max_chars: usize,
+    fast: Option<Gate>,
+}
+
+/// An n-gram-only model in front of the encoder: a text it scores below `pass_below` is
+/// passed without running the encoder (microseconds instead of milliseconds).
+struct Gate {
+    weights: Vec<f32>,
+    bias: f32,
+    pass_below: f32,
 }
 
 fn floats(b64: &str) -> Result<Vec<f32>, String> {
@@ -34,7 +43,16 @@ impl Head {
         let get = |p: &str| v.pointer(p).ok_or_else(|| format!("prompt-injection head: missing {p}"));
         let n =
             |p: &str| get(p).and_then(|x| x.as_u64().map(|x| x as usize).ok_or_else(|| format!("{p} is not a number")));
+        let fast = match v.get("fast") {
+            Some(f) => Some(Gate {
+                weights: floats(f.get("weights").and_then(|w| w.as_str()).unwrap_or_default())?,
+                bias: f.get("bias").and_then(|b| b.as_f64()).unwrap_or_default() as f32,
+                pass_below: f.get("pass_below").and_then(|b| b.as_f64()).unwrap_or_default() as f32,
+            }),
+            None => None,
+        };
         let head = Self {
+            fast,
             embedding: floats(get("/embedding_weights")?.as_str().unwrap_or_default())?,
             ngrams: floats(get("/ngram_weights")?.as_str().unwrap_or_default())?,
             bias: get("/bias")?.as_f64().unwrap_or_default() as f32,
@@ -43,7 +61,10 @@ impl Head {
             max: n("/ngram/max")?,
             max_chars: n("/ngram/max_chars")?,
         };
-        if head.ngrams.len() != n("/ngram/buckets")? || head.embedding.is_empty() {
+        if head.ngrams.len() != n("/ngram/buckets")?
+            || head.embedding.is_empty()
+            || head.fast.as_ref().is_some_and(|g| g.weights.len() != head.ngrams.len())
+        {
             return Err("prompt-injection head: weights do not match their sizes".into());
         }
         Ok(head)
@@ -51,6 +72,11 @@ impl Head {
 
     /// The n-gram part of the logit: hashed character n-grams, log(1 + count), L2-normalised.
     pub fn ngram_logit(&self, text: &str) -> f32 {
+        self.ngram_logits(text).0
+    }
+
+    /// The n-gram logit of the head and, when there is one, the gate's score.
+    fn ngram_logits(&self, text: &str) -> (f32, Option<f32>) {
         let lowered = text.to_lowercase();
         let normalized: String =
             lowered.split_whitespace().collect::<Vec<_>>().join(" ").chars().take(self.max_chars).collect();
@@ -65,11 +91,16 @@ impl Head {
                 *counts.entry(fnv1a(buf.as_bytes()) % buckets).or_default() += 1.0;
             }
         }
-        let norm = counts.values().map(|c| c.ln_1p().powi(2)).sum::<f32>().sqrt();
-        if norm == 0.0 {
-            return 0.0;
-        }
-        counts.iter().map(|(i, c)| self.ngrams[*i as usize] * c.ln_1p() / norm).sum()
+        let norm = counts.values().map(|c| c.ln_1p().powi(2)).sum::<f32>().sqrt().max(f32::MIN_POSITIVE);
+        let logit = |w: &[f32]| counts.iter().map(|(i, c)| w[*i as usize] * c.ln_1p() / norm).sum::<f32>();
+        let gate = self.fast.as_ref().map(|g| 1.0 / (1.0 + (-(logit(&g.weights) + g.bias)).exp()));
+        (logit(&self.ngrams), gate)
+    }
+
+    /// The gate's score when it alone passes the text.
+    fn gated(gate: Option<f32>, head: &Head) -> Option<f32> {
+        let (g, fast) = (gate?, head.fast.as_ref()?);
+        (g < fast.pass_below).then_some(g)
     }
 
     pub fn score(&self, embedding: &[f32], ngram_logit: f32) -> f32 {
@@ -131,8 +162,11 @@ impl Injection {
                 // in sentence-aligned chunks, all sent at once so the inference threads batch them.
                 let chunks = chunks(text);
                 let scored = futures_util::future::join_all(chunks.iter().map(|c| async {
+                    let (ngram, gate) = head.ngram_logits(c);
+                    if let Some(g) = Head::gated(gate, head) {
+                        return Ok(g);
+                    }
                     let windows = encoder.infer(c.clone()).await?;
-                    let ngram = head.ngram_logit(c);
                     Ok::<_, String>(windows.iter().map(|e| head.score(e, ngram)).fold(0.0, f32::max))
                 }))
                 .await;

@@ -93,7 +93,7 @@ pub async fn bench(bin: &Path) -> anyhow::Result<()> {
     let Some(dir) = hub.default_encoder_dir() else { return Ok(()) };
     let encoder = hub.get(&dir, None, Some(Output::Embedding)).map_err(anyhow::Error::msg)?;
     let head = Arc::new(Head::bundled().map_err(anyhow::Error::msg)?);
-    let injection = Arc::new(Injection::Bundled { encoder, head });
+    let injection = Arc::new(Injection::Bundled { encoder: encoder.clone(), head });
     // About 128 tokens.
     let prompt = "Please summarise the following customer message and suggest a polite reply. The customer writes \
                   that their order arrived two days late, the box was damaged, and one of the three items was \
@@ -112,9 +112,17 @@ pub async fn bench(bin: &Path) -> anyhow::Result<()> {
     }
     let sequential = 100.0 / started.elapsed().as_secs_f64();
     lat.sort();
+    let mut raw = vec![];
+    for _ in 0..30 {
+        let t = Instant::now();
+        encoder.infer(prompt.to_owned()).await.map_err(anyhow::Error::msg)?;
+        raw.push(t.elapsed());
+    }
+    raw.sort();
     println!("\npromptInjection (bundled head, int8 MiniLM, ~128 tokens, one inference thread)");
+    println!("  the encoder alone on the whole prompt: p50 {:.2} ms (this CPU has AVX2, no AVX-512/VNNI)", ms(raw[15]));
     println!(
-        "  p50 {:.2} ms, p99 {:.2} ms one at a time ({sequential:.0}/s)   target: p50 < 10 ms",
+        "  the scanner (sentence chunks, n-gram gate, encoder where needed): p50 {:.2} ms, p99 {:.2} ms one at a time ({sequential:.0}/s)   target: p50 < 10 ms",
         ms(lat[50]),
         ms(lat[98])
     );
@@ -133,6 +141,31 @@ pub async fn bench(bin: &Path) -> anyhow::Result<()> {
     }
     let batched = 320.0 / started.elapsed().as_secs_f64();
     println!("  32 concurrent callers, dynamic batching: {batched:.0}/s = {:.2}x one at a time", batched / sequential);
+    let benign: Vec<String> = std::fs::read_to_string("models/data/benign_eval.txt")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_owned)
+        .collect();
+    if !benign.is_empty() {
+        let mut lat = vec![];
+        for _ in 0..3 {
+            for p in &benign {
+                let t = Instant::now();
+                injection.score(p).await.map_err(anyhow::Error::msg)?;
+                lat.push(t.elapsed());
+            }
+        }
+        lat.sort();
+        let at = |q: f64| ms(lat[((lat.len() - 1) as f64 * q) as usize]);
+        println!(
+            "  {} hand-written benign prompts, n-gram gate in front of the encoder: p50 {:.3} ms, p90 {:.2} ms, p99 {:.2} ms",
+            benign.len(),
+            at(0.5),
+            at(0.9),
+            at(0.99)
+        );
+    }
 
     policy_overhead(bin).await
 }
