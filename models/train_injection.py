@@ -48,6 +48,16 @@ def train_lr(x, y, l2, epochs=60, lr=0.05, batch=256, seed=0):
     return w, b
 
 
+def load_splits(split):
+    """A split of both training corpora, concatenated."""
+    texts, labels = [], []
+    for corpus in ("s-labs", "neuralchemy"):
+        t, y = load_split(corpus, split)
+        texts += t
+        labels += y
+    return texts, labels
+
+
 def scores(x, w, b):
     return 1.0 / (1.0 + np.exp(-(x @ w + b)))
 
@@ -83,14 +93,7 @@ def fast_gate(enc, head):
     """Trains an n-gram-only logistic regression and picks the score below which a text is
     passed without running the encoder: most benign traffic then costs microseconds."""
     from features import ngrams
-    tr_t, tr_y, va_t, va_y = [], [], [], []
-    for corpus in ("s-labs", "neuralchemy"):
-        t, y = load_split(corpus, "train")
-        tr_t += t
-        tr_y += y
-        t, y = load_split(corpus, "validation")
-        va_t += t
-        va_y += y
+    (tr_t, tr_y), (va_t, va_y) = load_splits("train"), load_splits("validation")
     xg = np.stack([ngrams(t) for t in tr_t + va_t])
     yg = np.array(tr_y + va_y, dtype=np.float32)
     gw, gb = train_lr(xg, yg, 1e-4, epochs=30)
@@ -124,23 +127,11 @@ def main():
         h = json.load(open(out))
         w = np.concatenate([np.frombuffer(base64.b64decode(h["embedding_weights"]), "<f4"),
                             np.frombuffer(base64.b64decode(h["ngram_weights"]), "<f4")])
-        va_t, va_y = [], []
-        for corpus in ("s-labs", "neuralchemy"):
-            t, y = load_split(corpus, "validation")
-            va_t += t
-            va_y += y
+        va_t, va_y = load_splits("validation")
         h["threshold"] = round(calibrate(enc, features(enc, va_t), np.array(va_y, dtype=np.float32), w, h["bias"]), 3)
         json.dump(h, open(out, "w"), indent=1)
         return
-    tr_t, tr_y = [], []
-    va_t, va_y = [], []
-    for corpus in ("s-labs", "neuralchemy"):
-        t, y = load_split(corpus, "train")
-        tr_t += t
-        tr_y += y
-        t, y = load_split(corpus, "validation")
-        va_t += t
-        va_y += y
+    (tr_t, tr_y), (va_t, va_y) = load_splits("train"), load_splits("validation")
     print(f"train {len(tr_t)} ({int(sum(tr_y))} injections), validation {len(va_t)}", flush=True)
     xtr, ytr = features(enc, tr_t), np.array(tr_y, dtype=np.float32)
     xva, yva = features(enc, va_t), np.array(va_y, dtype=np.float32)

@@ -286,6 +286,24 @@ pub struct Ctx<'a> {
     pub route: &'a str,
 }
 
+impl Ctx<'_> {
+    /// Records how long a scanner took; returns how to count its verdict.
+    fn observe<'s>(
+        &'s self,
+        policy: &'s PolicyRuntime,
+        s: &'s ScannerRuntime,
+        d: Direction,
+        took: Duration,
+    ) -> impl Fn(&'static str) + 's {
+        let labels = ScannerLabels { policy: policy.name.clone(), scanner: s.name, direction: d.as_str() };
+        self.metrics.scanner_duration.get_or_create(&labels).observe(took.as_secs_f64());
+        move |outcome| {
+            let v = VerdictLabels { policy: policy.name.clone(), scanner: s.name, direction: d.as_str(), outcome };
+            self.metrics.scanner_verdicts.get_or_create(&v).inc();
+        }
+    }
+}
+
 /// Runs the policy's scanners of one direction over `texts`; applies redactions in place.
 /// Returns the placeholders to restore, or why the text is blocked.
 pub fn run(policy: &PolicyRuntime, d: Direction, texts: &mut [&mut String], ctx: &Ctx<'_>) -> Result<Restore, Blocked> {
@@ -325,21 +343,7 @@ pub fn run_with(
         }
         let started = tokio::time::Instant::now();
         let result = scan_one(s, texts);
-        ctx.metrics
-            .scanner_duration
-            .get_or_create(&ScannerLabels { policy: policy.name.clone(), scanner: s.name, direction: d.as_str() })
-            .observe(started.elapsed().as_secs_f64());
-        let verdict = |outcome: &'static str| {
-            ctx.metrics
-                .scanner_verdicts
-                .get_or_create(&VerdictLabels {
-                    policy: policy.name.clone(),
-                    scanner: s.name,
-                    direction: d.as_str(),
-                    outcome,
-                })
-                .inc();
-        };
+        let verdict = ctx.observe(policy, s, d, started.elapsed());
         let findings = match result {
             Ok(f) => f,
             Err(e) => {
@@ -475,21 +479,7 @@ pub async fn run_async(
         .collect();
     let mut blocked = None;
     while let Some((s, result, took)) = running.next().await {
-        ctx.metrics
-            .scanner_duration
-            .get_or_create(&ScannerLabels { policy: policy.name.clone(), scanner: s.name, direction: d.as_str() })
-            .observe(took.as_secs_f64());
-        let verdict = |outcome: &'static str| {
-            ctx.metrics
-                .scanner_verdicts
-                .get_or_create(&VerdictLabels {
-                    policy: policy.name.clone(),
-                    scanner: s.name,
-                    direction: d.as_str(),
-                    outcome,
-                })
-                .inc();
-        };
+        let verdict = ctx.observe(policy, s, d, took);
         let b = match result {
             Err(e) => {
                 verdict("error");
