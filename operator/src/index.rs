@@ -1,0 +1,301 @@
+//! The in-memory index: resources and sidecar pods by namespace. Pods that select the same set
+//! of routes share one compiled config (a group), so a change recompiles per group, not per pod.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use bulwark_api::{
+    CompileOptions, LLMRoute, ModelRollout, Rejection, Resources, ScannerPolicy, SidecarConfig, Workload, compile,
+    selector,
+};
+use sha2::{Digest, Sha256};
+
+/// A sidecar-enabled pod and the config version its sidecar last reported applying.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Pod {
+    pub labels: BTreeMap<String, String>,
+    pub applied: Option<String>,
+}
+
+#[derive(Default)]
+pub struct Index {
+    routes: BTreeMap<(String, String), LLMRoute>,
+    policies: BTreeMap<(String, String), ScannerPolicy>,
+    rollouts: BTreeMap<(String, String), ModelRollout>,
+    pods: BTreeMap<(String, String), Pod>,
+    options: CompileOptions,
+}
+
+/// Pods that take the same routes, and their config.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Group {
+    pub namespace: String,
+    /// Stable name of the group: `bulwark-` and a hash of its namespace and routes.
+    pub name: String,
+    pub routes: Vec<String>,
+    pub pods: Vec<String>,
+    pub config: SidecarConfig,
+}
+
+/// A namespace and the routes its pods select.
+type Selection = (String, Vec<String>);
+type Labels = BTreeMap<String, String>;
+
+fn key(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (String, String) {
+    (meta.namespace.clone().unwrap_or_else(|| "default".into()), meta.name.clone().unwrap_or_default())
+}
+
+impl Index {
+    pub fn new(options: CompileOptions) -> Self {
+        Self { options, ..Self::default() }
+    }
+
+    pub fn apply_route(&mut self, r: LLMRoute) {
+        self.routes.insert(key(&r.metadata), r);
+    }
+    pub fn delete_route(&mut self, ns: &str, name: &str) {
+        self.routes.remove(&(ns.into(), name.into()));
+    }
+    pub fn apply_policy(&mut self, p: ScannerPolicy) {
+        self.policies.insert(key(&p.metadata), p);
+    }
+    pub fn delete_policy(&mut self, ns: &str, name: &str) {
+        self.policies.remove(&(ns.into(), name.into()));
+    }
+    pub fn apply_rollout(&mut self, r: ModelRollout) {
+        self.rollouts.insert(key(&r.metadata), r);
+    }
+    pub fn delete_rollout(&mut self, ns: &str, name: &str) {
+        self.rollouts.remove(&(ns.into(), name.into()));
+    }
+    pub fn apply_pod(&mut self, ns: &str, name: &str, labels: BTreeMap<String, String>) {
+        let pod = self.pods.entry((ns.into(), name.into())).or_default();
+        pod.labels = labels;
+    }
+    pub fn delete_pod(&mut self, ns: &str, name: &str) {
+        self.pods.remove(&(ns.into(), name.into()));
+    }
+    /// A sidecar reported the config version it runs.
+    pub fn report(&mut self, ns: &str, pod: &str, version: &str) {
+        if let Some(p) = self.pods.get_mut(&(ns.into(), pod.into())) {
+            p.applied = Some(version.to_owned());
+        }
+    }
+
+    pub fn pod(&self, ns: &str, name: &str) -> Option<&Pod> {
+        self.pods.get(&(ns.into(), name.into()))
+    }
+
+    /// The resources of one namespace.
+    pub fn resources(&self, ns: &str) -> Resources {
+        let in_ns = |k: &(String, String)| k.0 == ns;
+        Resources {
+            routes: self.routes.iter().filter(|(k, _)| in_ns(k)).map(|(_, v)| v.clone()).collect(),
+            policies: self.policies.iter().filter(|(k, _)| in_ns(k)).map(|(_, v)| v.clone()).collect(),
+            rollouts: self.rollouts.iter().filter(|(k, _)| in_ns(k)).map(|(_, v)| v.clone()).collect(),
+        }
+    }
+
+    /// Names of the routes of `ns` whose workloadSelector takes a pod with these labels.
+    pub fn selected(&self, ns: &str, labels: &BTreeMap<String, String>) -> Vec<String> {
+        self.routes
+            .iter()
+            .filter(|((rns, _), r)| {
+                rns == ns && r.spec.workload_selector.as_ref().is_none_or(|s| selector::matches(s, labels))
+            })
+            .map(|((_, name), _)| name.clone())
+            .collect()
+    }
+
+    /// Every group of pods with its compiled config, and every resource left out and why.
+    pub fn compile(&self) -> (Vec<Group>, Vec<Rejection>) {
+        let mut by_selection: BTreeMap<Selection, (Vec<String>, Labels)> = BTreeMap::new();
+        for ((ns, name), pod) in &self.pods {
+            let routes = self.selected(ns, &pod.labels);
+            let entry = by_selection.entry((ns.clone(), routes)).or_insert_with(|| (vec![], pod.labels.clone()));
+            entry.0.push(name.clone());
+        }
+        let mut groups = vec![];
+        let mut rejected: BTreeSet<(String, String, String, String, String)> = BTreeSet::new();
+        let mut push = |r: Rejection| {
+            rejected.insert((r.kind.to_owned(), r.namespace, r.name, r.reason.to_owned(), r.message));
+        };
+        for ((ns, routes), (pods, labels)) in by_selection {
+            let res = self.resources(&ns);
+            let out = compile(&res, Some(&Workload { namespace: ns.clone(), labels }), &self.options);
+            out.rejected.into_iter().for_each(&mut push);
+            groups.push(Group { name: group_name(&ns, &routes), namespace: ns, routes, pods, config: out.config });
+        }
+        // Resources no pod selects are still validated, so their status says what is wrong.
+        let namespaces: BTreeSet<&String> =
+            self.routes.keys().chain(self.policies.keys()).chain(self.rollouts.keys()).map(|(ns, _)| ns).collect();
+        for ns in namespaces {
+            let out = compile(&self.resources(ns), None, &self.options);
+            out.rejected.into_iter().filter(|r| r.reason != bulwark_api::status::reasons::CONFLICT).for_each(&mut push);
+        }
+        let rejected = rejected
+            .into_iter()
+            .map(|(kind, namespace, name, reason, message)| Rejection {
+                kind: kind_str(&kind),
+                namespace,
+                name,
+                reason: reason_str(&reason),
+                message,
+            })
+            .collect();
+        (groups, rejected)
+    }
+}
+
+impl Index {
+    /// How many sidecars a resource reaches, and how many of them run their group's current
+    /// config (as they reported it).
+    pub fn sidecars(&self, groups: &[Group], kind: &str, ns: &str, name: &str) -> bulwark_api::route::SidecarCounts {
+        let route_of_rollout = (kind == "ModelRollout")
+            .then(|| self.rollouts.get(&(ns.into(), name.into())).map(|r| r.spec.route_ref.name.clone()))
+            .flatten();
+        let mut counts = bulwark_api::route::SidecarCounts::default();
+        for g in groups.iter().filter(|g| g.namespace == ns) {
+            let selects = match kind {
+                "LLMRoute" => g.routes.iter().any(|r| r == name),
+                "ScannerPolicy" => g.config.scanner_policies.contains_key(&format!("{ns}/{name}")),
+                _ => route_of_rollout.as_ref().is_some_and(|r| g.routes.contains(r)),
+            };
+            if !selects {
+                continue;
+            }
+            for pod in &g.pods {
+                counts.total += 1;
+                if self.pod(ns, pod).and_then(|p| p.applied.as_deref()) == Some(g.config.version.as_str()) {
+                    counts.up_to_date += 1;
+                }
+            }
+        }
+        counts
+    }
+}
+
+fn group_name(ns: &str, routes: &[String]) -> String {
+    let mut h = Sha256::new();
+    h.update(ns.as_bytes());
+    for r in routes {
+        h.update([0]);
+        h.update(r.as_bytes());
+    }
+    let hex: String = h.finalize().iter().take(5).map(|b| format!("{b:02x}")).collect();
+    format!("bulwark-{hex}")
+}
+
+fn kind_str(k: &str) -> &'static str {
+    match k {
+        "LLMRoute" => "LLMRoute",
+        "ScannerPolicy" => "ScannerPolicy",
+        _ => "ModelRollout",
+    }
+}
+
+fn reason_str(r: &str) -> &'static str {
+    use bulwark_api::status::reasons::*;
+    [INVALID, CONFLICT, POLICY_NOT_FOUND, BACKEND_NOT_FOUND, ROUTE_NOT_FOUND]
+        .into_iter()
+        .find(|x| *x == r)
+        .unwrap_or(INVALID)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mk_route(ns: &str, name: &str, selector: Option<&str>, model: &str) -> LLMRoute {
+        let sel = selector.map_or(String::new(), |s| format!("  workloadSelector: {{matchLabels: {{app: {s}}}}}\n"));
+        serde_yaml::from_str(&format!(
+            "apiVersion: bulwark.dev/v1alpha1\nkind: LLMRoute\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n{sel}  rules: [{{match: {{models: [{model}]}}, backends: [{{name: b, url: 'http://b'}}]}}]\n"
+        ))
+        .unwrap()
+    }
+
+    fn labels(app: &str) -> BTreeMap<String, String> {
+        [("app".to_owned(), app.to_owned())].into()
+    }
+
+    #[test]
+    fn pods_that_select_the_same_routes_share_a_group() {
+        let mut ix = Index::default();
+        ix.apply_route(mk_route("a", "everyone", None, "m1"));
+        ix.apply_route(mk_route("a", "bots", Some("bot"), "m2"));
+        ix.apply_route(mk_route("b", "other-ns", None, "m3"));
+        ix.apply_pod("a", "bot-1", labels("bot"));
+        ix.apply_pod("a", "bot-2", labels("bot"));
+        ix.apply_pod("a", "web-1", labels("web"));
+        let (groups, rejected) = ix.compile();
+        assert!(rejected.is_empty(), "{rejected:?}");
+        let summary: Vec<_> = groups
+            .iter()
+            .map(|g| (g.namespace.as_str(), g.routes.clone(), g.pods.clone(), g.config.routes.len()))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                ("a", vec!["bots".to_owned(), "everyone".to_owned()], vec!["bot-1".to_owned(), "bot-2".to_owned()], 2),
+                ("a", vec!["everyone".to_owned()], vec!["web-1".to_owned()], 1),
+            ]
+        );
+        assert_ne!(groups[0].name, groups[1].name);
+        assert_ne!(groups[0].config.version, groups[1].config.version);
+    }
+
+    #[test]
+    fn deleting_a_route_removes_it_from_every_config() {
+        let mut ix = Index::default();
+        ix.apply_route(mk_route("a", "r1", None, "m1"));
+        ix.apply_route(mk_route("a", "r2", None, "m2"));
+        ix.apply_pod("a", "p", labels("x"));
+        assert_eq!(ix.compile().0[0].config.routes.len(), 2);
+        ix.delete_route("a", "r2");
+        let (groups, _) = ix.compile();
+        assert_eq!(groups[0].config.routes.iter().map(|r| r.route.as_str()).collect::<Vec<_>>(), ["a/r1"]);
+        ix.delete_pod("a", "p");
+        assert!(ix.compile().0.is_empty());
+    }
+
+    #[test]
+    fn an_invalid_route_is_reported_even_when_no_pod_selects_it_and_never_breaks_others() {
+        let mut ix = Index::default();
+        ix.apply_route(mk_route("a", "good", None, "m1"));
+        let mut bad = mk_route("a", "bad", Some("nobody"), "m2");
+        bad.spec.rules[0].backends[0].url = "nope".into();
+        ix.apply_route(bad);
+        ix.apply_pod("a", "p", labels("x"));
+        let (groups, rejected) = ix.compile();
+        assert_eq!(groups[0].config.routes.len(), 1);
+        assert_eq!(rejected.len(), 1);
+        assert_eq!((rejected[0].name.as_str(), rejected[0].reason), ("bad", "Invalid"));
+    }
+
+    #[test]
+    fn sidecar_counts_follow_reports() {
+        let mut ix = Index::default();
+        ix.apply_route(mk_route("a", "r", None, "m"));
+        ix.apply_pod("a", "p1", labels("x"));
+        ix.apply_pod("a", "p2", labels("y"));
+        let (groups, _) = ix.compile();
+        let counts = |ix: &Index| {
+            let c = ix.sidecars(&groups, "LLMRoute", "a", "r");
+            (c.total, c.up_to_date)
+        };
+        assert_eq!(counts(&ix), (2, 0));
+        ix.report("a", "p1", &groups[0].config.version);
+        ix.report("a", "p2", "stale");
+        assert_eq!(counts(&ix), (2, 1));
+        assert_eq!(ix.sidecars(&groups, "LLMRoute", "a", "other").total, 0);
+    }
+
+    #[test]
+    fn conflicts_only_count_where_both_routes_meet() {
+        let mut ix = Index::default();
+        ix.apply_route(mk_route("a", "one", Some("x"), "m"));
+        ix.apply_route(mk_route("a", "two", Some("y"), "m"));
+        ix.apply_pod("a", "px", labels("x"));
+        ix.apply_pod("a", "py", labels("y"));
+        assert!(ix.compile().1.is_empty(), "disjoint selectors: no conflict");
+    }
+}
