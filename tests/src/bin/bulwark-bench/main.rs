@@ -373,10 +373,11 @@ async fn bench(secs: u64, rate: u64, bin: &Path) -> anyhow::Result<()> {
     for (_, url) in &targets {
         let _ = open_loop(&client, url, rate, 1).await; // warm-up
     }
+    // Many short interleaved rounds, so a burst of machine noise falls on every target alike.
     let mut samples: Vec<Vec<u64>> = vec![vec![]; 3];
-    for _round in 0..2 {
+    for _round in 0..2 * secs {
         for (i, (_, url)) in targets.iter().enumerate() {
-            samples[i].extend(open_loop(&client, url, rate, secs).await);
+            samples[i].extend(open_loop(&client, url, rate, 1).await);
         }
     }
     for s in &mut samples {
@@ -433,7 +434,7 @@ async fn bench(secs: u64, rate: u64, bin: &Path) -> anyhow::Result<()> {
     println!("  sidecar RSS under load: {rss_max:.1} MB (peak {:.1} MB)   target: < 30 MB", rss_mb(pid, "VmHWM:"));
 
     let mut per = vec![vec![]; 3];
-    for _ in 0..3 {
+    for _ in 0..6 {
         for (i, (_, url)) in targets.iter().enumerate() {
             per[i].extend(chunk_latencies(&client, url, epoch).await);
         }
@@ -442,7 +443,7 @@ async fn bench(secs: u64, rate: u64, bin: &Path) -> anyhow::Result<()> {
         p.sort_unstable();
     }
     let med = |i: usize| pct(&per[i], 0.5) * 1000.0;
-    println!("\nstreaming, {STREAM_CHUNKS} chunks x 3 streams, per-chunk latency upstream -> client (µs, median)");
+    println!("\nstreaming, {STREAM_CHUNKS} chunks x 6 streams, per-chunk latency upstream -> client (µs, median)");
     println!("  direct {:>6.1}   floor {:>6.1}   sidecar {:>6.1}", med(0), med(1), med(2));
     println!(
         "  added per chunk: floor {:>5.1}  sidecar {:>5.1}  sidecar - floor {:>5.1}   target: sidecar adds < 10 µs per chunk",
