@@ -313,14 +313,16 @@ pub fn run(policy: &PolicyRuntime, d: Direction, texts: &mut [&mut String], ctx:
 /// Which of the cheap scanners a pass runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Pass {
+    /// Every cheap scanner: a complete request or answer.
     All,
-    /// A stream's window: span scanners only, leaving matches that reach the end for later.
-    Window,
+    /// The span scanners on a stream's held text; `hold_tail` leaves a match that reaches the
+    /// end of the text for later, as it may still grow.
+    Spans { hold_tail: bool },
     /// A stream's whole text at its end: the scanners that judge whole documents (JSON, tokens).
     Whole,
 }
 
-/// `run`, for one pass of a stream (`Pass::Window`, `Pass::Whole`) or all of it.
+/// `run`, for one pass of a stream (`Pass::Spans`, `Pass::Whole`) or all of it.
 pub fn run_with(
     policy: &PolicyRuntime,
     d: Direction,
@@ -328,12 +330,12 @@ pub fn run_with(
     ctx: &Ctx<'_>,
     pass: Pass,
 ) -> Result<Restore, Blocked> {
-    let hold_tail = pass == Pass::Window;
+    let hold_tail = pass == Pass::Spans { hold_tail: true };
     let mut redactions: Vec<Vec<(Finding, &ScannerRuntime)>> = vec![vec![]; texts.len()];
     let mut blocked: Option<Blocked> = None;
     for s in policy.scanners(d).iter().filter(|s| !s.is_model()) {
         let whole = s.judges_whole();
-        if (pass == Pass::Window && whole) || (pass == Pass::Whole && !whole) {
+        if (matches!(pass, Pass::Spans { .. }) && whole) || (pass == Pass::Whole && !whole) {
             continue;
         }
         if let Some(p) = s.spec.sampling

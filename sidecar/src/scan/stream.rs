@@ -153,9 +153,8 @@ impl OutputGuard {
         let ctx = Ctx { metrics: &self.metrics, route: &self.route };
         let held_from = {
             let mut texts = [&mut self.held];
-            let pass = if all { Pass::All } else { Pass::Window };
-            let pass = if self.full.is_some() && pass == Pass::All { Pass::Window } else { pass };
-            run_with(&self.policy, Direction::Output, &mut texts, &ctx, pass)?.held_from
+            // Whole-document scanners judge the complete answer in `judge_whole`, never a window.
+            run_with(&self.policy, Direction::Output, &mut texts, &ctx, Pass::Spans { hold_tail: !all })?.held_from
         };
         let chars = self.held.chars().count();
         let keep = if all { 0 } else { self.window.min(chars) };
@@ -347,6 +346,22 @@ mod tests {
         };
         assert!(feed_all(&["{\"o", "k\": tr", "ue}"]).is_ok());
         assert_eq!(feed_all(&["{\"nope\": ", "1}"]).unwrap_err().reason, "found schema-mismatch");
+    }
+
+    #[test]
+    fn a_secret_at_the_very_end_is_redacted_and_released_alongside_a_json_scanner() {
+        let yaml = "output:\n- {type: secrets, action: redact}\n- {type: json}\nstreaming: {windowChars: 16}";
+        let mut g = guard(yaml, Restore::default(), Flavor::OpenAi);
+        let mut out = Vec::new();
+        for e in openai_events(&["{\"key\": \"", "AKIAIOSFODNN7EXAMPLE"]) {
+            if e.contains("[DONE]") {
+                // The answer is not JSON: the stream ends blocked, but the text before it went out redacted.
+                assert!(g.feed(e.as_bytes()).is_err());
+                break;
+            }
+            out.extend_from_slice(&g.feed(e.as_bytes()).unwrap());
+        }
+        assert_eq!(text_out(&out), "{\"key\": \"[REDACTED_AWS_ACCESS_KEY_ID]");
     }
 
     #[test]
