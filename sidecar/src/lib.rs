@@ -75,8 +75,10 @@ impl Sidecar {
     pub async fn start(opts: Options) -> anyhow::Result<Self> {
         let shared = Arc::new(Shared::with_models(opts.models.clone()));
         let metrics = Arc::new(Metrics::new());
-        let fingerprint = opts.source.fingerprint().ok();
-        let initial = source::build(&opts.source, &shared).map_err(|e| anyhow::anyhow!("invalid config:\n{e}"))?;
+        let snapshot = opts.source.read().map_err(|e| anyhow::anyhow!("invalid config:\n{e}"))?;
+        let fingerprint = Some(snapshot.fingerprint());
+        let initial =
+            source::build(&opts.source, &snapshot, &shared).map_err(|e| anyhow::anyhow!("invalid config:\n{e}"))?;
         metrics.set_version(&initial.config.version);
         metrics.reloads.get_or_create(&metrics::ReloadLabels { result: "success" }).inc();
         tracing::info!(version = %initial.config.version, routes = initial.routes.len(), "config loaded");

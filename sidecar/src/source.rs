@@ -38,14 +38,14 @@ impl Source {
         }
     }
 
-    /// A hash of the source's content; equal hashes need no reload.
-    pub fn fingerprint(&self) -> Result<[u8; 32], String> {
-        let mut h = Sha256::new();
-        for f in self.files().map_err(|e| self.io_error(&e))? {
-            h.update(f.as_os_str().as_encoded_bytes());
-            h.update(std::fs::read(&f).map_err(|e| format!("{}: {e}", f.display()))?);
-        }
-        Ok(h.finalize().into())
+    /// Reads every file of the source once.
+    pub fn read(&self) -> Result<Snapshot, String> {
+        let files = self.files().map_err(|e| self.io_error(&e))?;
+        let files = files
+            .into_iter()
+            .map(|f| std::fs::read(&f).map(|bytes| (f.clone(), bytes)).map_err(|e| format!("{}: {e}", f.display())))
+            .collect::<Result<_, _>>()?;
+        Ok(Snapshot { files })
     }
 
     fn io_error(&self, e: &std::io::Error) -> String {
@@ -55,12 +55,15 @@ impl Source {
         }
     }
 
-    /// Reads and compiles the source. Any invalid document or resource fails the whole load,
-    /// so a typo never silently removes a route that was serving.
-    pub fn load(&self) -> Result<SidecarConfig, String> {
+    /// Compiles what was read. Any invalid document or resource fails the whole load, so a
+    /// typo never silently removes a route that was serving.
+    pub fn load(&self, snapshot: &Snapshot) -> Result<SidecarConfig, String> {
+        let text = |(path, bytes): &(PathBuf, Vec<u8>)| {
+            std::str::from_utf8(bytes).map_err(|e| format!("{}: {e}", path.display())).map(str::to_owned)
+        };
         match self {
             Self::File(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+                let text = snapshot.files.first().map(text).transpose()?.unwrap_or_default();
                 let mut config: SidecarConfig = serde_yaml::from_str(&text)
                     .map_err(|e| format!("{}: not a valid sidecar config: {e}", path.display()))?;
                 config.version = bulwark_api::compile::version_of(&config);
@@ -69,10 +72,9 @@ impl Source {
             Self::Manifests { dir, workload, options } => {
                 let mut resources = manifest::Resources::default();
                 let mut problems = vec![];
-                for f in self.files().map_err(|e| self.io_error(&e))? {
-                    let text = std::fs::read_to_string(&f).map_err(|e| format!("{}: {e}", f.display()))?;
-                    let (res, errors) = manifest::parse(&text, "default");
-                    problems.extend(errors.iter().map(|e| format!("{}: {e}", f.display())));
+                for file in &snapshot.files {
+                    let (res, errors) = manifest::parse(&text(file)?, "default");
+                    problems.extend(errors.iter().map(|e| format!("{}: {e}", file.0.display())));
                     resources.extend(res);
                 }
                 if resources.is_empty() && problems.is_empty() {
@@ -83,6 +85,23 @@ impl Source {
                 if problems.is_empty() { Ok(compiled.config) } else { Err(problems.join("\n")) }
             }
         }
+    }
+}
+
+/// The files of a source as read at one moment, so the change check and the load agree.
+pub struct Snapshot {
+    files: Vec<(PathBuf, Vec<u8>)>,
+}
+
+impl Snapshot {
+    /// A hash of the content; equal hashes need no reload.
+    pub fn fingerprint(&self) -> [u8; 32] {
+        let mut h = Sha256::new();
+        for (path, bytes) in &self.files {
+            h.update(path.as_os_str().as_encoded_bytes());
+            h.update(bytes);
+        }
+        h.finalize().into()
     }
 }
 
@@ -103,9 +122,9 @@ fn collect_yaml(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Loads the source into a runtime, or says exactly why not.
-pub fn build(source: &Source, shared: &Shared) -> Result<Runtime, String> {
-    Runtime::build(source.load()?, shared)
+/// Builds a runtime from what was read, or says exactly why not.
+pub fn build(source: &Source, snapshot: &Snapshot, shared: &Shared) -> Result<Runtime, String> {
+    Runtime::build(source.load(snapshot)?, shared)
 }
 
 /// Polls the source and swaps in each new good config until `shutdown` fires. `loaded` is
@@ -127,8 +146,8 @@ pub async fn watch(
             _ = interval.tick() => {}
             _ = shutdown.changed() => return,
         }
-        let fp = match source.fingerprint() {
-            Ok(fp) => fp,
+        let snapshot = match source.read() {
+            Ok(s) => s,
             Err(e) => {
                 if last.is_some() {
                     tracing::error!("config source unreadable, keeping version {}: {e}", tx.borrow().config.version);
@@ -138,11 +157,12 @@ pub async fn watch(
                 continue;
             }
         };
+        let fp = snapshot.fingerprint();
         if last == Some(fp) {
             continue;
         }
         last = Some(fp);
-        match build(&source, &shared) {
+        match build(&source, &snapshot, &shared) {
             Ok(rt) => {
                 let version = rt.config.version.clone();
                 let old = tx.borrow().config.version.clone();
