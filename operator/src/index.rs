@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use bulwark_api::compile::ns_name;
 use bulwark_api::{
     CompileOptions, LLMRoute, ModelRollout, Rejection, Resources, ScannerPolicy, SidecarConfig, Workload, compile,
     selector,
@@ -40,29 +41,25 @@ pub struct Group {
 type Selection = (String, Vec<String>);
 type Labels = BTreeMap<String, String>;
 
-fn key(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (String, String) {
-    (meta.namespace.clone().unwrap_or_else(|| "default".into()), meta.name.clone().unwrap_or_default())
-}
-
 impl Index {
     pub fn new(options: CompileOptions) -> Self {
         Self { options, ..Self::default() }
     }
 
     pub fn apply_route(&mut self, r: LLMRoute) {
-        self.routes.insert(key(&r.metadata), r);
+        self.routes.insert(ns_name(&r.metadata), r);
     }
     pub fn delete_route(&mut self, ns: &str, name: &str) {
         self.routes.remove(&(ns.into(), name.into()));
     }
     pub fn apply_policy(&mut self, p: ScannerPolicy) {
-        self.policies.insert(key(&p.metadata), p);
+        self.policies.insert(ns_name(&p.metadata), p);
     }
     pub fn delete_policy(&mut self, ns: &str, name: &str) {
         self.policies.remove(&(ns.into(), name.into()));
     }
     pub fn apply_rollout(&mut self, r: ModelRollout) {
-        self.rollouts.insert(key(&r.metadata), r);
+        self.rollouts.insert(ns_name(&r.metadata), r);
     }
     pub fn delete_rollout(&mut self, ns: &str, name: &str) {
         self.rollouts.remove(&(ns.into(), name.into()));

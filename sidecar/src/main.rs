@@ -101,7 +101,10 @@ fn main() -> ExitCode {
             }
         }
         (None, Some(file)) => Source::File(file.clone()),
-        (None, None) => unreachable_source(),
+        (None, None) => {
+            eprintln!("bulwark-sidecar: give --manifests DIR or --config FILE");
+            return ExitCode::from(2);
+        }
     };
     let mut opts = Options::new(source);
     opts.listen = cli.listen;
@@ -132,11 +135,6 @@ fn main() -> ExitCode {
         sidecar.shutdown().await;
         ExitCode::SUCCESS
     })
-}
-
-fn unreachable_source() -> Source {
-    // clap requires one of --manifests or --config.
-    Source::File(PathBuf::from("/dev/null"))
 }
 
 async fn wait_for_signal() {

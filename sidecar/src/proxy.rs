@@ -18,7 +18,7 @@ use crate::{
     balance,
     body::ProxyBody,
     cache::{Cache, Cached},
-    error::{Flavor, ProxyError},
+    error::ProxyError,
     metrics::{
         BackendLabels, CacheLabels, CircuitLabels, ErrorLabels, Metrics, RequestLabels, RouteLabels, TokenLabels,
         status_class,
@@ -441,11 +441,9 @@ async fn attempt(
     let (parts, mut body) = resp.into_parts();
     let status = parts.status;
     if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
-        let bytes = match timeout_at(deadline, Limited::new(body, MAX_ERROR_BYTES).collect()).await {
-            Ok(Ok(c)) => c.to_bytes(),
-            _ => Bytes::new(),
-        };
-        return Err(Failure::Status { status, body: bytes, retry_after: retry::retry_after(&parts.headers) });
+        // Drain the error body so the connection can go back to the pool.
+        let _ = timeout_at(deadline, Limited::new(body, MAX_ERROR_BYTES).collect()).await;
+        return Err(Failure::Status { status, retry_after: retry::retry_after(&parts.headers) });
     }
     let is_sse = parts
         .headers
@@ -588,9 +586,4 @@ fn models(rt: &Runtime) -> Response<ProxyBody> {
     let mut resp = Response::new(ProxyBody::full(body));
     resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp
-}
-
-/// The flavor a request path answers errors in (exposed for the listener).
-pub fn flavor(path: &str) -> Flavor {
-    request::flavor_of_path(path)
 }

@@ -16,7 +16,6 @@ pub enum Failure {
     Reset(String),
     Status {
         status: StatusCode,
-        body: bytes::Bytes,
         retry_after: Option<Duration>,
     },
     /// The backend's key could not be read; not the backend's fault.
@@ -110,11 +109,7 @@ mod tests {
     #[test]
     fn causes_are_classified() {
         let p = RetryPolicy { on: vec![RetryOn::TooManyRequests], ..RetryPolicy::default() };
-        let status = |s: u16| Failure::Status {
-            status: StatusCode::from_u16(s).unwrap(),
-            body: Default::default(),
-            retry_after: None,
-        };
+        let status = |s: u16| Failure::Status { status: StatusCode::from_u16(s).unwrap(), retry_after: None };
         assert!(should_retry(&p, &status(429)));
         assert!(!should_retry(&p, &status(503)), "5xx not listed");
         assert!(!should_retry(&p, &Failure::Timeout));

@@ -60,6 +60,24 @@ pub struct Shared {
     credentials: Mutex<HashMap<bulwark_api::config::CredentialSource, Arc<Credential>>>,
 }
 
+/// The state kept under `key`, or a new one when there is none or its settings changed.
+fn reuse<T>(
+    map: &Mutex<HashMap<String, Arc<T>>>,
+    key: &str,
+    same: impl Fn(&T) -> bool,
+    new: impl FnOnce() -> T,
+) -> Arc<T> {
+    let mut m = map.lock();
+    match m.get(key) {
+        Some(v) if same(v) => v.clone(),
+        _ => {
+            let v = Arc::new(new());
+            m.insert(key.to_owned(), v.clone());
+            v
+        }
+    }
+}
+
 impl Shared {
     pub fn with_models(settings: crate::scan::model::ModelSettings) -> Self {
         Self { models: crate::scan::model::ModelHub::new(settings), ..Self::default() }
@@ -108,14 +126,12 @@ impl Runtime {
                     .circuit_breaker
                     .as_ref()
                     .map_or((0, Duration::from_secs(30)), |c| (c.consecutive_failures, c.cooldown.as_std()));
-                let circuit = {
-                    let mut m = shared.circuits.lock();
-                    let c = m.entry(key.clone()).or_insert_with(|| Arc::new(Circuit::new(threshold, cooldown)));
-                    if c.settings() != (threshold, cooldown) {
-                        *c = Arc::new(Circuit::new(threshold, cooldown));
-                    }
-                    c.clone()
-                };
+                let circuit = reuse(
+                    &shared.circuits,
+                    &key,
+                    |c| c.settings() == (threshold, cooldown),
+                    || Circuit::new(threshold, cooldown),
+                );
                 live_ids.push(key);
                 let credential = b.credential.as_ref().map(|src| {
                     shared
@@ -130,25 +146,23 @@ impl Runtime {
             let backends = r.backends.iter().map(&mut backend).collect::<Result<Vec<_>, _>>()?;
             let fallback = r.fallback.iter().map(&mut backend).collect::<Result<Vec<_>, _>>()?;
             let limiter = r.rate_limit.as_ref().map(|rl| {
+                let (rpm, tpm) = (rl.requests_per_minute, rl.tokens_per_minute);
                 let header = rl.key.as_ref().and_then(|k| k.header.as_deref());
-                let mut m = shared.limiters.lock();
-                let l = m.entry(r.id.clone()).or_insert_with(|| {
-                    Arc::new(RateLimiter::new(rl.requests_per_minute, rl.tokens_per_minute, header))
-                });
-                if !l.same_settings(rl.requests_per_minute, rl.tokens_per_minute, header) {
-                    *l = Arc::new(RateLimiter::new(rl.requests_per_minute, rl.tokens_per_minute, header));
-                }
-                l.clone()
+                reuse(
+                    &shared.limiters,
+                    &r.id,
+                    |l| l.same_settings(rpm, tpm, header),
+                    || RateLimiter::new(rpm, tpm, header),
+                )
             });
             let cache = r.cache.as_ref().map(|c| {
-                let mut m = shared.caches.lock();
-                let entry = m
-                    .entry(r.id.clone())
-                    .or_insert_with(|| Arc::new(Cache::new(c.ttl.as_std(), c.max_entries, c.max_bytes)));
-                if !entry.same_settings(c.ttl.as_std(), c.max_entries, c.max_bytes) {
-                    *entry = Arc::new(Cache::new(c.ttl.as_std(), c.max_entries, c.max_bytes));
-                }
-                entry.clone()
+                let (ttl, entries, bytes) = (c.ttl.as_std(), c.max_entries, c.max_bytes);
+                reuse(
+                    &shared.caches,
+                    &r.id,
+                    |x| x.same_settings(ttl, entries, bytes),
+                    || Cache::new(ttl, entries, bytes),
+                )
             });
             let policy = match &r.scanner_policy {
                 Some(name) => Some(

@@ -99,7 +99,6 @@ struct Job {
 pub struct Model {
     tx: mpsc::Sender<Job>,
     pub output: Output,
-    pub name: String,
 }
 
 impl Model {
@@ -137,7 +136,7 @@ impl Model {
                 .spawn(move || worker(session, tokenizer, output, rx))
                 .map_err(|e| format!("starting an inference thread: {e}"))?;
         }
-        Ok(Arc::new(Self { tx, output, name: dir.display().to_string() }))
+        Ok(Arc::new(Self { tx, output }))
     }
 
     /// One vector per window of `text`: embeddings, or `[score]` for a classifier.
