@@ -1,5 +1,6 @@
-//! Test support shared by the scenario tests and the benchmarks: the mock LLM provider and a
-//! small HTTP client.
+//! Test support shared by the scenario tests and the benchmarks: the mock LLM provider, a
+//! small HTTP client, and a harness that starts a sidecar in-process.
 
 pub mod client;
+pub mod harness;
 pub mod mock;

@@ -5,15 +5,8 @@
 
 use std::time::Duration;
 
-use bulwark_sidecar::{Options, Sidecar, Source};
-use bulwark_tests::{client::Client, mock::MockProvider};
+use bulwark_tests::{harness::Harness, mock::MockProvider};
 use serde_json::{Value, json};
-
-struct Env {
-    sidecar: Sidecar,
-    client: Client,
-    admin: Client,
-}
 
 /// The default models and ONNX Runtime, as `make test` provides them. Without them these tests
 /// are skipped, unless BULWARK_REQUIRE_MODELS=1 (as in `make test`) makes that a failure.
@@ -36,32 +29,18 @@ fn models() -> Option<bulwark_sidecar::scan::model::ModelSettings> {
     }
 }
 
-async fn start(policy: &str, mock: &MockProvider) -> Env {
+async fn start(policy: &str, mock: &MockProvider) -> Harness {
     start_with(policy, mock, Default::default()).await
 }
 
-async fn start_with(policy: &str, mock: &MockProvider, models: bulwark_sidecar::scan::model::ModelSettings) -> Env {
-    let dir = std::env::temp_dir().join(format!(
-        "bulwark-scan-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
+async fn start_with(policy: &str, mock: &MockProvider, models: bulwark_sidecar::scan::model::ModelSettings) -> Harness {
     let yaml = format!(
         "apiVersion: bulwark.dev/v1alpha1\nkind: ScannerPolicy\nmetadata: {{name: guard}}\nspec:\n{policy}\n---\n\
          apiVersion: bulwark.dev/v1alpha1\nkind: LLMRoute\nmetadata: {{name: chat}}\nspec:\n  rules:\n  - backends: [{{name: mock, url: '{}'}}]\n    scannerPolicyRef: {{name: guard}}\n  - match: {{paths: [/v1/messages]}}\n    backends: [{{name: claude, provider: anthropic, url: '{}'}}]\n    scannerPolicyRef: {{name: guard}}\n",
         mock.url(),
         mock.url()
     );
-    std::fs::write(dir.join("all.yaml"), yaml).unwrap();
-    let mut opts = Options::new(Source::Manifests { dir, workload: None, options: Default::default() });
-    opts.listen = "127.0.0.1:0".parse().unwrap();
-    opts.admin = "127.0.0.1:0".parse().unwrap();
-    opts.models = models;
-    let sidecar = Sidecar::start(opts).await.unwrap();
-    let client = Client::new(format!("http://{}", sidecar.proxy_addr));
-    let admin = Client::new(format!("http://{}", sidecar.admin_addr));
-    Env { sidecar, client, admin }
+    Harness::start("bulwark-scan", &yaml, |opts| opts.models = models).await.unwrap()
 }
 
 fn chat(text: &str, stream: bool) -> Value {

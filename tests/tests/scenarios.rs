@@ -3,58 +3,45 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::{path::PathBuf, time::Duration};
+use std::time::Duration;
 
-use bulwark_sidecar::{Options, Sidecar, Source};
+use bulwark_sidecar::Sidecar;
 use bulwark_tests::{
     client::Client,
+    harness::{self, Harness},
     mock::{Behavior, MockProvider},
 };
 use serde_json::{Value, json};
 
-struct Env {
-    sidecar: Sidecar,
-    client: Client,
-    admin: Client,
-    dir: PathBuf,
+/// A sidecar on a directory holding `yaml`, reloading every 50 ms, with a 64 KiB body limit.
+struct Env(Harness);
+
+impl std::ops::Deref for Env {
+    type Target = Harness;
+    fn deref(&self) -> &Harness {
+        &self.0
+    }
 }
 
 impl Env {
     async fn start(yaml: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "bulwark-scenario-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("routes.yaml"), yaml).unwrap();
-        let mut opts =
-            Options::new(Source::Manifests { dir: dir.clone(), workload: None, options: Default::default() });
-        opts.listen = "127.0.0.1:0".parse().unwrap();
-        opts.admin = "127.0.0.1:0".parse().unwrap();
-        opts.reload_interval = Duration::from_millis(50);
-        opts.limits.max_body_bytes = 64 * 1024;
-        let sidecar = Sidecar::start(opts).await.expect("sidecar starts");
-        let client = Client::new(format!("http://{}", sidecar.proxy_addr));
-        let admin = Client::new(format!("http://{}", sidecar.admin_addr));
-        Self { sidecar, client, admin, dir }
+        let h = Harness::start("bulwark-scenario", yaml, |opts| {
+            opts.reload_interval = Duration::from_millis(50);
+            opts.limits.max_body_bytes = 64 * 1024;
+        });
+        Self(h.await.expect("sidecar starts"))
     }
 
     async fn metrics(&self) -> String {
-        self.admin.get("/metrics").await.unwrap().text()
+        self.0.metrics().await.unwrap()
     }
 
-    /// Rewrites the routes file and waits until the sidecar serves a different version.
     async fn reload(&self, yaml: &str) -> bool {
-        let before = self.sidecar.runtime.borrow().config.version.clone();
-        std::fs::write(self.dir.join("routes.yaml"), yaml).unwrap();
-        for _ in 0..100 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            if self.sidecar.runtime.borrow().config.version != before {
-                return true;
-            }
-        }
-        false
+        self.0.reload(yaml).await.unwrap()
+    }
+
+    async fn shutdown(self) {
+        self.0.sidecar.shutdown().await;
     }
 }
 
@@ -123,7 +110,7 @@ async fn a_chat_completion_is_proxied_with_model_rewrite_and_the_backend_key() {
         config.contains("served-model") && !config.contains("sk-from-file"),
         "/config names where the key is, not the key"
     );
-    env.sidecar.shutdown().await;
+    env.shutdown().await;
 }
 
 #[tokio::test]
@@ -146,7 +133,7 @@ async fn streamed_chunks_reach_the_client_as_they_arrive() {
         6.0,
         "counted from the stream"
     );
-    env.sidecar.shutdown().await;
+    env.shutdown().await;
 }
 
 #[tokio::test]
@@ -160,7 +147,7 @@ async fn the_first_chunk_is_not_held_back() {
     assert_eq!(resp.error.as_deref(), Some("timed out"));
     assert!(resp.text().contains("w0"), "the first chunk arrived before the deadline: {:?}", resp.text());
     assert!(!resp.text().contains("w3"));
-    env.sidecar.shutdown().await;
+    env.shutdown().await;
 }
 
 #[tokio::test]
@@ -190,7 +177,7 @@ async fn anthropic_messages_streamed_and_not() {
     assert_eq!(r.status, 400);
     assert_eq!(r.json()["type"], "error");
     assert_eq!(r.json()["error"]["type"], "invalid_request_error");
-    env.sidecar.shutdown().await;
+    env.shutdown().await;
 }
 
 #[tokio::test]
@@ -206,7 +193,7 @@ async fn retries_with_backoff_then_succeeds() {
     assert_eq!(r.status, 200);
     assert_eq!(mock.calls(), 3);
     assert_eq!(metric(&env.metrics().await, "bulwark_retries_total", &["backend=\"a\""]), 2.0);
-    env.sidecar.shutdown().await;
+    env.shutdown().await;
 }
 
 fn two_backends(primary: &MockProvider, secondary: &MockProvider, extra: &str) -> String {
@@ -232,7 +219,7 @@ async fn falls_back_before_the_first_byte() {
     }
     assert_eq!(backup.calls(), 4);
     assert_eq!(metric(&env.metrics().await, "bulwark_fallbacks_total", &["backend=\"backup\""]), 4.0);
-    env.sidecar.shutdown().await;
+    env.shutdown().await;
 }
 
 #[tokio::test]
@@ -258,7 +245,7 @@ async fn a_stream_that_breaks_after_the_first_byte_ends_with_an_error_event() {
     }
     assert_eq!(backup.calls(), 0, "no fallback after the first byte");
     assert_eq!(metric(&env.metrics().await, "bulwark_stream_errors_total", &[]), 3.0);
-    env.sidecar.shutdown().await;
+    env.shutdown().await;
 }
 
 #[tokio::test]
@@ -280,7 +267,7 @@ async fn client_errors_pass_through_and_upstream_429s_report_retry_after() {
         r.json()["error"]["message"],
         "route team-a/chat: no backend answered: primary: status 429; backup: status 429"
     );
-    env.sidecar.shutdown().await;
+    env.shutdown().await;
 }
 
 #[tokio::test]
@@ -305,7 +292,7 @@ async fn the_circuit_opens_skips_the_backend_and_probes_after_the_cooldown() {
     let r = env.client.post("/v1/chat/completions", &chat("m"), &[]).await.unwrap();
     assert_eq!(r.header("x-bulwark-backend"), Some("primary"), "the probe succeeds");
     assert_eq!(metric(&env.metrics().await, "bulwark_circuit_state", &["backend=\"primary\""]), 0.0);
-    env.sidecar.shutdown().await;
+    env.shutdown().await;
 }
 
 #[tokio::test]
@@ -322,7 +309,7 @@ async fn weights_split_traffic_between_backends() {
     }
     assert_eq!(a.calls() + b.calls(), 300);
     assert!((200..=280).contains(&a.calls()), "a got {} of 300", a.calls());
-    env.sidecar.shutdown().await;
+    env.shutdown().await;
 }
 
 #[tokio::test]
@@ -346,7 +333,7 @@ async fn rate_limits_per_key_with_retry_after() {
     assert_eq!(r.json()["error"]["message"], "rate limit of route team-a/chat reached; retry in 30s");
     assert_eq!(env.client.post("/v1/chat/completions", &chat("m"), &[("x-user", "bob")]).await.unwrap().status, 200);
     assert_eq!(mock.calls(), 3, "the refused request never reached the provider");
-    env.sidecar.shutdown().await;
+    env.shutdown().await;
 }
 
 #[tokio::test]
@@ -366,7 +353,7 @@ async fn token_rate_limits_settle_on_real_usage() {
     let big = json!({"model": "m", "max_tokens": 140, "messages": [{"role": "user", "content": "hello there"}]});
     let r = env.client.post("/v1/chat/completions", &big, &[]).await.unwrap();
     assert_eq!(r.status, 429, "35 of 150 used, 143 more do not fit");
-    env.sidecar.shutdown().await;
+    env.shutdown().await;
 }
 
 #[tokio::test]
@@ -402,7 +389,7 @@ async fn identical_requests_are_served_from_the_cache() {
     assert_eq!(again.headers["x-bulwark-cache"], "miss");
     let m = env.metrics().await;
     assert_eq!(metric(&m, "bulwark_cache_lookups_total", &["result=\"hit\""]), 2.0);
-    env.sidecar.shutdown().await;
+    env.shutdown().await;
 }
 
 #[tokio::test]
@@ -439,7 +426,7 @@ async fn bad_input_gets_openai_shaped_errors() {
     assert_eq!(mock.calls(), 0);
     let m = env.metrics().await;
     assert_eq!(metric(&m, "bulwark_request_errors_total", &["code=\"route_not_found\""]), 1.0);
-    env.sidecar.shutdown().await;
+    env.shutdown().await;
 }
 
 #[tokio::test]
@@ -459,7 +446,7 @@ async fn a_slow_client_body_times_out_and_nothing_hangs() {
     let mut buf = vec![0; 256];
     let n = tokio::time::timeout(LONG, s.read(&mut buf)).await.unwrap().unwrap();
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 400"), "malformed HTTP gets a 400");
-    env.sidecar.shutdown().await;
+    env.shutdown().await;
 }
 
 #[tokio::test]
@@ -489,7 +476,7 @@ async fn config_reloads_live_and_a_bad_change_keeps_the_last_good_config() {
     let m = env.metrics().await;
     assert!(metric(&m, "bulwark_config_reloads_total", &["result=\"error\""]) >= 1.0);
     assert_eq!(metric(&m, "bulwark_config_info", &[&format!("version=\"{good_version}\"")]), 1.0);
-    env.sidecar.shutdown().await;
+    env.shutdown().await;
 }
 
 #[tokio::test]
@@ -511,7 +498,7 @@ async fn h2c_clients_and_admin_endpoints() {
     assert_eq!(ready.status, 200);
     assert!(ready.text().starts_with("ready "));
     assert_eq!(env.admin.get("/nope").await.unwrap().status, 404);
-    env.sidecar.shutdown().await;
+    env.shutdown().await;
 }
 
 #[tokio::test]
@@ -533,18 +520,14 @@ async fn an_unreadable_key_fails_clearly_and_falls_back() {
         r.json()["error"]["message"],
         "route team-a/chat: no backend answered: primary: credentials unavailable (environment variable BULWARK_SCENARIO_UNSET_KEY is not set)"
     );
-    env.sidecar.shutdown().await;
+    env.shutdown().await;
 }
 
 #[tokio::test]
 async fn a_bad_config_refuses_to_start_with_the_reason() {
-    let dir = std::env::temp_dir().join(format!("bulwark-bad-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = harness::temp_dir("bulwark-bad").unwrap();
     std::fs::write(dir.join("r.yaml"), route("  rules: [{backends: [{name: a, url: 'ftp://x'}]}]\n")).unwrap();
-    let mut opts = Options::new(Source::Manifests { dir: dir.clone(), workload: None, options: Default::default() });
-    opts.listen = "127.0.0.1:0".parse().unwrap();
-    opts.admin = "127.0.0.1:0".parse().unwrap();
-    let err = Sidecar::start(opts).await.err().unwrap().to_string();
+    let err = Sidecar::start(harness::options(&dir)).await.err().unwrap().to_string();
     assert!(
         err.contains("LLMRoute team-a/chat (Invalid): spec.rules[0].backends[0].url: \"ftp://x\" is not an http:// or https:// URL"),
         "{err}"
