@@ -3,6 +3,7 @@
 
 pub mod compile;
 pub mod config;
+pub mod control;
 mod duration;
 pub mod manifest;
 pub mod policy;

@@ -179,4 +179,7 @@ pub struct ScannerPolicyStatus {
     pub observed_generation: Option<i64>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+    /// Sidecars whose routes use this policy, and how many run the current config.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sidecars: Option<crate::route::SidecarCounts>,
 }

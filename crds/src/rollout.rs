@@ -173,6 +173,9 @@ pub struct ModelRolloutStatus {
     pub last_analysis: Option<AnalysisResult>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+    /// Sidecars that take the rollout's route, and how many run the current config.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sidecars: Option<crate::route::SidecarCounts>,
 }
 
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
