@@ -8,10 +8,12 @@ pub mod balance;
 pub mod body;
 pub mod cache;
 pub mod circuit;
+pub mod control;
 pub mod credentials;
 pub mod error;
 pub mod listener;
 pub mod metrics;
+pub mod outcomes;
 pub mod proxy;
 pub mod ratelimit;
 pub mod request;
@@ -44,6 +46,8 @@ pub struct Options {
     pub reload_interval: Duration,
     pub upstream_ca: Option<PathBuf>,
     pub models: scan::model::ModelSettings,
+    /// Take configs from the operator's stream (the source is then the fallback copy).
+    pub operator: Option<control::OperatorLink>,
 }
 
 impl Options {
@@ -56,6 +60,7 @@ impl Options {
             reload_interval: Duration::from_secs(1),
             upstream_ca: None,
             models: scan::model::ModelSettings { threads: 1, ..Default::default() },
+            operator: None,
         }
     }
 }
@@ -75,10 +80,20 @@ impl Sidecar {
     pub async fn start(opts: Options) -> anyhow::Result<Self> {
         let shared = Arc::new(Shared::with_models(opts.models.clone()));
         let metrics = Arc::new(Metrics::new());
-        let snapshot = opts.source.read().map_err(|e| anyhow::anyhow!("invalid config:\n{e}"))?;
-        let fingerprint = Some(snapshot.fingerprint());
-        let initial =
-            source::build(&opts.source, &snapshot, &shared).map_err(|e| anyhow::anyhow!("invalid config:\n{e}"))?;
+        let loaded = opts
+            .source
+            .read()
+            .and_then(|snapshot| Ok((snapshot.fingerprint(), source::build(&opts.source, &snapshot, &shared)?)));
+        let (fingerprint, initial) = match loaded {
+            Ok((fp, rt)) => (Some(fp), rt),
+            // With an operator, a missing or bad local copy only means waiting for the stream.
+            Err(e) if opts.operator.is_some() => {
+                tracing::warn!("no usable local config copy, waiting for the operator: {e}");
+                let empty = runtime::Runtime::build(bulwark_api::SidecarConfig::default(), &shared);
+                (None, empty.map_err(anyhow::Error::msg)?)
+            }
+            Err(e) => anyhow::bail!("invalid config:\n{e}"),
+        };
         metrics.set_version(&initial.config.version);
         metrics.reloads.get_or_create(&metrics::ReloadLabels { result: "success" }).inc();
         tracing::info!(version = %initial.config.version, routes = initial.routes.len(), "config loaded");
@@ -92,19 +107,25 @@ impl Sidecar {
         let client = upstream::client(opts.upstream_ca.as_deref())?;
         let app = Arc::new(AppState { runtime: rx.clone(), client, metrics: metrics.clone(), limits: opts.limits });
         let admin = Arc::new(AdminState { runtime: rx.clone(), metrics: metrics.clone() });
-        let tasks = vec![
+        let link = opts.operator.map(control::Link::new).transpose()?;
+        let mut tasks = vec![
             tokio::spawn(listener::serve(proxy_listener, app, proxy::handle, shutdown_rx.clone())),
             tokio::spawn(listener::serve(admin_listener, admin, admin::handle, shutdown_rx.clone())),
             tokio::spawn(source::watch(
                 opts.source,
                 fingerprint,
                 opts.reload_interval,
-                shared,
-                tx,
+                shared.clone(),
+                tx.clone(),
                 metrics.clone(),
-                shutdown_rx,
+                link.as_ref().map(|l| l.connected.clone()),
+                shutdown_rx.clone(),
             )),
         ];
+        if let Some(link) = link {
+            tasks.push(tokio::spawn(link.clone().report(rx.clone(), metrics.clone(), shutdown_rx.clone())));
+            tasks.push(tokio::spawn(link.stream(shared, tx, metrics.clone(), shutdown_rx)));
+        }
         tracing::info!(%proxy_addr, %admin_addr, "serving");
         Ok(Self { proxy_addr, admin_addr, metrics, runtime: rx, shutdown, tasks })
     }

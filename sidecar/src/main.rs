@@ -4,7 +4,7 @@
 use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use bulwark_api::{CompileOptions, Duration as Dur, Workload};
-use bulwark_sidecar::{Options, Sidecar, Source};
+use bulwark_sidecar::{Options, Sidecar, Source, control::OperatorLink};
 use clap::Parser;
 
 #[derive(Parser, Debug)]
@@ -15,11 +15,24 @@ use clap::Parser;
 )]
 struct Cli {
     /// Directory of LLMRoute / ScannerPolicy / ModelRollout YAML (standalone mode).
-    #[arg(long, value_name = "DIR", conflicts_with = "config", required_unless_present = "config")]
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["config", "operator"], required_unless_present_any = ["config", "operator"])]
     manifests: Option<PathBuf>,
-    /// A compiled sidecar config file (as the operator writes it).
+    /// A compiled sidecar config file (the operator's ConfigMap copy; with --operator, the
+    /// fallback while the operator is unreachable).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// The operator's config stream, e.g. https://bulwark-operator.bulwark-system.svc:15010.
+    #[arg(long, env = "BULWARK_OPERATOR", value_name = "URL")]
+    operator: Option<String>,
+    /// CA certificate (PEM) of the operator's config stream.
+    #[arg(long, env = "BULWARK_OPERATOR_CA", value_name = "FILE")]
+    operator_ca: Option<PathBuf>,
+    /// Projected service-account token (audience `bulwark`) that proves this pod to the operator.
+    #[arg(long, value_name = "FILE", default_value = "/var/run/secrets/bulwark/token")]
+    token_file: PathBuf,
+    /// How often outcome counters are reported to the operator.
+    #[arg(long, default_value = "5s")]
+    report_interval: Dur,
     /// Address (or port on 127.0.0.1) of the LLM API listener.
     #[arg(long, value_name = "ADDR", default_value = bulwark_sidecar::DEFAULT_LISTEN, value_parser = addr)]
     listen: SocketAddr,
@@ -101,8 +114,9 @@ fn main() -> ExitCode {
             }
         }
         (None, Some(file)) => Source::File(file.clone()),
+        (None, None) if cli.operator.is_some() => Source::None,
         (None, None) => {
-            eprintln!("bulwark-sidecar: give --manifests DIR or --config FILE");
+            eprintln!("bulwark-sidecar: give --manifests DIR, --config FILE or --operator URL");
             return ExitCode::from(2);
         }
     };
@@ -115,6 +129,12 @@ fn main() -> ExitCode {
     opts.models.models_dir = cli.models_dir;
     opts.models.onnxruntime = cli.onnxruntime;
     opts.models.threads = cli.model_threads.max(1);
+    opts.operator = cli.operator.map(|url| OperatorLink {
+        url,
+        ca: cli.operator_ca,
+        token_file: cli.token_file,
+        report_interval: cli.report_interval.as_std().max(Duration::from_millis(100)),
+    });
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

@@ -113,6 +113,8 @@ pub struct Metrics {
     pub config_info: Family<VersionLabels, Gauge>,
     pub scanner_duration: Histograms<ScannerLabels>,
     pub scanner_verdicts: Family<VerdictLabels, Counter>,
+    /// What the sidecar reports to the operator.
+    pub outcomes: crate::outcomes::Outcomes,
 }
 
 impl Default for Metrics {
@@ -206,6 +208,7 @@ impl Metrics {
             errors,
             reloads,
             config_info,
+            outcomes: crate::outcomes::Outcomes::default(),
         }
     }
 

@@ -125,6 +125,7 @@ async fn serve(state: &AppState, req: Request<Incoming>) -> Result<Response<Prox
     let model = route.model_label(&backend, &req.model);
     let labels = BackendLabels { route: route.cfg.route.clone(), backend: backend.cfg.name.clone(), model };
     state.metrics.time_to_first_token.get_or_create(&labels).observe(committed.ttfb.as_secs_f64());
+    state.metrics.outcomes.first_token(&labels.route, &labels.backend, committed.ttfb);
 
     match committed.body {
         CommittedBody::Full(mut body) => {
@@ -138,6 +139,12 @@ async fn serve(state: &AppState, req: Request<Incoming>) -> Result<Response<Prox
             }
             let usage = if status.is_success() { usage::from_json(&body) } else { Usage::default() };
             record(&state.metrics, &labels, status_class(status.as_u16()), started, &usage);
+            state.metrics.outcomes.answered(
+                &labels.route,
+                &labels.backend,
+                status_class(status.as_u16()),
+                started.elapsed(),
+            );
             settle(&usage, 0);
             if status.is_success()
                 && blocked.is_none()
@@ -182,6 +189,8 @@ async fn serve(state: &AppState, req: Request<Incoming>) -> Result<Response<Prox
                     "2xx"
                 };
                 record(&metrics, &labels, class, started, &usage);
+                let outcome = if end.error.is_some() { "stream" } else { class };
+                metrics.outcomes.answered(&labels.route, &labels.backend, outcome, started.elapsed());
                 if end.error.is_some() {
                     let l = CircuitLabels { route: labels.route.clone(), backend: labels.backend.clone() };
                     metrics.stream_errors.get_or_create(&l).inc();
@@ -389,6 +398,7 @@ async fn call(
                     return Ok((backend.clone(), c));
                 }
                 Err(f) => {
+                    state.metrics.outcomes.attempt_failed(&route.cfg.route, &backend.cfg.name, &f);
                     if f.is_backend_fault() {
                         if let Some(s) = backend.circuit.failure(Instant::now()) {
                             tracing::warn!(route = %route.cfg.route, backend = %backend.cfg.name, "circuit opened");

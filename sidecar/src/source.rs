@@ -4,7 +4,10 @@
 
 use std::{
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -23,12 +26,15 @@ pub enum Source {
     File(PathBuf),
     /// A directory of LLMRoute / ScannerPolicy / ModelRollout YAML files.
     Manifests { dir: PathBuf, workload: Option<Workload>, options: CompileOptions },
+    /// No local copy: the config comes from the operator alone.
+    None,
 }
 
 impl Source {
     fn files(&self) -> std::io::Result<Vec<PathBuf>> {
         match self {
             Self::File(p) => Ok(vec![p.clone()]),
+            Self::None => Ok(vec![]),
             Self::Manifests { dir, .. } => {
                 let mut out = vec![];
                 collect_yaml(dir, &mut out)?;
@@ -52,6 +58,7 @@ impl Source {
         match self {
             Self::File(p) => format!("{}: {e}", p.display()),
             Self::Manifests { dir, .. } => format!("{}: {e}", dir.display()),
+            Self::None => e.to_string(),
         }
     }
 
@@ -62,6 +69,7 @@ impl Source {
             std::str::from_utf8(bytes).map_err(|e| format!("{}: {e}", path.display())).map(str::to_owned)
         };
         match self {
+            Self::None => Ok(SidecarConfig::default()),
             Self::File(path) => {
                 let text = snapshot.files.first().map(text).transpose()?.unwrap_or_default();
                 let mut config: SidecarConfig = serde_yaml::from_str(&text)
@@ -128,7 +136,9 @@ pub fn build(source: &Source, snapshot: &Snapshot, shared: &Shared) -> Result<Ru
 }
 
 /// Polls the source and swaps in each new good config until `shutdown` fires. `loaded` is
-/// the fingerprint of what the current config was built from.
+/// the fingerprint of what the current config was built from. While `stand_aside` is true (the
+/// operator stream is open and newer than any file), changes are noted but not applied.
+#[allow(clippy::too_many_arguments)]
 pub async fn watch(
     source: Source,
     loaded: Option<[u8; 32]>,
@@ -136,8 +146,12 @@ pub async fn watch(
     shared: Arc<Shared>,
     tx: watch::Sender<Arc<Runtime>>,
     metrics: Arc<Metrics>,
+    stand_aside: Option<Arc<AtomicBool>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    if matches!(source, Source::None) {
+        return;
+    }
     let mut last = loaded;
     let mut interval = tokio::time::interval(every);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -162,6 +176,9 @@ pub async fn watch(
             continue;
         }
         last = Some(fp);
+        if stand_aside.as_ref().is_some_and(|s| s.load(Ordering::SeqCst)) {
+            continue;
+        }
         match build(&source, &snapshot, &shared) {
             Ok(rt) => {
                 let version = rt.config.version.clone();

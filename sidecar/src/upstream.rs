@@ -23,6 +23,15 @@ const ANTHROPIC_VERSION: &str = "2023-06-01";
 const AZURE_API_VERSION: &str = "2024-10-21";
 
 pub fn client(extra_ca: Option<&Path>) -> anyhow::Result<Client> {
+    Ok(HyperClient::builder(TokioExecutor::new())
+        .pool_idle_timeout(std::time::Duration::from_secs(90))
+        .pool_max_idle_per_host(1024)
+        .build(connector(extra_ca, false)?))
+}
+
+/// A rustls connector trusting the system roots plus `extra_ca`; `h2_only` speaks HTTP/2 alone
+/// (ALPN on TLS, prior knowledge on plain TCP).
+pub fn connector(extra_ca: Option<&Path>, h2_only: bool) -> anyhow::Result<HttpsConnector<HttpConnector>> {
     let mut roots = rustls::RootCertStore::empty();
     let native = rustls_native_certs::load_native_certs();
     for cert in native.certs {
@@ -46,16 +55,12 @@ pub fn client(extra_ca: Option<&Path>) -> anyhow::Result<Client> {
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(std::time::Duration::from_secs(10)));
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(http);
-    Ok(HyperClient::builder(TokioExecutor::new())
-        .pool_idle_timeout(std::time::Duration::from_secs(90))
-        .pool_max_idle_per_host(1024)
-        .build(https))
+    let builder = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http();
+    Ok(if h2_only {
+        builder.enable_http2().wrap_connector(http)
+    } else {
+        builder.enable_http1().enable_http2().wrap_connector(http)
+    })
 }
 
 /// Client headers that never travel upstream.

@@ -298,6 +298,9 @@ impl Ctx<'_> {
         let labels = ScannerLabels { policy: policy.name.clone(), scanner: s.name, direction: d.as_str() };
         self.metrics.scanner_duration.get_or_create(&labels).observe(took.as_secs_f64());
         move |outcome| {
+            if outcome == "block" {
+                self.metrics.outcomes.scanner_block(self.route);
+            }
             let v = VerdictLabels { policy: policy.name.clone(), scanner: s.name, direction: d.as_str(), outcome };
             self.metrics.scanner_verdicts.get_or_create(&v).inc();
         }

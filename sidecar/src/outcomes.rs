@@ -1,0 +1,115 @@
+//! Per-backend outcome counters the sidecar reports to the operator: attempts, failures by
+//! class, latency and time-to-first-token histograms, and scanner blocks per route. Counters
+//! are cumulative for the life of the process; the operator takes the differences.
+
+use std::{collections::HashMap, time::Duration};
+
+use bulwark_api::control::{BackendOutcome, Report, RouteOutcome};
+use parking_lot::Mutex;
+
+use crate::retry::Failure;
+
+pub struct Outcomes {
+    instance: String,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    backends: HashMap<(String, String), BackendOutcome>,
+    blocks: HashMap<String, u64>,
+}
+
+impl Default for Outcomes {
+    fn default() -> Self {
+        Self { instance: format!("{:016x}", rand::random::<u64>()), inner: Mutex::default() }
+    }
+}
+
+impl Outcomes {
+    fn with(&self, route: &str, backend: &str, f: impl FnOnce(&mut BackendOutcome)) {
+        let mut inner = self.inner.lock();
+        let key = (route.to_owned(), backend.to_owned());
+        let entry = inner.backends.entry(key).or_insert_with(|| BackendOutcome {
+            route: route.to_owned(),
+            backend: backend.to_owned(),
+            ..BackendOutcome::default()
+        });
+        f(entry);
+    }
+
+    /// An attempt that got no usable answer. Attempts never sent (open circuit, unreadable
+    /// key) are not the backend's outcome and are not counted.
+    pub fn attempt_failed(&self, route: &str, backend: &str, failure: &Failure) {
+        let class = match failure {
+            Failure::Connect(_) => "connect",
+            Failure::Timeout => "timeout",
+            Failure::Reset(_) => "reset",
+            Failure::Status { status, .. } if status.as_u16() == 429 => "429",
+            Failure::Status { status, .. } if status.is_client_error() => "4xx",
+            Failure::Status { .. } => "5xx",
+            Failure::Credentials(_) | Failure::CircuitOpen => return,
+        };
+        self.with(route, backend, |o| {
+            o.requests += 1;
+            *o.errors.entry(class.to_owned()).or_default() += 1;
+        });
+    }
+
+    /// The first byte of an answer arrived.
+    pub fn first_token(&self, route: &str, backend: &str, ttft: Duration) {
+        self.with(route, backend, |o| o.first_token.observe(ttft.as_secs_f64()));
+    }
+
+    /// An answered attempt ended; `class` is the status class, or `stream` for a stream that
+    /// broke after its first byte.
+    pub fn answered(&self, route: &str, backend: &str, class: &str, took: Duration) {
+        self.with(route, backend, |o| {
+            o.requests += 1;
+            if matches!(class, "4xx" | "5xx" | "stream") {
+                *o.errors.entry(class.to_owned()).or_default() += 1;
+            }
+            o.latency.observe(took.as_secs_f64());
+        });
+    }
+
+    pub fn scanner_block(&self, route: &str) {
+        *self.inner.lock().blocks.entry(route.to_owned()).or_default() += 1;
+    }
+
+    /// Everything counted so far, for the config version the sidecar runs.
+    pub fn report(&self, version: &str) -> Report {
+        let inner = self.inner.lock();
+        let mut backends: Vec<BackendOutcome> = inner.backends.values().cloned().collect();
+        backends.sort_by(|a, b| (&a.route, &a.backend).cmp(&(&b.route, &b.backend)));
+        let mut routes: Vec<RouteOutcome> =
+            inner.blocks.iter().map(|(route, n)| RouteOutcome { route: route.clone(), scanner_blocks: *n }).collect();
+        routes.sort_by(|a, b| a.route.cmp(&b.route));
+        Report { instance: self.instance.clone(), version: version.to_owned(), backends, routes }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::StatusCode;
+
+    #[test]
+    fn failures_are_counted_by_class_and_skipped_attempts_not_at_all() {
+        let o = Outcomes::default();
+        o.attempt_failed("a/r", "b", &Failure::Timeout);
+        o.attempt_failed("a/r", "b", &Failure::Status { status: StatusCode::TOO_MANY_REQUESTS, retry_after: None });
+        o.attempt_failed("a/r", "b", &Failure::CircuitOpen);
+        o.first_token("a/r", "b", Duration::from_millis(40));
+        o.answered("a/r", "b", "2xx", Duration::from_millis(300));
+        o.answered("a/r", "b", "stream", Duration::from_millis(300));
+        o.scanner_block("a/r");
+        let r = o.report("v1");
+        assert_eq!(r.version, "v1");
+        let b = &r.backends[0];
+        assert_eq!((b.requests, b.error_count()), (4, 3));
+        assert_eq!(b.errors.keys().map(String::as_str).collect::<Vec<_>>(), ["429", "stream", "timeout"]);
+        assert_eq!((b.latency.count(), b.first_token.count()), (2, 1));
+        assert_eq!(r.routes[0].scanner_blocks, 1);
+    }
+}
