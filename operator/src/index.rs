@@ -14,8 +14,32 @@ use sha2::{Digest, Sha256};
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Pod {
     pub labels: BTreeMap<String, String>,
+    pub service_account: String,
+    pub uid: String,
     pub applied: Option<String>,
 }
+
+/// The kinds the index holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    Route,
+    Policy,
+    Rollout,
+    Pod,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Route => "LLMRoute",
+            Self::Policy => "ScannerPolicy",
+            Self::Rollout => "ModelRollout",
+            Self::Pod => "Pod",
+        }
+    }
+}
+
+type Key = (String, String);
 
 #[derive(Default)]
 pub struct Index {
@@ -46,35 +70,88 @@ impl Index {
         Self { options, ..Self::default() }
     }
 
-    pub fn apply_route(&mut self, r: LLMRoute) {
-        self.routes.insert(ns_name(&r.metadata), r);
+    /// Stores a route; true when what the sidecars get may change (not for status-only writes).
+    pub fn apply_route(&mut self, r: LLMRoute) -> bool {
+        let old = self.routes.insert(ns_name(&r.metadata), r.clone());
+        old.is_none_or(|o| o.spec != r.spec || o.metadata.uid != r.metadata.uid)
     }
     pub fn delete_route(&mut self, ns: &str, name: &str) {
         self.routes.remove(&(ns.into(), name.into()));
     }
-    pub fn apply_policy(&mut self, p: ScannerPolicy) {
-        self.policies.insert(ns_name(&p.metadata), p);
+    pub fn apply_policy(&mut self, p: ScannerPolicy) -> bool {
+        let old = self.policies.insert(ns_name(&p.metadata), p.clone());
+        old.is_none_or(|o| o.spec != p.spec || o.metadata.uid != p.metadata.uid)
     }
     pub fn delete_policy(&mut self, ns: &str, name: &str) {
         self.policies.remove(&(ns.into(), name.into()));
     }
-    pub fn apply_rollout(&mut self, r: ModelRollout) {
-        self.rollouts.insert(ns_name(&r.metadata), r);
+    pub fn apply_rollout(&mut self, r: ModelRollout) -> bool {
+        let old = self.rollouts.insert(ns_name(&r.metadata), r.clone());
+        old.is_none_or(|o| {
+            o.spec != r.spec || o.status.as_ref().map(|s| s.canary_weight) != r.status.as_ref().map(|s| s.canary_weight)
+        })
     }
     pub fn delete_rollout(&mut self, ns: &str, name: &str) {
         self.rollouts.remove(&(ns.into(), name.into()));
     }
-    pub fn apply_pod(&mut self, ns: &str, name: &str, labels: BTreeMap<String, String>) {
+    /// Stores a sidecar pod (keeping what its sidecar reported); true when its labels changed.
+    pub fn apply_pod(&mut self, ns: &str, name: &str, labels: BTreeMap<String, String>) -> bool {
+        self.upsert_pod(ns, name, labels, "", "")
+    }
+    pub fn upsert_pod(&mut self, ns: &str, name: &str, labels: Labels, service_account: &str, uid: &str) -> bool {
         let pod = self.pods.entry((ns.into(), name.into())).or_default();
+        if pod.uid != uid {
+            pod.applied = None;
+        }
+        let changed = pod.labels != labels || pod.uid != uid;
         pod.labels = labels;
+        pod.service_account = service_account.to_owned();
+        pod.uid = uid.to_owned();
+        changed
     }
     pub fn delete_pod(&mut self, ns: &str, name: &str) {
         self.pods.remove(&(ns.into(), name.into()));
     }
+
+    /// Forgets every object of `kind` not in `keep` (after a full relist).
+    pub fn retain(&mut self, kind: Kind, keep: &BTreeSet<Key>) -> bool {
+        let before = self.len(kind);
+        match kind {
+            Kind::Route => self.routes.retain(|k, _| keep.contains(k)),
+            Kind::Policy => self.policies.retain(|k, _| keep.contains(k)),
+            Kind::Rollout => self.rollouts.retain(|k, _| keep.contains(k)),
+            Kind::Pod => self.pods.retain(|k, _| keep.contains(k)),
+        }
+        before != self.len(kind)
+    }
+
+    pub fn len(&self, kind: Kind) -> usize {
+        match kind {
+            Kind::Route => self.routes.len(),
+            Kind::Policy => self.policies.len(),
+            Kind::Rollout => self.rollouts.len(),
+            Kind::Pod => self.pods.len(),
+        }
+    }
+
+    pub fn routes(&self) -> impl Iterator<Item = &LLMRoute> {
+        self.routes.values()
+    }
+    pub fn policies(&self) -> impl Iterator<Item = &ScannerPolicy> {
+        self.policies.values()
+    }
+    pub fn rollouts(&self) -> impl Iterator<Item = &ModelRollout> {
+        self.rollouts.values()
+    }
     /// A sidecar reported the config version it runs.
-    pub fn report(&mut self, ns: &str, pod: &str, version: &str) {
-        if let Some(p) = self.pods.get_mut(&(ns.into(), pod.into())) {
-            p.applied = Some(version.to_owned());
+    /// True when the pod's reported version changed.
+    pub fn report(&mut self, ns: &str, pod: &str, version: &str) -> bool {
+        match self.pods.get_mut(&(ns.into(), pod.into())) {
+            Some(p) if p.applied.as_deref() != Some(version) => {
+                p.applied = Some(version.to_owned());
+                true
+            }
+            _ => false,
         }
     }
 

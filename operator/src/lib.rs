@@ -1,6 +1,190 @@
-//! Bulwark's control plane. `index` keeps the resources and the sidecar pods in memory and
-//! turns them into one config per group of pods; `status` derives what each resource reports.
-//! Neither talks to the Kubernetes API: the controllers feed them and write what they return.
+//! Bulwark's control plane. The data flow: `watch` feeds the `index`; `reconcile` compiles one
+//! config per group of pods and hands it to `distribute` (the config stream to sidecars) at once
+//! and to `write` (ConfigMaps, status, Events; leader only, see `leader`). Sidecars prove who
+//! they are through `auth` and send outcome reports that `reports` aggregates. `health` serves
+//! `/metrics`, `/healthz` and `/readyz`.
 
+pub mod auth;
+pub mod distribute;
+pub mod health;
 pub mod index;
+pub mod leader;
+pub mod metrics;
+pub mod reconcile;
+pub mod reports;
 pub mod status;
+pub mod watch;
+pub mod write;
+
+use std::{
+    collections::BTreeSet,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use parking_lot::Mutex;
+use tokio::{sync::Notify, time::Instant};
+
+use crate::index::{Index, Kind};
+
+/// The field manager of every write, so server-side apply knows what the operator owns.
+pub const FIELD_MANAGER: &str = "bulwark-operator";
+
+/// What the operator's tasks share.
+pub struct State {
+    pub index: Mutex<Index>,
+    pub hub: distribute::Hub,
+    pub metrics: metrics::Metrics,
+    pub reports: Arc<Mutex<reports::Aggregator>>,
+    /// Wakes the compiler.
+    pub recompile: Notify,
+    /// Wakes the status writer (a sidecar reported a new version).
+    pub restatus: Notify,
+    /// When the oldest change not yet pushed was seen.
+    pending_since: Mutex<Option<Instant>>,
+    synced: Mutex<BTreeSet<Kind>>,
+    pub all_synced: Notify,
+    pub leader: AtomicBool,
+}
+
+impl State {
+    pub fn new(index: Index) -> Self {
+        let reports = Arc::new(Mutex::default());
+        let metrics = metrics::Metrics::new();
+        metrics.registry.lock().register_collector(Box::new(reports::TotalsCollector(reports.clone())));
+        Self {
+            index: Mutex::new(index),
+            hub: distribute::Hub::default(),
+            metrics,
+            reports,
+            recompile: Notify::new(),
+            restatus: Notify::new(),
+            pending_since: Mutex::new(None),
+            synced: Mutex::default(),
+            all_synced: Notify::new(),
+            leader: AtomicBool::new(false),
+        }
+    }
+
+    /// Something a sidecar's config depends on changed.
+    pub fn changed(&self) {
+        self.pending_since.lock().get_or_insert_with(Instant::now);
+        self.recompile.notify_one();
+    }
+
+    /// When the changes about to be compiled were first seen.
+    pub fn take_pending(&self) -> Option<Instant> {
+        self.pending_since.lock().take()
+    }
+
+    /// A watch finished its first full list.
+    pub fn synced(&self, kind: Kind) {
+        let mut s = self.synced.lock();
+        s.insert(kind);
+        if s.len() == 4 {
+            self.all_synced.notify_waiters();
+        }
+    }
+
+    /// Every watch has listed once, so a compile sees the whole cluster.
+    pub fn is_synced(&self) -> bool {
+        self.synced.lock().len() == 4
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.leader.load(Ordering::SeqCst)
+    }
+}
+
+/// How an operator process runs.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Watch this namespace only; `None` watches every namespace.
+    pub namespace: Option<String>,
+    pub stream_listen: std::net::SocketAddr,
+    pub metrics_listen: std::net::SocketAddr,
+    /// Certificate and key (PEM) of the config stream; plain HTTP/2 without them.
+    pub tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    /// CA (PEM) copied into each ConfigMap for sidecars to trust.
+    pub tls_ca: Option<std::path::PathBuf>,
+    pub token_audience: String,
+    pub compile: bulwark_api::CompileOptions,
+    /// `None` runs without leader election (always the leader).
+    pub leader: Option<leader::Settings>,
+    pub identity: String,
+    pub resync: std::time::Duration,
+}
+
+/// A running operator.
+pub struct Operator {
+    pub state: Arc<State>,
+    pub stream_addr: std::net::SocketAddr,
+    pub metrics_addr: std::net::SocketAddr,
+    shutdown: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Operator {
+    /// Binds both listeners and starts watching, compiling, serving and (when leading) writing.
+    pub async fn start(client: kube::Client, s: Settings) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        let state = Arc::new(State::new(Index::new(s.compile.clone())));
+        let tls = s.tls.as_ref().map(|(cert, key)| distribute::tls(cert, key)).transpose()?;
+        let ca = s
+            .tls_ca
+            .as_ref()
+            .map(|p| std::fs::read_to_string(p).with_context(|| p.display().to_string()))
+            .transpose()?;
+        let stream = tokio::net::TcpListener::bind(s.stream_listen)
+            .await
+            .with_context(|| format!("binding {}", s.stream_listen))?;
+        let health = tokio::net::TcpListener::bind(s.metrics_listen)
+            .await
+            .with_context(|| format!("binding {}", s.metrics_listen))?;
+        let (stream_addr, metrics_addr) = (stream.local_addr()?, health.local_addr()?);
+        let (shutdown, rx) = tokio::sync::watch::channel(false);
+        let (compiled_tx, compiled_rx) = tokio::sync::watch::channel(Arc::new(reconcile::Compiled::default()));
+        let auth = Arc::new(auth::Authenticator::new(client.clone(), s.token_audience.clone()));
+        let ns = s.namespace.clone();
+        let mut tasks = vec![
+            tokio::spawn(watch::follow::<bulwark_api::LLMRoute>(client.clone(), ns.clone(), state.clone())),
+            tokio::spawn(watch::follow::<bulwark_api::ScannerPolicy>(client.clone(), ns.clone(), state.clone())),
+            tokio::spawn(watch::follow::<bulwark_api::ModelRollout>(client.clone(), ns.clone(), state.clone())),
+            tokio::spawn(watch::follow::<k8s_openapi::api::core::v1::Pod>(client.clone(), ns, state.clone())),
+            tokio::spawn(reconcile::run(state.clone(), compiled_tx, rx.clone())),
+            tokio::spawn(distribute::serve(stream, tls, state.clone(), auth, rx.clone())),
+            tokio::spawn(health::serve(health, state.clone(), rx.clone())),
+        ];
+        let writer = write::Writer::new(client.clone(), state.clone(), s.namespace.clone(), ca, &s.identity);
+        tasks.push(tokio::spawn(write::run(writer, compiled_rx, s.resync, rx.clone())));
+        match s.leader.clone() {
+            Some(l) => tasks.push(tokio::spawn(leader::run(client, l, state.clone(), rx))),
+            None => {
+                state.leader.store(true, Ordering::SeqCst);
+                state.metrics.leader.set(1);
+            }
+        }
+        tracing::info!(%stream_addr, %metrics_addr, "operator serving");
+        Ok(Self { state, stream_addr, metrics_addr, shutdown, tasks })
+    }
+
+    /// Stops serving, releases the lease, and waits for the tasks that end on shutdown.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let mut watches = vec![];
+        for (i, t) in self.tasks.into_iter().enumerate() {
+            // The four watches run until aborted.
+            if i < 4 {
+                t.abort();
+                watches.push(t);
+            } else {
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(10), t).await;
+            }
+        }
+        for t in watches {
+            let _ = t.await;
+        }
+    }
+}

@@ -1,0 +1,271 @@
+//! The config stream on port 15010: sidecars open `GET /v1/config` and get their group's config
+//! at once and every new version as soon as it is compiled; `POST /v1/report` takes their
+//! outcome reports. HTTPS (rustls, HTTP/2 or HTTP/1.1) when a certificate is given.
+//!
+//! The hub keeps one watch channel per pod, so a push is one clone of a shared buffer per
+//! connected sidecar, and a sidecar that reconnects gets the current version first.
+
+use std::{collections::HashMap, convert::Infallible, path::Path, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use bulwark_api::control::{REPORT_PATH, Report, STREAM_PATH};
+use bytes::Bytes;
+use futures_util::stream;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame as BodyFrame, Incoming};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+};
+use parking_lot::Mutex;
+use tokio::{net::TcpListener, sync::watch};
+
+use crate::{State, auth::Authenticator, index::Group};
+
+/// One config, serialised once for every sidecar of its group.
+#[derive(Debug)]
+pub struct Frame {
+    pub version: String,
+    pub line: Bytes,
+}
+
+type Slot = watch::Sender<Option<Arc<Frame>>>;
+
+#[derive(Default)]
+pub struct Hub {
+    pods: Mutex<HashMap<(String, String), Slot>>,
+}
+
+impl Hub {
+    /// The pod's config channel; `None` until its group is compiled.
+    pub fn subscribe(&self, ns: &str, pod: &str) -> watch::Receiver<Option<Arc<Frame>>> {
+        let mut pods = self.pods.lock();
+        pods.entry((ns.to_owned(), pod.to_owned())).or_insert_with(|| watch::channel(None).0).subscribe()
+    }
+
+    /// Hands each pod its group's config; returns how many pods got a new version. Pods in no
+    /// group lose their channel, which ends their streams.
+    pub fn publish(&self, groups: &[Group]) -> usize {
+        let mut sent = 0;
+        let mut pods = self.pods.lock();
+        let mut live = std::collections::HashSet::new();
+        for g in groups {
+            let mut frame: Option<Arc<Frame>> = None;
+            for pod in &g.pods {
+                let key = (g.namespace.clone(), pod.clone());
+                let slot = pods.entry(key.clone()).or_insert_with(|| watch::channel(None).0);
+                live.insert(key);
+                let stale = slot.borrow().as_ref().is_none_or(|f| f.version != g.config.version);
+                if stale {
+                    let f = frame.get_or_insert_with(|| {
+                        let mut line = serde_json::to_vec(&g.config).unwrap_or_default();
+                        line.push(b'\n');
+                        Arc::new(Frame { version: g.config.version.clone(), line: line.into() })
+                    });
+                    slot.send_replace(Some(f.clone()));
+                    if slot.receiver_count() > 0 {
+                        sent += 1;
+                    }
+                }
+            }
+        }
+        // Keep channels of sidecars waiting for a pod the index does not know yet.
+        pods.retain(|k, slot| live.contains(k) || (slot.borrow().is_none() && slot.receiver_count() > 0));
+        sent
+    }
+
+    pub fn connected(&self) -> usize {
+        self.pods.lock().values().map(|s| s.receiver_count()).sum()
+    }
+}
+
+/// TLS settings from PEM files.
+pub fn tls(cert: &Path, key: &Path) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    let certs = rustls_pemfile::certs(&mut std::fs::read(cert).with_context(|| cert.display().to_string())?.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("parsing {}", cert.display()))?;
+    anyhow::ensure!(!certs.is_empty(), "{} holds no certificate", cert.display());
+    let key =
+        rustls_pemfile::private_key(&mut std::fs::read(key).with_context(|| key.display().to_string())?.as_slice())
+            .with_context(|| format!("parsing {}", key.display()))?
+            .with_context(|| format!("{} holds no private key", key.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+struct Ctx {
+    state: Arc<State>,
+    auth: Arc<Authenticator>,
+}
+
+/// Serves the config stream until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    state: Arc<State>,
+    auth: Arc<Authenticator>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let ctx = Arc::new(Ctx { state, auth });
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!("accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => break,
+        };
+        let _ = tcp.set_nodelay(true);
+        let ctx = ctx.clone();
+        let svc = hyper::service::service_fn(move |req| {
+            let ctx = ctx.clone();
+            async move { Ok::<_, Infallible>(handle(&ctx, req).await) }
+        });
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder.http2().keep_alive_interval(Some(Duration::from_secs(20)));
+        match &acceptor {
+            Some(acceptor) => {
+                let acceptor = acceptor.clone();
+                let watcher = graceful.watcher();
+                tokio::spawn(async move {
+                    let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => return tracing::debug!(%peer, "TLS handshake failed: {e}"),
+                        Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
+                    };
+                    let conn = builder.serve_connection(TokioIo::new(tls), svc).into_owned();
+                    let _ = watcher.watch(conn).await;
+                });
+            }
+            None => {
+                let conn = builder.serve_connection(TokioIo::new(tcp), svc).into_owned();
+                let fut = graceful.watch(conn);
+                tokio::spawn(async move {
+                    let _ = fut.await;
+                });
+            }
+        }
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), graceful.shutdown()).await;
+}
+
+type Body = BoxBody<Bytes, Infallible>;
+
+fn reply(status: StatusCode, message: &str) -> Response<Body> {
+    let body = serde_json::json!({"error": {"code": status.as_u16(), "message": message}}).to_string();
+    let mut resp = Response::new(Full::new(Bytes::from(body)).boxed());
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    resp
+}
+
+async fn handle(ctx: &Ctx, req: Request<Incoming>) -> Response<Body> {
+    let route = (req.method().clone(), req.uri().path().to_owned());
+    if !matches!((&route.0, route.1.as_str()), (&Method::GET, STREAM_PATH) | (&Method::POST, REPORT_PATH)) {
+        return reply(StatusCode::NOT_FOUND, "paths: GET /v1/config, POST /v1/report");
+    }
+    let token = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .unwrap_or_default()
+        .to_owned();
+    if token.is_empty() {
+        return reply(StatusCode::UNAUTHORIZED, "send the pod's projected service-account token as a bearer token");
+    }
+    let who = match ctx.auth.review(&token).await {
+        Ok(who) => who,
+        Err(e) => return reply(StatusCode::UNAUTHORIZED, &e),
+    };
+    let known =
+        ctx.state.index.lock().pod(&who.namespace, &who.pod).map(|p| (p.service_account.clone(), p.uid.clone()));
+    match known {
+        None => {
+            let msg = format!(
+                "pod {}/{} is not known as a sidecar pod (label bulwark.dev/inject=true) yet",
+                who.namespace, who.pod
+            );
+            return reply(StatusCode::FORBIDDEN, &msg);
+        }
+        Some((sa, uid))
+            if sa != who.service_account || who.pod_uid.as_ref().is_some_and(|u| !uid.is_empty() && *u != uid) =>
+        {
+            return reply(StatusCode::FORBIDDEN, "the token belongs to another pod or service account");
+        }
+        Some(_) => {}
+    }
+    if route.0 == Method::GET {
+        return config_stream(ctx, &who.namespace, &who.pod);
+    }
+    let body = match Limited::new(req.into_body(), 4 << 20).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return reply(StatusCode::BAD_REQUEST, &format!("reading the report: {e}")),
+    };
+    let report: Report = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return reply(StatusCode::BAD_REQUEST, &format!("not a report: {e}")),
+    };
+    let version = report.version.clone();
+    ctx.state.reports.lock().ingest(&who.namespace, &who.pod, report);
+    ctx.state.metrics.reports.inc();
+    if ctx.state.index.lock().report(&who.namespace, &who.pod, &version) {
+        ctx.state.restatus.notify_one();
+    }
+    reply(StatusCode::OK, "ok")
+}
+
+const KEEPALIVE: Duration = Duration::from_secs(15);
+
+/// Counts open streams for the connected-sidecars gauge.
+struct Connected(Arc<State>);
+
+impl Drop for Connected {
+    fn drop(&mut self) {
+        self.0.metrics.connected.dec();
+    }
+}
+
+fn config_stream(ctx: &Ctx, ns: &str, pod: &str) -> Response<Body> {
+    let rx = ctx.state.hub.subscribe(ns, pod);
+    ctx.state.metrics.connected.inc();
+    tracing::debug!(namespace = ns, pod, "sidecar connected");
+    let guard = Connected(ctx.state.clone());
+    let frames = stream::unfold((rx, true, guard), |(mut rx, first, guard)| async move {
+        let current = if first { rx.borrow_and_update().clone() } else { None };
+        if let Some(f) = current {
+            return Some((Ok(BodyFrame::data(f.line.clone())), (rx, false, guard)));
+        }
+        loop {
+            tokio::select! {
+                changed = rx.changed() => {
+                    changed.ok()?;
+                    let next = rx.borrow_and_update().clone();
+                    if let Some(f) = next {
+                        return Some((Ok(BodyFrame::data(f.line.clone())), (rx, false, guard)));
+                    }
+                }
+                _ = tokio::time::sleep(KEEPALIVE) => {
+                    return Some((Ok(BodyFrame::data(Bytes::from_static(b"\n"))), (rx, false, guard)));
+                }
+            }
+        }
+    });
+    let mut resp = Response::new(BodyExt::boxed(StreamBody::new(frames)));
+    resp.headers_mut().insert(header::CONTENT_TYPE, http::HeaderValue::from_static("application/x-ndjson"));
+    resp.headers_mut().insert(header::CACHE_CONTROL, http::HeaderValue::from_static("no-cache"));
+    resp
+}

@@ -1,0 +1,112 @@
+//! The operator's own metrics: reconciles, pushes, writes, connected sidecars, leadership; the
+//! sidecars' aggregated outcome reports are added by `reports::TotalsCollector`.
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::{Registry, Unit},
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WriteLabels {
+    pub kind: &'static str,
+    pub result: &'static str,
+}
+
+pub struct Metrics {
+    pub registry: parking_lot::Mutex<Registry>,
+    pub reconciles: Family<ResultLabels, Counter>,
+    pub reconcile_duration: Histogram,
+    pub push_latency: Histogram,
+    pub pushes: Counter,
+    pub writes: Family<WriteLabels, Counter>,
+    pub connected: Gauge,
+    pub reports: Counter,
+    pub watch_errors: Counter,
+    pub leader: Gauge,
+    pub groups: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut r = Registry::default();
+        let reconciles = Family::default();
+        r.register("bulwark_operator_reconciles", "Compiles of every group's config, by result", reconciles.clone());
+        let reconcile_duration = Histogram::new(exponential_buckets(0.0001, 2.0, 18));
+        r.register_with_unit(
+            "bulwark_operator_reconcile_duration",
+            "Time to compile every group's config",
+            Unit::Seconds,
+            reconcile_duration.clone(),
+        );
+        let push_latency = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
+        r.register_with_unit(
+            "bulwark_operator_push_latency",
+            "From a watched change to its config being handed to every connected sidecar",
+            Unit::Seconds,
+            push_latency.clone(),
+        );
+        let pushes = Counter::default();
+        r.register("bulwark_operator_pushes", "Config versions sent to connected sidecars", pushes.clone());
+        let writes = Family::default();
+        r.register(
+            "bulwark_operator_writes",
+            "API writes by kind (ConfigMap, status, Event) and result",
+            writes.clone(),
+        );
+        let connected = Gauge::default();
+        r.register("bulwark_operator_connected_sidecars", "Sidecars with an open config stream", connected.clone());
+        let reports = Counter::default();
+        r.register("bulwark_operator_reports", "Outcome reports received from sidecars", reports.clone());
+        let watch_errors = Counter::default();
+        r.register(
+            "bulwark_operator_watch_errors",
+            "Watch failures (each is retried with backoff)",
+            watch_errors.clone(),
+        );
+        let leader = Gauge::default();
+        r.register("bulwark_operator_leader", "1 while this replica holds the leader lease", leader.clone());
+        let groups = Gauge::default();
+        r.register("bulwark_operator_groups", "Groups of sidecar pods that share one config", groups.clone());
+        Self {
+            registry: parking_lot::Mutex::new(r),
+            reconciles,
+            reconcile_duration,
+            push_latency,
+            pushes,
+            writes,
+            connected,
+            reports,
+            watch_errors,
+            leader,
+            groups,
+        }
+    }
+
+    pub fn write(&self, kind: &'static str, ok: bool) {
+        let result = if ok { "success" } else { "error" };
+        self.writes.get_or_create(&WriteLabels { kind, result }).inc();
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(8 * 1024);
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry.lock());
+        out
+    }
+}

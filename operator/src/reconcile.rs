@@ -1,0 +1,66 @@
+//! The compile loop: on each change, compile every group's config (pure, in memory), push new
+//! versions to connected sidecars at once, and hand the result to the writer. Changes that
+//! arrive during a compile are folded into the next one.
+
+use std::sync::Arc;
+
+use bulwark_api::Rejection;
+use tokio::{sync::watch, time::Instant};
+
+use crate::{State, index::Group};
+
+/// The outcome of one compile.
+#[derive(Debug, Default)]
+pub struct Compiled {
+    pub groups: Vec<Group>,
+    pub rejected: Vec<Rejection>,
+}
+
+pub async fn run(state: Arc<State>, out: watch::Sender<Arc<Compiled>>, mut shutdown: watch::Receiver<bool>) {
+    // A compile before every watch has listed would push configs missing routes.
+    while !state.is_synced() {
+        tokio::select! {
+            _ = state.all_synced.notified() => {}
+            _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+    tracing::info!("every watch has listed; compiling");
+    loop {
+        let since = state.take_pending();
+        let started = Instant::now();
+        let compiled = {
+            let ix = state.index.lock();
+            let (groups, rejected) = ix.compile();
+            Compiled { groups, rejected }
+        };
+        let sent = state.hub.publish(&compiled.groups);
+        let m = &state.metrics;
+        m.reconcile_duration.observe(started.elapsed().as_secs_f64());
+        m.reconciles.get_or_create(&crate::metrics::ResultLabels { result: "success" }).inc();
+        m.pushes.inc_by(sent as u64);
+        m.groups.set(i64::try_from(compiled.groups.len()).unwrap_or(i64::MAX));
+        if let Some(since) = since
+            && sent > 0
+        {
+            m.push_latency.observe(since.elapsed().as_secs_f64());
+        }
+        if sent > 0 || !compiled.rejected.is_empty() {
+            tracing::debug!(
+                groups = compiled.groups.len(),
+                pushed = sent,
+                rejected = compiled.rejected.len(),
+                "compiled"
+            );
+        }
+        {
+            let index = state.index.lock();
+            state.reports.lock().retain_pods(|ns, pod| index.pod(ns, pod).is_some());
+        }
+        out.send_replace(Arc::new(compiled));
+        tokio::select! {
+            _ = state.recompile.notified() => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}

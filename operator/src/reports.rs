@@ -1,0 +1,186 @@
+//! Sidecar outcome reports, added up per route and backend across every sidecar. Reports carry
+//! counters cumulative per sidecar process; the aggregator adds the difference from the same
+//! process's previous report, so a lost report loses nothing and a restart starts from zero.
+//! The totals are served as Prometheus metrics, and the rollout analysis reads them.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+};
+
+use bulwark_api::control::{BackendOutcome, Histogram, LATENCY_BOUNDS, Report};
+use parking_lot::Mutex;
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric as _},
+    metrics::{MetricType, counter::ConstCounter},
+    registry::Unit,
+};
+
+/// Totals of one backend of one route (`namespace/route`).
+pub type Totals = BTreeMap<(String, String), BackendOutcome>;
+
+#[derive(Default, Debug)]
+pub struct Aggregator {
+    last: HashMap<(String, String), Report>,
+    pub backends: Totals,
+    pub scanner_blocks: BTreeMap<String, u64>,
+}
+
+impl Aggregator {
+    /// Adds what changed since the pod's previous report.
+    pub fn ingest(&mut self, ns: &str, pod: &str, report: Report) {
+        let key = (ns.to_owned(), pod.to_owned());
+        let prev = self.last.get(&key).filter(|p| p.instance == report.instance);
+        for b in &report.backends {
+            // Routes are `namespace/name`; a sidecar cannot report on another namespace's routes.
+            if !b.route.starts_with(&format!("{ns}/")) {
+                continue;
+            }
+            let before = prev.and_then(|p| p.backends.iter().find(|x| x.route == b.route && x.backend == b.backend));
+            let total = self.backends.entry((b.route.clone(), b.backend.clone())).or_insert_with(|| BackendOutcome {
+                route: b.route.clone(),
+                backend: b.backend.clone(),
+                ..BackendOutcome::default()
+            });
+            let reset = before.is_some_and(|x| x.requests > b.requests);
+            let before = before.filter(|_| !reset);
+            total.requests += b.requests - before.map_or(0, |x| x.requests);
+            for (class, n) in &b.errors {
+                let was = before.and_then(|x| x.errors.get(class)).copied().unwrap_or(0);
+                *total.errors.entry(class.clone()).or_default() += n.saturating_sub(was);
+            }
+            let empty = Histogram::default();
+            total.latency.add(&b.latency.since(before.map_or(&empty, |x| &x.latency)));
+            total.first_token.add(&b.first_token.since(before.map_or(&empty, |x| &x.first_token)));
+        }
+        for r in report.routes.iter().filter(|r| r.route.starts_with(&format!("{ns}/"))) {
+            let was = prev.and_then(|p| p.routes.iter().find(|x| x.route == r.route)).map_or(0, |x| x.scanner_blocks);
+            let was = if was > r.scanner_blocks { 0 } else { was };
+            *self.scanner_blocks.entry(r.route.clone()).or_default() += r.scanner_blocks - was;
+        }
+        self.last.insert(key, report);
+    }
+
+    /// Forgets the last reports of pods that are gone (their totals stay).
+    pub fn retain_pods(&mut self, keep: impl Fn(&str, &str) -> bool) {
+        self.last.retain(|(ns, pod), _| keep(ns, pod));
+    }
+}
+
+/// Serves the totals on `/metrics`.
+#[derive(Debug, Clone)]
+pub struct TotalsCollector(pub Arc<Mutex<Aggregator>>);
+
+fn split(route: &str) -> (&str, &str) {
+    route.split_once('/').unwrap_or(("", route))
+}
+
+impl Collector for TotalsCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let agg = self.0.lock();
+        let mut requests = encoder.encode_descriptor(
+            "bulwark_backend_requests",
+            "Upstream attempts reported by sidecars, per route and backend",
+            None,
+            MetricType::Counter,
+        )?;
+        for b in agg.backends.values() {
+            let (ns, route) = split(&b.route);
+            let labels = [("namespace", ns), ("route", route), ("backend", b.backend.as_str())];
+            ConstCounter::new(b.requests).encode(requests.encode_family(&labels)?)?;
+        }
+        let mut errors = encoder.encode_descriptor(
+            "bulwark_backend_errors",
+            "Failed upstream attempts reported by sidecars, by class",
+            None,
+            MetricType::Counter,
+        )?;
+        for b in agg.backends.values() {
+            let (ns, route) = split(&b.route);
+            for (class, n) in &b.errors {
+                let labels = [("namespace", ns), ("route", route), ("backend", b.backend.as_str()), ("class", class)];
+                ConstCounter::new(*n).encode(errors.encode_family(&labels)?)?;
+            }
+        }
+        for (name, help, pick) in [
+            (
+                "bulwark_backend_latency",
+                "Request to end of response, reported by sidecars",
+                (|b: &BackendOutcome| &b.latency) as fn(&BackendOutcome) -> &Histogram,
+            ),
+            (
+                "bulwark_backend_time_to_first_token",
+                "Request to first byte of the answer, reported by sidecars",
+                |b: &BackendOutcome| &b.first_token,
+            ),
+        ] {
+            let mut enc = encoder.encode_descriptor(name, help, Some(&Unit::Seconds), MetricType::Histogram)?;
+            for b in agg.backends.values() {
+                let (ns, route) = split(&b.route);
+                let labels = [("namespace", ns), ("route", route), ("backend", b.backend.as_str())];
+                let h = pick(b);
+                let bounds = LATENCY_BOUNDS.iter().copied().chain([f64::MAX]);
+                let buckets: Vec<(f64, u64)> = bounds.zip(h.counts.iter().copied()).collect();
+                enc.encode_family(&labels)?.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                    h.sum,
+                    h.count(),
+                    &buckets,
+                    None,
+                )?;
+            }
+        }
+        let mut blocks = encoder.encode_descriptor(
+            "bulwark_route_scanner_blocks",
+            "Requests and answers blocked by scanners, reported by sidecars",
+            None,
+            MetricType::Counter,
+        )?;
+        for (r, n) in &agg.scanner_blocks {
+            let (ns, route) = split(r);
+            ConstCounter::new(*n).encode(blocks.encode_family(&[("namespace", ns), ("route", route)])?)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(instance: &str, requests: u64, errors: u64) -> Report {
+        let mut b = BackendOutcome { route: "a/r".into(), backend: "x".into(), requests, ..Default::default() };
+        b.errors.insert("5xx".into(), errors);
+        (0..requests).for_each(|_| b.latency.observe(0.2));
+        Report { instance: instance.into(), version: "v".into(), backends: vec![b], routes: vec![] }
+    }
+
+    #[test]
+    fn totals_add_differences_and_survive_restarts() {
+        let mut agg = Aggregator::default();
+        agg.ingest("a", "p1", report("i1", 10, 1));
+        agg.ingest("a", "p1", report("i1", 15, 2));
+        agg.ingest("a", "p2", report("j1", 5, 0));
+        agg.ingest("a", "p1", report("i2", 3, 0)); // restarted
+        let t = &agg.backends[&("a/r".to_owned(), "x".to_owned())];
+        assert_eq!((t.requests, t.errors["5xx"], t.latency.count()), (23, 2, 23));
+        agg.ingest("b", "intruder", report("k", 100, 100));
+        assert_eq!(agg.backends[&("a/r".to_owned(), "x".to_owned())].requests, 23, "other namespaces' routes");
+    }
+
+    #[test]
+    fn totals_are_served_as_metrics() {
+        let agg = Arc::new(Mutex::new(Aggregator::default()));
+        agg.lock().ingest("a", "p1", report("i1", 2, 1));
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register_collector(Box::new(TotalsCollector(agg)));
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
+        assert!(out.contains(r#"bulwark_backend_requests_total{namespace="a",route="r",backend="x"} 2"#), "{out}");
+        assert!(out.contains(r#"bulwark_backend_errors_total{namespace="a",route="r",backend="x",class="5xx"} 1"#));
+        assert!(
+            out.contains(r#"bulwark_backend_latency_seconds_bucket{le="0.25",namespace="a",route="r",backend="x"} 2"#),
+            "{out}"
+        );
+    }
+}

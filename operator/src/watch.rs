@@ -1,0 +1,140 @@
+//! Watches feed the index: routes, policies, rollouts, and the pods that run a sidecar (label
+//! `bulwark.dev/inject=true`). Each watch relists after a gap and forgets what vanished; only a
+//! change that can alter a sidecar's config wakes the compiler.
+
+use std::{collections::BTreeSet, fmt::Debug, sync::Arc};
+
+use bulwark_api::{LLMRoute, ModelRollout, ScannerPolicy, compile::ns_name, control::SIDECAR_LABEL};
+use futures_util::StreamExt as _;
+use k8s_openapi::api::core::v1::Pod;
+use kube::{
+    Api, Client, Resource,
+    runtime::{WatchStreamExt as _, watcher},
+};
+use serde::de::DeserializeOwned;
+
+use crate::{
+    State,
+    index::{Index, Kind},
+};
+
+/// A kind the index keeps.
+pub trait Indexed: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static {
+    const KIND: Kind;
+    /// Stores the object; true when a sidecar's config may change.
+    fn store(self, ix: &mut Index) -> bool;
+    fn remove(ns: &str, name: &str, ix: &mut Index);
+}
+
+impl Indexed for LLMRoute {
+    const KIND: Kind = Kind::Route;
+    fn store(self, ix: &mut Index) -> bool {
+        ix.apply_route(self)
+    }
+    fn remove(ns: &str, name: &str, ix: &mut Index) {
+        ix.delete_route(ns, name);
+    }
+}
+
+impl Indexed for ScannerPolicy {
+    const KIND: Kind = Kind::Policy;
+    fn store(self, ix: &mut Index) -> bool {
+        ix.apply_policy(self)
+    }
+    fn remove(ns: &str, name: &str, ix: &mut Index) {
+        ix.delete_policy(ns, name);
+    }
+}
+
+impl Indexed for ModelRollout {
+    const KIND: Kind = Kind::Rollout;
+    fn store(self, ix: &mut Index) -> bool {
+        ix.apply_rollout(self)
+    }
+    fn remove(ns: &str, name: &str, ix: &mut Index) {
+        ix.delete_rollout(ns, name);
+    }
+}
+
+impl Indexed for Pod {
+    const KIND: Kind = Kind::Pod;
+    fn store(self, ix: &mut Index) -> bool {
+        let (ns, name) = ns_name(&self.metadata);
+        let finished =
+            self.status.as_ref().and_then(|s| s.phase.as_deref()).is_some_and(|p| p == "Succeeded" || p == "Failed");
+        if finished {
+            let known = ix.pod(&ns, &name).is_some();
+            ix.delete_pod(&ns, &name);
+            return known;
+        }
+        let labels = self.metadata.labels.unwrap_or_default().into_iter().collect();
+        let sa = self.spec.and_then(|s| s.service_account_name).unwrap_or_else(|| "default".into());
+        ix.upsert_pod(&ns, &name, labels, &sa, self.metadata.uid.as_deref().unwrap_or_default())
+    }
+    fn remove(ns: &str, name: &str, ix: &mut Index) {
+        ix.delete_pod(ns, name);
+    }
+}
+
+fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Indexed + Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Follows one kind until the process ends. Marks the kind synced after its first full list.
+pub async fn follow<K>(client: Client, namespace: Option<String>, state: Arc<State>)
+where
+    K: Indexed + Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+{
+    let mut config = watcher::Config::default();
+    if K::KIND == Kind::Pod {
+        config = config.labels(&format!("{SIDECAR_LABEL}=true"));
+    }
+    let mut events = watcher(api::<K>(&client, namespace.as_deref()), config).default_backoff().boxed();
+    let mut relisting: Option<BTreeSet<(String, String)>> = None;
+    while let Some(event) = events.next().await {
+        let event = match event {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(kind = K::KIND.as_str(), "watch failed, retrying: {e}");
+                state.metrics.watch_errors.inc();
+                continue;
+            }
+        };
+        let changed = {
+            let mut ix = state.index.lock();
+            match event {
+                watcher::Event::Init => {
+                    relisting = Some(BTreeSet::new());
+                    false
+                }
+                watcher::Event::InitApply(obj) => {
+                    if let Some(seen) = relisting.as_mut() {
+                        seen.insert(ns_name(obj.meta()));
+                    }
+                    obj.store(&mut ix)
+                }
+                watcher::Event::InitDone => {
+                    let seen = relisting.take().unwrap_or_default();
+                    ix.retain(K::KIND, &seen);
+                    state.synced(K::KIND);
+                    true
+                }
+                watcher::Event::Apply(obj) => obj.store(&mut ix),
+                watcher::Event::Delete(obj) => {
+                    let (ns, name) = ns_name(obj.meta());
+                    K::remove(&ns, &name, &mut ix);
+                    true
+                }
+            }
+        };
+        if changed {
+            state.changed();
+        }
+    }
+}

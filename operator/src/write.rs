@@ -1,0 +1,349 @@
+//! What the leader writes: one ConfigMap per group (server-side apply, owned by the group's
+//! routes, the bootstrap and fallback copy of its config), the status of every resource, and an
+//! Event whenever a condition changes. Writes that would change nothing are skipped.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
+
+use bulwark_api::{LLMRoute, ModelRollout, Rejection, ScannerPolicy, status::Condition};
+use k8s_openapi::{
+    api::core::v1::ConfigMap,
+    apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference},
+};
+use kube::{
+    Api, Client, Resource, ResourceExt as _,
+    api::{DeleteParams, ListParams, Patch, PatchParams},
+    runtime::events::{Event, EventType, Recorder, Reporter},
+};
+use serde_json::json;
+use tokio::sync::watch;
+
+use crate::{
+    FIELD_MANAGER, State,
+    index::{Group, Kind},
+    reconcile::Compiled,
+    status::conditions,
+};
+
+/// Labels on the ConfigMaps the operator owns.
+pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "bulwark-operator");
+pub const GROUP_LABEL: &str = "bulwark.dev/group";
+pub const VERSION_ANNOTATION: &str = "bulwark.dev/config-version";
+/// The key of the compiled config in a group's ConfigMap.
+pub const CONFIG_KEY: &str = "config.yaml";
+
+pub struct Writer {
+    client: Client,
+    state: Arc<State>,
+    /// PEM of the config stream's CA, copied into every ConfigMap for the sidecars to trust.
+    ca: Option<String>,
+    recorder: Recorder,
+    /// The watched namespace, or `None` for all.
+    namespace: Option<String>,
+    configmaps: HashMap<(String, String), String>,
+    statuses: HashMap<(Kind, String, String), serde_json::Value>,
+}
+
+/// One resource's status as computed now, and what it said before.
+struct Target {
+    kind: Kind,
+    namespace: String,
+    name: String,
+    reference: k8s_openapi::api::core::v1::ObjectReference,
+    generation: Option<i64>,
+    previous: Vec<Condition>,
+    sidecars: bulwark_api::route::SidecarCounts,
+}
+
+impl Writer {
+    pub fn new(
+        client: Client,
+        state: Arc<State>,
+        namespace: Option<String>,
+        ca: Option<String>,
+        identity: &str,
+    ) -> Self {
+        let reporter = Reporter { controller: FIELD_MANAGER.into(), instance: Some(identity.to_owned()) };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            state,
+            namespace,
+            ca,
+            configmaps: HashMap::new(),
+            statuses: HashMap::new(),
+        }
+    }
+
+    /// Starts over as a new leader: learns which ConfigMaps exist, rewrites every status.
+    async fn resync(&mut self) {
+        self.statuses.clear();
+        self.configmaps.clear();
+        let api: Api<ConfigMap> = match &self.namespace {
+            Some(ns) => Api::namespaced(self.client.clone(), ns),
+            None => Api::all(self.client.clone()),
+        };
+        let lp = ListParams::default().labels(&format!("{}={}", MANAGED_BY.0, MANAGED_BY.1));
+        match api.list(&lp).await {
+            Ok(list) => {
+                for cm in list {
+                    let version = cm.annotations().get(VERSION_ANNOTATION).cloned().unwrap_or_default();
+                    self.configmaps.insert((cm.namespace().unwrap_or_default(), cm.name_any()), version);
+                }
+            }
+            Err(e) => tracing::warn!("listing managed ConfigMaps: {e}"),
+        }
+    }
+
+    async fn configmaps(&mut self, compiled: &Compiled) {
+        let mut live = HashSet::new();
+        for g in &compiled.groups {
+            let key = (g.namespace.clone(), g.name.clone());
+            live.insert(key.clone());
+            if self.configmaps.get(&key) == Some(&g.config.version) {
+                continue;
+            }
+            let cm = self.configmap(g);
+            let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), &g.namespace);
+            let pp = PatchParams::apply(FIELD_MANAGER).force();
+            match api.patch(&g.name, &pp, &Patch::Apply(&cm)).await {
+                Ok(_) => {
+                    self.state.metrics.write("ConfigMap", true);
+                    self.configmaps.insert(key, g.config.version.clone());
+                }
+                Err(e) => {
+                    self.state.metrics.write("ConfigMap", false);
+                    tracing::warn!(namespace = %g.namespace, configmap = %g.name, "writing the config copy: {e}");
+                }
+            }
+        }
+        let gone: Vec<_> = self.configmaps.keys().filter(|k| !live.contains(*k)).cloned().collect();
+        for (ns, name) in gone {
+            let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), &ns);
+            let deleted = match api.delete(&name, &DeleteParams::default()).await {
+                Ok(_) => Ok(()),
+                Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+                Err(e) => Err(e),
+            };
+            match deleted {
+                Ok(()) => {
+                    self.configmaps.remove(&(ns, name));
+                    self.state.metrics.write("ConfigMap", true);
+                }
+                Err(e) => {
+                    self.state.metrics.write("ConfigMap", false);
+                    tracing::warn!(namespace = %ns, configmap = %name, "deleting an unused config copy: {e}");
+                }
+            }
+        }
+    }
+
+    fn configmap(&self, g: &Group) -> ConfigMap {
+        let index = self.state.index.lock();
+        let owners: Vec<OwnerReference> = index
+            .routes()
+            .filter(|r| r.namespace().as_deref() == Some(&g.namespace) && g.routes.contains(&r.name_any()))
+            .filter_map(|r| r.controller_owner_ref(&()))
+            .map(|mut o| {
+                // Owned by every route of the group; the last one deleted takes the copy with it.
+                o.controller = None;
+                o.block_owner_deletion = None;
+                o
+            })
+            .collect();
+        let mut data = BTreeMap::new();
+        data.insert(CONFIG_KEY.to_owned(), serde_yaml::to_string(&g.config).unwrap_or_default());
+        if let Some(ca) = &self.ca {
+            data.insert("ca.crt".to_owned(), ca.clone());
+        }
+        ConfigMap {
+            metadata: ObjectMeta {
+                name: Some(g.name.clone()),
+                namespace: Some(g.namespace.clone()),
+                labels: Some(
+                    [(MANAGED_BY.0.to_owned(), MANAGED_BY.1.to_owned()), (GROUP_LABEL.to_owned(), g.name.clone())]
+                        .into(),
+                ),
+                annotations: Some([(VERSION_ANNOTATION.to_owned(), g.config.version.clone())].into()),
+                owner_references: (!owners.is_empty()).then_some(owners),
+                ..ObjectMeta::default()
+            },
+            data: Some(data),
+            ..ConfigMap::default()
+        }
+    }
+
+    fn targets(&self, compiled: &Compiled) -> Vec<Target> {
+        let index = self.state.index.lock();
+        let mut out = vec![];
+        fn target<K: Resource<DynamicType = ()>>(
+            kind: Kind,
+            obj: &K,
+            previous: Vec<Condition>,
+            index: &crate::index::Index,
+            groups: &[Group],
+        ) -> Target {
+            let meta = obj.meta();
+            let (namespace, name) = bulwark_api::compile::ns_name(meta);
+            Target {
+                sidecars: index.sidecars(groups, kind.as_str(), &namespace, &name),
+                reference: obj.object_ref(&()),
+                generation: meta.generation,
+                previous,
+                kind,
+                namespace,
+                name,
+            }
+        }
+        let conds = |c: Option<&Vec<Condition>>| c.cloned().unwrap_or_default();
+        for r in index.routes() {
+            out.push(target::<LLMRoute>(
+                Kind::Route,
+                r,
+                conds(r.status.as_ref().map(|s| &s.conditions)),
+                &index,
+                &compiled.groups,
+            ));
+        }
+        for p in index.policies() {
+            out.push(target::<ScannerPolicy>(
+                Kind::Policy,
+                p,
+                conds(p.status.as_ref().map(|s| &s.conditions)),
+                &index,
+                &compiled.groups,
+            ));
+        }
+        for r in index.rollouts() {
+            out.push(target::<ModelRollout>(
+                Kind::Rollout,
+                r,
+                conds(r.status.as_ref().map(|s| &s.conditions)),
+                &index,
+                &compiled.groups,
+            ));
+        }
+        out
+    }
+
+    async fn statuses(&mut self, compiled: &Compiled) {
+        let now =
+            k8s_openapi::jiff::Timestamp::now().round(k8s_openapi::jiff::Unit::Second).unwrap_or_default().to_string();
+        let rejections: HashMap<(&str, &str, &str), &Rejection> =
+            compiled.rejected.iter().map(|r| ((r.kind, r.namespace.as_str(), r.name.as_str()), r)).collect();
+        let mut seen = HashSet::new();
+        for t in self.targets(compiled) {
+            let key = (t.kind, t.namespace.clone(), t.name.clone());
+            seen.insert(key.clone());
+            let rejection = rejections.get(&(t.kind.as_str(), t.namespace.as_str(), t.name.as_str())).copied();
+            let conds = conditions(t.generation, rejection, &t.sidecars, &t.previous, &now);
+            let status = json!({"observedGeneration": t.generation, "conditions": conds, "sidecars": t.sidecars});
+            if self.statuses.get(&key) == Some(&status) {
+                continue;
+            }
+            let patch = json!({"status": status});
+            let pp = PatchParams::default();
+            let result = match t.kind {
+                Kind::Route => self
+                    .api::<LLMRoute>(&t.namespace)
+                    .patch_status(&t.name, &pp, &Patch::Merge(&patch))
+                    .await
+                    .map(|_| ()),
+                Kind::Policy => self
+                    .api::<ScannerPolicy>(&t.namespace)
+                    .patch_status(&t.name, &pp, &Patch::Merge(&patch))
+                    .await
+                    .map(|_| ()),
+                Kind::Rollout => self
+                    .api::<ModelRollout>(&t.namespace)
+                    .patch_status(&t.name, &pp, &Patch::Merge(&patch))
+                    .await
+                    .map(|_| ()),
+                Kind::Pod => Ok(()),
+            };
+            match result {
+                Ok(()) => {
+                    self.state.metrics.write("status", true);
+                    self.statuses.insert(key, status);
+                    self.events(&t, &conds).await;
+                }
+                // Deleted meanwhile: the watch will say so.
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => {
+                    self.state.metrics.write("status", false);
+                    tracing::warn!(kind = t.kind.as_str(), namespace = %t.namespace, name = %t.name, "writing status: {e}");
+                }
+            }
+        }
+        self.statuses.retain(|k, _| seen.contains(k));
+    }
+
+    fn api<K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>>(&self, ns: &str) -> Api<K> {
+        Api::namespaced(self.client.clone(), ns)
+    }
+
+    /// An Event for each condition whose status or reason changed.
+    async fn events(&self, t: &Target, now: &[Condition]) {
+        for c in now {
+            let before = t.previous.iter().find(|p| p.type_ == c.type_);
+            if before.is_some_and(|b| b.status == c.status && b.reason == c.reason) {
+                continue;
+            }
+            // The first Ready=True of a resource no sidecar selects says nothing worth an Event.
+            if before.is_none() && c.status == "True" && c.type_ != "Accepted" {
+                continue;
+            }
+            let type_ = if c.status == "True" { EventType::Normal } else { EventType::Warning };
+            let ev = Event {
+                type_,
+                reason: c.reason.clone(),
+                note: Some(format!("{}={}: {}", c.type_, c.status, c.message).chars().take(1000).collect()),
+                action: "Reconcile".into(),
+                secondary: None,
+            };
+            let ok = self.recorder.publish(&ev, &t.reference).await;
+            self.state.metrics.write("Event", ok.is_ok());
+            if let Err(e) = ok {
+                tracing::debug!(name = %t.name, "publishing an event: {e}");
+            }
+        }
+    }
+}
+
+/// Writes while this replica leads: after each compile, when sidecars report a new version,
+/// and every `resync` as a safety net.
+pub async fn run(
+    mut writer: Writer,
+    mut compiled: watch::Receiver<Arc<Compiled>>,
+    resync: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut leading = false;
+    loop {
+        tokio::select! {
+            r = compiled.changed() => if r.is_err() { return },
+            _ = writer.state.restatus.notified() => {}
+            _ = tokio::time::sleep(resync) => writer.statuses.clear(),
+            _ = shutdown.changed() => return,
+        }
+        if !writer.state.is_leader() {
+            leading = false;
+            continue;
+        }
+        if !leading {
+            writer.resync().await;
+            leading = true;
+        }
+        let current = compiled.borrow_and_update().clone();
+        if current.groups.is_empty() && current.rejected.is_empty() && !writer.state.is_synced() {
+            continue;
+        }
+        writer.configmaps(&current).await;
+        writer.statuses(&current).await;
+        // Reports arrive in bursts; batch the status writes they cause.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
