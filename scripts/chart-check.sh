@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Checks the Helm chart: `helm lint --strict`, then renders it with several value sets and
+# validates every rendered resource, and the CRDs in charts/bulwark/crds/, against the
+# Kubernetes API schemas of K8S_VERSION with kubernetes-validate --strict (unknown fields are
+# errors). Any error, or a resource without a schema, fails the check. Works offline once helm
+# (scripts/tools.sh) and kubernetes-validate (charts/requirements.txt, in .venv) are installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+K8S_VERSION=${K8S_VERSION:-1.32}
+CHART=charts/bulwark
+HELM=.tools/bin/helm
+KV=.venv/bin/kubernetes-validate
+RELEASE=bulwark
+NAMESPACE=bulwark-system
+
+[[ -x $HELM ]] || scripts/tools.sh
+
+want=$(sed -n 's/^kubernetes-validate==//p' charts/requirements.txt)
+if [[ ! -x $KV || "$("$KV" --version 2>/dev/null)" != "$want" ]]; then
+  [[ -x .venv/bin/pip ]] || python3 -m venv .venv
+  .venv/bin/pip install -q --disable-pip-version-check -r charts/requirements.txt
+fi
+
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+
+# validate NAME FILE...: every resource in the files must pass.
+validate() {
+  local name=$1 out rc=0
+  shift
+  out=$("$KV" -k "$K8S_VERSION" --strict "$@" 2>&1) || rc=$?
+  if (( rc != 0 )) || grep -qv '^INFO ' <<<"$out"; then
+    grep -v '^INFO ' <<<"$out" >&2 || true
+    echo "FAIL $name: not valid against Kubernetes $K8S_VERSION" >&2
+    exit 1
+  fi
+  echo "ok   $name: $(grep -c ' passed for resource ' <<<"$out") resources valid against Kubernetes $K8S_VERSION"
+}
+
+# render NAME ARGS...: helm template with the given values into $tmp/NAME.yaml.
+render() {
+  local name=$1
+  shift
+  "$HELM" template "$RELEASE" "$CHART" --namespace "$NAMESPACE" "$@" >"$tmp/$name.yaml"
+}
+
+echo "== helm lint --strict"
+"$HELM" lint --strict "$CHART"
+"$HELM" lint --strict "$CHART" --namespace "$NAMESPACE" \
+  --set watchNamespace=team-a --set replicas=1 --set serviceMonitor.enabled=false
+
+echo "== kubernetes-validate $("$KV" --version) --strict -k $K8S_VERSION"
+validate crds "$CHART"/crds/*.yaml
+
+# Defaults: all namespaces, 2 replicas with leader election, a PDB, a generated certificate.
+render defaults
+validate defaults "$tmp/defaults.yaml"
+
+# One namespace, one replica.
+render single-namespace --set watchNamespace=team-a --set replicas=1 --set serviceMonitor.enabled=false
+validate single-namespace "$tmp/single-namespace.yaml"
+
+# A certificate from cert-manager, hard anti-affinity, zone spread, extra args and env.
+render custom --set tls.existingSecret=bulwark-operator-cert --set podAntiAffinity=hard \
+  --set replicas=3 --set 'extraArgs[0]=--example' --set 'extraEnv[0].name=BULWARK_LOG' \
+  --set 'extraEnv[0].value=debug' --set 'imagePullSecrets[0].name=regcred' \
+  --set 'topologySpreadConstraints[0].maxSkew=1' \
+  --set 'topologySpreadConstraints[0].topologyKey=topology.kubernetes.io/zone' \
+  --set 'topologySpreadConstraints[0].whenUnsatisfiable=ScheduleAnyway'
+validate custom "$tmp/custom.yaml"
+
+echo "== rendered content"
+fail() { echo "FAIL $*" >&2; exit 1; }
+kinds() { sed -n "s/^kind: //p" "$1" | sort | uniq -c | awk '{s = s (NR > 1 ? ", " : "") $1 " " $2} END {print s}'; }
+echo "defaults:         $(kinds "$tmp/defaults.yaml")"
+echo "single-namespace: $(kinds "$tmp/single-namespace.yaml")"
+grep -q '^kind: ClusterRoleBinding$' "$tmp/defaults.yaml" || fail "defaults: no ClusterRoleBinding"
+grep -q '^kind: PodDisruptionBudget$' "$tmp/defaults.yaml" || fail "defaults: no PodDisruptionBudget"
+grep -q '^kind: Secret$' "$tmp/defaults.yaml" || fail "defaults: no generated TLS Secret"
+grep -q '^kind: PodDisruptionBudget$' "$tmp/single-namespace.yaml" && fail "single-namespace: a PodDisruptionBudget with one replica"
+grep -q -- '- --namespace=team-a$' "$tmp/single-namespace.yaml" || fail "single-namespace: no --namespace=team-a"
+[[ $(grep -c '^kind: ClusterRole$' "$tmp/single-namespace.yaml") == 1 ]] \
+  || fail "single-namespace: only the TokenReview ClusterRole may be cluster-wide"
+grep -q '^kind: Secret$' "$tmp/custom.yaml" && fail "custom: a Secret is generated although tls.existingSecret is set"
+grep -q 'secretName: bulwark-operator-cert$' "$tmp/custom.yaml" || fail "custom: tls.existingSecret is not mounted"
+
+# The ServiceMonitor is a Prometheus Operator CRD without a schema here: only check it renders.
+render monitor --set serviceMonitor.enabled=true --set serviceMonitor.labels.release=prometheus
+grep -q '^kind: ServiceMonitor$' "$tmp/monitor.yaml" || fail "serviceMonitor.enabled=true renders no ServiceMonitor"
+.venv/bin/python -c 'import sys, yaml; list(yaml.safe_load_all(open(sys.argv[1])))' "$tmp/monitor.yaml" \
+  || fail "serviceMonitor.enabled=true renders invalid YAML"
+echo "ok   monitor: the ServiceMonitor renders"
+
+# Values that must be refused.
+if "$HELM" template "$RELEASE" "$CHART" --set leaderElection.enabled=false >/dev/null 2>&1; then
+  fail "replicas=2 without leader election was accepted"
+fi
+"$HELM" template "$RELEASE" "$CHART" --set leaderElection.enabled=false --set replicas=1 >/dev/null \
+  || fail "replicas=1 without leader election was refused"
+echo "ok   refused: replicas > 1 without leader election"
+
+echo "chart-check: all good"
