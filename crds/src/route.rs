@@ -181,12 +181,12 @@ pub struct RetryPolicy {
     pub backoff: Backoff,
     /// Causes that are retried (and that move on to the fallback list once retries run out).
     #[serde(default = "default_retry_on")]
-    pub on: Vec<RetryOn>,
+    pub retry_on: Vec<RetryOn>,
 }
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        Self { attempts: default_attempts(), backoff: Backoff::default(), on: default_retry_on() }
+        Self { attempts: default_attempts(), backoff: Backoff::default(), retry_on: default_retry_on() }
     }
 }
 

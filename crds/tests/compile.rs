@@ -32,7 +32,7 @@ spec:
         - {name: openai, url: https://api.openai.com/v1/, model: gpt-4o-mini, weight: 90, credentials: {env: OPENAI_API_KEY}}
         - {name: local, provider: openai-compatible, url: http://vllm.models:8000/v1, weight: 10}
       fallback: [{backend: claude}]
-      retry: {attempts: 2, backoff: {base: 100ms, max: 2s}, on: [connect-failure, "5xx"]}
+      retry: {attempts: 2, backoff: {base: 100ms, max: 2s}, retryOn: [connect-failure, "5xx"]}
       timeouts: {request: 120s, firstToken: 15s}
 "#;
 

@@ -59,7 +59,7 @@ impl Failure {
 
 pub fn should_retry(policy: &RetryPolicy, f: &Failure) -> bool {
     f.cause().is_some_and(|c| {
-        policy.on.contains(&c) || (c == RetryOn::Reset && policy.on.contains(&RetryOn::ConnectFailure))
+        policy.retry_on.contains(&c) || (c == RetryOn::Reset && policy.retry_on.contains(&RetryOn::ConnectFailure))
     })
 }
 
@@ -108,7 +108,7 @@ mod tests {
 
     #[test]
     fn causes_are_classified() {
-        let p = RetryPolicy { on: vec![RetryOn::TooManyRequests], ..RetryPolicy::default() };
+        let p = RetryPolicy { retry_on: vec![RetryOn::TooManyRequests], ..RetryPolicy::default() };
         let status = |s: u16| Failure::Status { status: StatusCode::from_u16(s).unwrap(), retry_after: None };
         assert!(should_retry(&p, &status(429)));
         assert!(!should_retry(&p, &status(503)), "5xx not listed");
