@@ -15,7 +15,7 @@ use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited, StreamBody, combinators::BoxBody};
 use hyper::body::{Frame as BodyFrame, Incoming};
 use hyper_util::{
-    rt::{TokioExecutor, TokioIo},
+    rt::{TokioExecutor, TokioIo, TokioTimer},
     server::conn::auto,
 };
 use parking_lot::Mutex;
@@ -134,7 +134,7 @@ pub async fn serve(
             async move { Ok::<_, Infallible>(handle(&ctx, req).await) }
         });
         let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder.http2().keep_alive_interval(Some(Duration::from_secs(20)));
+        builder.http2().timer(TokioTimer::new()).keep_alive_interval(Some(Duration::from_secs(20)));
         match &acceptor {
             Some(acceptor) => {
                 let acceptor = acceptor.clone();

@@ -26,7 +26,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_rustls::HttpsConnector;
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
-    rt::TokioExecutor,
+    rt::{TokioExecutor, TokioTimer},
 };
 use rand::Rng as _;
 use tokio::sync::{Notify, watch};
@@ -68,6 +68,8 @@ impl Link {
     pub fn new(cfg: OperatorLink) -> anyhow::Result<Arc<Self>> {
         let connector = crate::upstream::connector(cfg.ca.as_deref(), true)?;
         let client = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
             .http2_only(true)
             .http2_keep_alive_interval(Duration::from_secs(20))
             .http2_keep_alive_timeout(Duration::from_secs(10))
