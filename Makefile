@@ -68,7 +68,7 @@ crds:
 	$(CARGO) run -q -p bulwark-api --bin crdgen
 
 bench: models
-	$(CARGO) build --release -p bulwark-sidecar -p bulwark-tests --bins
+	$(CARGO) build --release -p bulwark-sidecar -p bulwark-operator -p bulwark-tests --bins
 	ORT_DYLIB_PATH=$(ORT) BULWARK_MODELS_DIR=$(MODELS) target/release/bulwark-bench
 
 clean:

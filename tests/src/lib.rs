@@ -1,6 +1,8 @@
 //! Test support shared by the scenario tests and the benchmarks: the mock LLM provider, a
-//! small HTTP client, and a harness that starts a sidecar in-process.
+//! small HTTP client, a harness that starts a sidecar in-process, and a cluster of the test API
+//! server, kubectl and the operator and sidecar binaries for end-to-end tests.
 
 pub mod client;
+pub mod cluster;
 pub mod harness;
 pub mod mock;

@@ -4,6 +4,7 @@
 //!   minimal hyper forwarding proxy (the floor), both over a direct call to the same upstream.
 //! * Throughput per core (requests / CPU seconds of the sidecar process) and RSS under load.
 //! * Streaming: added latency per chunk, from timestamps the upstream writes into each chunk.
+//! * Scanners (`scanners.rs`) and the control plane (`control.rs`).
 
 use std::{
     convert::Infallible,
@@ -44,6 +45,9 @@ struct Cli {
     /// Only the scanner benchmarks.
     #[arg(long)]
     scanners_only: bool,
+    /// Only the control-plane benchmarks (config propagation, scale).
+    #[arg(long)]
+    control_only: bool,
 }
 
 #[derive(Subcommand)]
@@ -63,6 +67,7 @@ const STREAM_CHUNKS: usize = 300;
 
 type Body = BoxBody<Bytes, Infallible>;
 
+mod control;
 mod scanners;
 
 fn main() -> anyhow::Result<()> {
@@ -71,10 +76,17 @@ fn main() -> anyhow::Result<()> {
     match cli.cmd {
         Some(Cmd::Floor { listen, upstream }) => rt.block_on(floor(listen, upstream)),
         None => rt.block_on(async {
+            if cli.control_only {
+                return control::bench(&cli.bin).await;
+            }
             if !cli.scanners_only {
                 bench(cli.seconds, cli.rate, &cli.bin).await?;
             }
-            scanners::bench(&cli.bin).await
+            scanners::bench(&cli.bin).await?;
+            if !cli.scanners_only {
+                control::bench(&cli.bin).await?;
+            }
+            Ok(())
         }),
     }
 }
