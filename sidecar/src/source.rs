@@ -183,9 +183,17 @@ pub async fn watch(
             Ok(rt) => {
                 let version = rt.config.version.clone();
                 let old = tx.borrow().config.version.clone();
-                if version != old {
+                // Checked again at the swap: the stream may have opened while this built.
+                let swapped = tx.send_if_modified(|current| {
+                    let aside = stand_aside.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
+                    if aside || current.config.version == version {
+                        return false;
+                    }
+                    *current = Arc::new(rt);
+                    true
+                });
+                if swapped {
                     metrics.set_version(&version);
-                    tx.send_replace(Arc::new(rt));
                     tracing::info!(version = %version, previous = %old, "config reloaded");
                 }
                 metrics.reloads.get_or_create(&ReloadLabels { result: "success" }).inc();
