@@ -32,11 +32,13 @@ pub struct Authenticator {
     audience: String,
     /// Answers by token hash, each good until its instant.
     cache: Mutex<HashMap<[u8; 32], Cached>>,
+    /// Bounds concurrent TokenReviews, so made-up tokens cannot flood the API server.
+    reviews: tokio::sync::Semaphore,
 }
 
 impl Authenticator {
     pub fn new(client: Client, audience: String) -> Self {
-        Self { client, audience, cache: Mutex::default() }
+        Self { client, audience, cache: Mutex::default(), reviews: tokio::sync::Semaphore::new(8) }
     }
 
     /// The identity behind a bearer token, or why it is refused.
@@ -51,6 +53,7 @@ impl Authenticator {
             spec: TokenReviewSpec { token: Some(token.to_owned()), audiences: Some(vec![self.audience.clone()]) },
             ..TokenReview::default()
         };
+        let _permit = self.reviews.acquire().await.map_err(|e| e.to_string())?;
         let answer = match Api::<TokenReview>::all(self.client.clone()).create(&PostParams::default(), &review).await {
             Ok(r) => identity(&r, &self.audience),
             // The API server is unreachable: refuse, but don't remember it.
@@ -61,6 +64,9 @@ impl Authenticator {
         if cache.len() >= MAX_CACHED {
             let now = Instant::now();
             cache.retain(|_, (_, until)| *until > now);
+            if cache.len() >= MAX_CACHED {
+                cache.clear();
+            }
         }
         cache.insert(key, (answer.clone(), Instant::now() + ttl));
         answer

@@ -5,7 +5,13 @@
 //! The hub keeps one watch channel per pod, so a push is one clone of a shared buffer per
 //! connected sidecar, and a sidecar that reconnects gets the current version first.
 
-use std::{collections::HashMap, convert::Infallible, path::Path, sync::Arc, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    convert::Infallible,
+    path::Path,
+    sync::Arc,
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use bulwark_api::control::{REPORT_PATH, Report, STREAM_PATH};
@@ -28,6 +34,21 @@ use crate::{State, auth::Authenticator, index::Group};
 pub struct Frame {
     pub version: String,
     pub line: Bytes,
+    /// The `(route, backend)` pairs of the config: the only ones its sidecars may report on.
+    pub backends: HashSet<(String, String)>,
+}
+
+impl Frame {
+    fn of(config: &bulwark_api::SidecarConfig) -> Self {
+        let mut line = serde_json::to_vec(config).unwrap_or_default();
+        line.push(b'\n');
+        let backends = config
+            .routes
+            .iter()
+            .flat_map(|r| r.backends.iter().chain(&r.fallback).map(|b| (r.route.clone(), b.name.clone())))
+            .collect();
+        Self { version: config.version.clone(), line: line.into(), backends }
+    }
 }
 
 type Slot = watch::Sender<Option<Arc<Frame>>>;
@@ -49,7 +70,7 @@ impl Hub {
     pub fn publish(&self, groups: &[Group]) -> usize {
         let mut sent = 0;
         let mut pods = self.pods.lock();
-        let mut live = std::collections::HashSet::new();
+        let mut live = HashSet::new();
         for g in groups {
             let mut frame: Option<Arc<Frame>> = None;
             for pod in &g.pods {
@@ -58,11 +79,7 @@ impl Hub {
                 live.insert(key);
                 let stale = slot.borrow().as_ref().is_none_or(|f| f.version != g.config.version);
                 if stale {
-                    let f = frame.get_or_insert_with(|| {
-                        let mut line = serde_json::to_vec(&g.config).unwrap_or_default();
-                        line.push(b'\n');
-                        Arc::new(Frame { version: g.config.version.clone(), line: line.into() })
-                    });
+                    let f = frame.get_or_insert_with(|| Arc::new(Frame::of(&g.config)));
                     slot.send_replace(Some(f.clone()));
                     if slot.receiver_count() > 0 {
                         sent += 1;
@@ -73,6 +90,11 @@ impl Hub {
         // Keep channels of sidecars waiting for a pod the index does not know yet.
         pods.retain(|k, slot| live.contains(k) || (slot.borrow().is_none() && slot.receiver_count() > 0));
         sent
+    }
+
+    /// The config a pod was last handed.
+    pub fn current(&self, ns: &str, pod: &str) -> Option<Arc<Frame>> {
+        self.pods.lock().get(&(ns.to_owned(), pod.to_owned())).and_then(|s| s.borrow().clone())
     }
 
     pub fn connected(&self) -> usize {
@@ -102,6 +124,8 @@ pub fn tls(cert: &Path, key: &Path) -> anyhow::Result<Arc<rustls::ServerConfig>>
 struct Ctx {
     state: Arc<State>,
     auth: Arc<Authenticator>,
+    /// Ends open config streams at shutdown, so connections drain at once.
+    shutdown: watch::Receiver<bool>,
 }
 
 /// Serves the config stream until `shutdown`.
@@ -112,7 +136,7 @@ pub async fn serve(
     auth: Arc<Authenticator>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let ctx = Arc::new(Ctx { state, auth });
+    let ctx = Arc::new(Ctx { state, auth, shutdown: shutdown.clone() });
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
@@ -191,8 +215,16 @@ async fn handle(ctx: &Ctx, req: Request<Incoming>) -> Response<Body> {
         Ok(who) => who,
         Err(e) => return reply(StatusCode::UNAUTHORIZED, &e),
     };
-    let known =
-        ctx.state.index.lock().pod(&who.namespace, &who.pod).map(|p| (p.service_account.clone(), p.uid.clone()));
+    // A sidecar may connect before the pod watch has seen its pod (a new pod, or an operator
+    // that just started): give the watch a moment before refusing.
+    let lookup =
+        || ctx.state.index.lock().pod(&who.namespace, &who.pod).map(|p| (p.service_account.clone(), p.uid.clone()));
+    let mut known = lookup();
+    let deadline = tokio::time::Instant::now() + POD_GRACE;
+    while known.is_none() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        known = lookup();
+    }
     match known {
         None => {
             let msg = format!(
@@ -215,11 +247,18 @@ async fn handle(ctx: &Ctx, req: Request<Incoming>) -> Response<Body> {
         Ok(b) => b.to_bytes(),
         Err(e) => return reply(StatusCode::BAD_REQUEST, &format!("reading the report: {e}")),
     };
-    let report: Report = match serde_json::from_slice(&body) {
+    let mut report: Report = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => return reply(StatusCode::BAD_REQUEST, &format!("not a report: {e}")),
     };
     let version = report.version.clone();
+    // Only outcomes of the routes and backends this pod was given count.
+    let given = ctx.state.hub.current(&who.namespace, &who.pod);
+    let allowed = |route: &str, backend: Option<&str>| {
+        given.as_ref().is_some_and(|f| f.backends.iter().any(|(r, b)| r == route && backend.is_none_or(|x| x == b)))
+    };
+    report.backends.retain(|b| allowed(&b.route, Some(&b.backend)));
+    report.routes.retain(|r| allowed(&r.route, None));
     ctx.state.reports.lock().ingest(&who.namespace, &who.pod, report);
     ctx.state.metrics.reports.inc();
     if ctx.state.index.lock().report(&who.namespace, &who.pod, &version) {
@@ -229,6 +268,8 @@ async fn handle(ctx: &Ctx, req: Request<Incoming>) -> Response<Body> {
 }
 
 const KEEPALIVE: Duration = Duration::from_secs(15);
+/// How long a request from a pod the index does not know yet waits for it.
+const POD_GRACE: Duration = Duration::from_secs(5);
 
 /// Counts open streams for the connected-sidecars gauge.
 struct Connected(Arc<State>);
@@ -244,22 +285,24 @@ fn config_stream(ctx: &Ctx, ns: &str, pod: &str) -> Response<Body> {
     ctx.state.metrics.connected.inc();
     tracing::debug!(namespace = ns, pod, "sidecar connected");
     let guard = Connected(ctx.state.clone());
-    let frames = stream::unfold((rx, true, guard), |(mut rx, first, guard)| async move {
+    let stop = ctx.shutdown.clone();
+    let frames = stream::unfold((rx, true, guard, stop), |(mut rx, first, guard, mut stop)| async move {
         let current = if first { rx.borrow_and_update().clone() } else { None };
         if let Some(f) = current {
-            return Some((Ok(BodyFrame::data(f.line.clone())), (rx, false, guard)));
+            return Some((Ok(BodyFrame::data(f.line.clone())), (rx, false, guard, stop)));
         }
         loop {
             tokio::select! {
+                _ = stop.changed() => return None,
                 changed = rx.changed() => {
                     changed.ok()?;
                     let next = rx.borrow_and_update().clone();
                     if let Some(f) = next {
-                        return Some((Ok(BodyFrame::data(f.line.clone())), (rx, false, guard)));
+                        return Some((Ok(BodyFrame::data(f.line.clone())), (rx, false, guard, stop)));
                     }
                 }
                 _ = tokio::time::sleep(KEEPALIVE) => {
-                    return Some((Ok(BodyFrame::data(Bytes::from_static(b"\n"))), (rx, false, guard)));
+                    return Some((Ok(BodyFrame::data(Bytes::from_static(b"\n"))), (rx, false, guard, stop)));
                 }
             }
         }

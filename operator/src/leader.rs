@@ -1,6 +1,9 @@
 //! Leader election with a `coordination.k8s.io/v1` Lease. Every replica watches and serves the
 //! config stream; only the holder of the lease writes (ConfigMaps, status, Events).
 //!
+//! The leader labels its pod `bulwark.dev/leader=true`, and the config stream's Service selects
+//! it: sidecars report to the replica that writes their status.
+//!
 //! The holder renews every third of the lease duration. Another replica takes over when it has
 //! seen the same lease record unchanged for a whole duration (judged on its own clock, as
 //! client-go does, so clock skew between nodes does not matter). Updates carry the
@@ -9,13 +12,17 @@
 use std::{sync::Arc, time::Duration};
 
 use k8s_openapi::{
-    api::coordination::v1::{Lease, LeaseSpec},
+    api::{
+        coordination::v1::{Lease, LeaseSpec},
+        core::v1::Pod,
+    },
     apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta},
 };
 use kube::{
     Api, Client,
-    api::{PostParams, entry::Entry},
+    api::{ListParams, Patch, PatchParams, PostParams, entry::Entry},
 };
+use serde_json::json;
 use tokio::{sync::watch, time::Instant};
 
 use crate::State;
@@ -26,7 +33,12 @@ pub struct Settings {
     pub name: String,
     pub identity: String,
     pub duration: Duration,
+    /// This replica's pod, labelled while it leads; `None` outside a pod.
+    pub pod: Option<String>,
 }
+
+/// The label on the leading replica's pod, which the config stream's Service selects.
+pub const LEADER_LABEL: &str = "bulwark.dev/leader";
 
 /// What this replica last saw of the lease, and when it saw it change.
 struct Observed {
@@ -36,31 +48,44 @@ struct Observed {
 
 /// Competes for the lease until `shutdown`; then releases it if held.
 pub async fn run(client: Client, settings: Settings, state: Arc<State>, mut shutdown: watch::Receiver<bool>) {
-    let api: Api<Lease> = Api::namespaced(client, &settings.namespace);
+    let api: Api<Lease> = Api::namespaced(client.clone(), &settings.namespace);
     let retry = settings.duration / 3;
     let mut observed: Option<Observed> = None;
+    let mut renewed: Option<Instant> = None;
     loop {
-        let held = match try_acquire(&api, &settings, &mut observed).await {
-            Ok(held) => held,
-            Err(e) => {
-                tracing::warn!(lease = %settings.name, "lease: {e}");
-                // Without a renewal for a whole duration, another replica may take over.
-                state.is_leader() && observed.as_ref().is_some_and(|o| o.at.elapsed() < settings.duration)
+        // A renewal that hangs must not keep this replica leading past its lease.
+        let attempt = tokio::time::timeout(retry, try_acquire(&api, &settings, &mut observed)).await;
+        let held = match attempt {
+            Ok(Ok(held)) => {
+                renewed = held.then(Instant::now);
+                held
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(lease = %settings.name, "lease: {e:#}");
+                renewed.is_some_and(|at| at.elapsed() < settings.duration * 2 / 3)
+            }
+            Err(_) => {
+                tracing::warn!(lease = %settings.name, "lease: no answer in {retry:?}");
+                renewed.is_some_and(|at| at.elapsed() < settings.duration * 2 / 3)
             }
         };
-        set_leader(&state, held, &settings);
+        if set_leader(&state, held, &settings) {
+            label(&client, &settings, held).await;
+        }
         tokio::select! {
             _ = tokio::time::sleep(retry) => {}
             _ = shutdown.changed() => break,
         }
     }
     if state.is_leader() {
-        release(&api, &settings).await;
         set_leader(&state, false, &settings);
+        label(&client, &settings, false).await;
+        release(&api, &settings).await;
     }
 }
 
-fn set_leader(state: &State, held: bool, settings: &Settings) {
+/// True when leadership changed.
+fn set_leader(state: &State, held: bool, settings: &Settings) -> bool {
     let was = state.leader.swap(held, std::sync::atomic::Ordering::SeqCst);
     if was != held {
         state.metrics.leader.set(i64::from(held));
@@ -72,13 +97,37 @@ fn set_leader(state: &State, held: bool, settings: &Settings) {
             tracing::warn!(identity = %settings.identity, lease = %settings.name, "no longer the leader");
         }
     }
+    was != held
+}
+
+/// Marks the leader's own pod `bulwark.dev/leader=true` (and no other), so that the config
+/// stream's Service sends every sidecar to the replica that writes their status.
+async fn label(client: &Client, s: &Settings, leading: bool) {
+    let Some(me) = &s.pod else { return };
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &s.namespace);
+    let set = |value: Option<&str>| json!({"metadata": {"labels": {LEADER_LABEL: value}}});
+    let mut targets = vec![(me.clone(), leading.then_some("true"))];
+    if leading {
+        let others = pods.list(&ListParams::default().labels(&format!("{LEADER_LABEL}=true"))).await;
+        for p in others.map(|l| l.items).unwrap_or_default() {
+            let name = p.metadata.name.unwrap_or_default();
+            if name != *me {
+                targets.push((name, None));
+            }
+        }
+    }
+    for (name, value) in targets {
+        if let Err(e) = pods.patch(&name, &PatchParams::default(), &Patch::Merge(set(value))).await {
+            tracing::warn!(pod = %name, "setting the {LEADER_LABEL} label: {e}");
+        }
+    }
 }
 
 fn now() -> MicroTime {
     MicroTime(k8s_openapi::jiff::Timestamp::now())
 }
 
-async fn try_acquire(api: &Api<Lease>, s: &Settings, observed: &mut Option<Observed>) -> kube::Result<bool> {
+async fn try_acquire(api: &Api<Lease>, s: &Settings, observed: &mut Option<Observed>) -> anyhow::Result<bool> {
     let seconds = i32::try_from(s.duration.as_secs()).unwrap_or(15).max(1);
     match api.entry(&s.name).await? {
         Entry::Vacant(v) => {
@@ -96,7 +145,7 @@ async fn try_acquire(api: &Api<Lease>, s: &Settings, observed: &mut Option<Obser
             match v.insert(lease).commit(&PostParams::default()).await {
                 Ok(()) => Ok(true),
                 Err(kube::api::entry::CommitError::Save(kube::Error::Api(e))) if e.code == 409 => Ok(false),
-                Err(e) => Err(kube::Error::Service(Box::new(e))),
+                Err(e) => Err(e.into()),
             }
         }
         Entry::Occupied(mut o) => {
@@ -131,7 +180,7 @@ async fn try_acquire(api: &Api<Lease>, s: &Settings, observed: &mut Option<Obser
                     Ok(true)
                 }
                 Err(kube::api::entry::CommitError::Save(kube::Error::Api(e))) if e.code == 409 => Ok(false),
-                Err(e) => Err(kube::Error::Service(Box::new(e))),
+                Err(e) => Err(e.into()),
             }
         }
     }

@@ -145,7 +145,7 @@ impl Operator {
             .with_context(|| format!("binding {}", s.metrics_listen))?;
         let (stream_addr, metrics_addr) = (stream.local_addr()?, health.local_addr()?);
         let (shutdown, rx) = tokio::sync::watch::channel(false);
-        let (compiled_tx, compiled_rx) = tokio::sync::watch::channel(Arc::new(reconcile::Compiled::default()));
+        let (compiled_tx, compiled_rx) = tokio::sync::watch::channel(None);
         let auth = Arc::new(auth::Authenticator::new(client.clone(), s.token_audience.clone()));
         let ns = s.namespace.clone();
         let mut tasks = vec![

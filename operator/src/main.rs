@@ -77,6 +77,7 @@ fn main() -> ExitCode {
             name: cli.lease_name,
             identity: identity.clone(),
             duration: cli.lease_duration.as_std().max(Duration::from_secs(1)),
+            pod: std::env::var("POD_NAME").ok().filter(|p| !p.is_empty()),
         }),
         identity,
         resync: cli.resync.as_std().max(Duration::from_secs(10)),

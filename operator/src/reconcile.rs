@@ -16,7 +16,8 @@ pub struct Compiled {
     pub rejected: Vec<Rejection>,
 }
 
-pub async fn run(state: Arc<State>, out: watch::Sender<Arc<Compiled>>, mut shutdown: watch::Receiver<bool>) {
+/// Publishes each compile on `out`; `None` until the first, so nothing acts on a half-known cluster.
+pub async fn run(state: Arc<State>, out: watch::Sender<Option<Arc<Compiled>>>, mut shutdown: watch::Receiver<bool>) {
     // A compile before every watch has listed would push configs missing routes.
     while !state.is_synced() {
         tokio::select! {
@@ -55,9 +56,18 @@ pub async fn run(state: Arc<State>, out: watch::Sender<Arc<Compiled>>, mut shutd
         }
         {
             let index = state.index.lock();
-            state.reports.lock().retain_pods(|ns, pod| index.pod(ns, pod).is_some());
+            let routes: std::collections::HashSet<String> = index
+                .routes()
+                .map(|r| {
+                    let (ns, name) = bulwark_api::compile::ns_name(&r.metadata);
+                    format!("{ns}/{name}")
+                })
+                .collect();
+            let mut reports = state.reports.lock();
+            reports.retain_pods(|ns, pod| index.pod(ns, pod).is_some());
+            reports.retain_routes(|r| routes.contains(r));
         }
-        out.send_replace(Arc::new(compiled));
+        out.send_replace(Some(Arc::new(compiled)));
         tokio::select! {
             _ = state.recompile.notified() => {}
             _ = shutdown.changed() => return,

@@ -17,6 +17,9 @@ use prometheus_client::{
     registry::Unit,
 };
 
+/// The failure classes sidecars report; anything else is ignored.
+const ERROR_CLASSES: [&str; 7] = ["timeout", "connect", "reset", "429", "4xx", "5xx", "stream"];
+
 /// Totals of one backend of one route (`namespace/route`).
 pub type Totals = BTreeMap<(String, String), BackendOutcome>;
 
@@ -46,7 +49,7 @@ impl Aggregator {
             let reset = before.is_some_and(|x| x.requests > b.requests);
             let before = before.filter(|_| !reset);
             total.requests += b.requests - before.map_or(0, |x| x.requests);
-            for (class, n) in &b.errors {
+            for (class, n) in b.errors.iter().filter(|(c, _)| ERROR_CLASSES.contains(&c.as_str())) {
                 let was = before.and_then(|x| x.errors.get(class)).copied().unwrap_or(0);
                 *total.errors.entry(class.clone()).or_default() += n.saturating_sub(was);
             }
@@ -65,6 +68,12 @@ impl Aggregator {
     /// Forgets the last reports of pods that are gone (their totals stay).
     pub fn retain_pods(&mut self, keep: impl Fn(&str, &str) -> bool) {
         self.last.retain(|(ns, pod), _| keep(ns, pod));
+    }
+
+    /// Forgets the totals of routes that no longer exist (`namespace/name`).
+    pub fn retain_routes(&mut self, keep: impl Fn(&str) -> bool) {
+        self.backends.retain(|(route, _), _| keep(route));
+        self.scanner_blocks.retain(|route, _| keep(route));
     }
 }
 
@@ -98,7 +107,7 @@ impl Collector for TotalsCollector {
         )?;
         for b in agg.backends.values() {
             let (ns, route) = split(&b.route);
-            for (class, n) in &b.errors {
+            for (class, n) in b.errors.iter().filter(|(c, _)| ERROR_CLASSES.contains(&c.as_str())) {
                 let labels = [("namespace", ns), ("route", route), ("backend", b.backend.as_str()), ("class", class)];
                 ConstCounter::new(*n).encode(errors.encode_family(&labels)?)?;
             }
@@ -120,7 +129,7 @@ impl Collector for TotalsCollector {
                 let (ns, route) = split(&b.route);
                 let labels = [("namespace", ns), ("route", route), ("backend", b.backend.as_str())];
                 let h = pick(b);
-                let bounds = LATENCY_BOUNDS.iter().copied().chain([f64::MAX]);
+                let bounds = LATENCY_BOUNDS.iter().copied().chain([f64::INFINITY]);
                 let buckets: Vec<(f64, u64)> = bounds.zip(h.counts.iter().copied()).collect();
                 enc.encode_family(&labels)?.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
                     h.sum,

@@ -47,6 +47,14 @@ pub struct Writer {
     statuses: HashMap<(Kind, String, String), serde_json::Value>,
 }
 
+/// What identifies a ConfigMap's content for the skip check: the config version and the owners
+/// (a route deleted and recreated has a new uid, and the copy needs the new owner).
+fn stamp(cm: &ConfigMap) -> String {
+    let version = cm.annotations().get(VERSION_ANNOTATION).cloned().unwrap_or_default();
+    let owners: Vec<&str> = cm.owner_references().iter().map(|o| o.uid.as_str()).collect();
+    format!("{version}/{}", owners.join(","))
+}
+
 /// One resource's status as computed now, and what it said before.
 struct Target {
     kind: Kind,
@@ -90,8 +98,8 @@ impl Writer {
         match api.list(&lp).await {
             Ok(list) => {
                 for cm in list {
-                    let version = cm.annotations().get(VERSION_ANNOTATION).cloned().unwrap_or_default();
-                    self.configmaps.insert((cm.namespace().unwrap_or_default(), cm.name_any()), version);
+                    let stamp = stamp(&cm);
+                    self.configmaps.insert((cm.namespace().unwrap_or_default(), cm.name_any()), stamp);
                 }
             }
             Err(e) => tracing::warn!("listing managed ConfigMaps: {e}"),
@@ -103,16 +111,17 @@ impl Writer {
         for g in &compiled.groups {
             let key = (g.namespace.clone(), g.name.clone());
             live.insert(key.clone());
-            if self.configmaps.get(&key) == Some(&g.config.version) {
+            let cm = self.configmap(g);
+            let stamp = stamp(&cm);
+            if self.configmaps.get(&key) == Some(&stamp) || !self.state.is_leader() {
                 continue;
             }
-            let cm = self.configmap(g);
             let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), &g.namespace);
             let pp = PatchParams::apply(FIELD_MANAGER).force();
             match api.patch(&g.name, &pp, &Patch::Apply(&cm)).await {
                 Ok(_) => {
                     self.state.metrics.write("ConfigMap", true);
-                    self.configmaps.insert(key, g.config.version.clone());
+                    self.configmaps.insert(key, stamp);
                 }
                 Err(e) => {
                     self.state.metrics.write("ConfigMap", false);
@@ -122,6 +131,9 @@ impl Writer {
         }
         let gone: Vec<_> = self.configmaps.keys().filter(|k| !live.contains(*k)).cloned().collect();
         for (ns, name) in gone {
+            if !self.state.is_leader() {
+                return;
+            }
             let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), &ns);
             let deleted = match api.delete(&name, &DeleteParams::default()).await {
                 Ok(_) => Ok(()),
@@ -141,6 +153,7 @@ impl Writer {
         }
     }
 
+    /// The ConfigMap a group should have.
     fn configmap(&self, g: &Group) -> ConfigMap {
         let index = self.state.index.lock();
         let owners: Vec<OwnerReference> = index
@@ -239,9 +252,12 @@ impl Writer {
             let key = (t.kind, t.namespace.clone(), t.name.clone());
             seen.insert(key.clone());
             let rejection = rejections.get(&(t.kind.as_str(), t.namespace.as_str(), t.name.as_str())).copied();
-            let conds = conditions(t.generation, rejection, &t.sidecars, &t.previous, &now);
+            // What this replica wrote last is newer than the watch's copy, which may lag.
+            let written = self.statuses.get(&key).and_then(|v| serde_json::from_value(v["conditions"].clone()).ok());
+            let previous: Vec<Condition> = written.unwrap_or_else(|| t.previous.clone());
+            let conds = conditions(t.generation, rejection, &t.sidecars, &previous, &now);
             let status = json!({"observedGeneration": t.generation, "conditions": conds, "sidecars": t.sidecars});
-            if self.statuses.get(&key) == Some(&status) {
+            if self.statuses.get(&key) == Some(&status) || !self.state.is_leader() {
                 continue;
             }
             let patch = json!({"status": status});
@@ -268,7 +284,7 @@ impl Writer {
                 Ok(()) => {
                     self.state.metrics.write("status", true);
                     self.statuses.insert(key, status);
-                    self.events(&t, &conds).await;
+                    self.events(&t, &previous, &conds).await;
                 }
                 // Deleted meanwhile: the watch will say so.
                 Err(kube::Error::Api(s)) if s.code == 404 => {}
@@ -286,9 +302,9 @@ impl Writer {
     }
 
     /// An Event for each condition whose status or reason changed.
-    async fn events(&self, t: &Target, now: &[Condition]) {
+    async fn events(&self, t: &Target, previous: &[Condition], now: &[Condition]) {
         for c in now {
-            let before = t.previous.iter().find(|p| p.type_ == c.type_);
+            let before = previous.iter().find(|p| p.type_ == c.type_);
             if before.is_some_and(|b| b.status == c.status && b.reason == c.reason) {
                 continue;
             }
@@ -314,32 +330,33 @@ impl Writer {
 }
 
 /// Writes while this replica leads: after each compile, when sidecars report a new version,
-/// and every `resync` as a safety net.
+/// and every `resync` as a safety net (every status and ConfigMap rewritten if it drifted).
 pub async fn run(
     mut writer: Writer,
-    mut compiled: watch::Receiver<Arc<Compiled>>,
+    mut compiled: watch::Receiver<Option<Arc<Compiled>>>,
     resync: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut leading = false;
+    let mut every = tokio::time::interval(resync);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    every.tick().await;
     loop {
         tokio::select! {
             r = compiled.changed() => if r.is_err() { return },
             _ = writer.state.restatus.notified() => {}
-            _ = tokio::time::sleep(resync) => writer.statuses.clear(),
+            _ = every.tick() => leading = false,
             _ = shutdown.changed() => return,
         }
         if !writer.state.is_leader() {
             leading = false;
             continue;
         }
+        // Nothing is written before the first compile of a fully listed cluster.
+        let Some(current) = compiled.borrow_and_update().clone() else { continue };
         if !leading {
             writer.resync().await;
             leading = true;
-        }
-        let current = compiled.borrow_and_update().clone();
-        if current.groups.is_empty() && current.rejected.is_empty() && !writer.state.is_synced() {
-            continue;
         }
         writer.configmaps(&current).await;
         writer.statuses(&current).await;
