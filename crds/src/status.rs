@@ -30,6 +30,7 @@ pub mod reasons {
     pub const RESOLVED_REFS: &str = "ResolvedRefs";
     pub const BACKEND_NOT_FOUND: &str = "BackendNotFound";
     pub const POLICY_NOT_FOUND: &str = "PolicyNotFound";
+    pub const SECRET_NOT_FOUND: &str = "SecretNotFound";
     pub const ROUTE_NOT_FOUND: &str = "RouteNotFound";
     pub const CONFLICT: &str = "Conflict";
 }

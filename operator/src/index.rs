@@ -26,6 +26,7 @@ pub enum Kind {
     Policy,
     Rollout,
     Pod,
+    Secret,
 }
 
 impl Kind {
@@ -35,6 +36,7 @@ impl Kind {
             Self::Policy => "ScannerPolicy",
             Self::Rollout => "ModelRollout",
             Self::Pod => "Pod",
+            Self::Secret => "Secret",
         }
     }
 }
@@ -47,6 +49,8 @@ pub struct Index {
     policies: BTreeMap<(String, String), ScannerPolicy>,
     rollouts: BTreeMap<(String, String), ModelRollout>,
     pods: BTreeMap<(String, String), Pod>,
+    /// Names of the Secrets that exist, when they are watched; `None` checks nothing.
+    secrets: Option<BTreeSet<Key>>,
     options: CompileOptions,
 }
 
@@ -68,6 +72,47 @@ type Labels = BTreeMap<String, String>;
 impl Index {
     pub fn new(options: CompileOptions) -> Self {
         Self { options, ..Self::default() }
+    }
+
+    /// Also checks that the Secrets routes reference exist (names only; never their data).
+    pub fn checking_secrets(mut self) -> Self {
+        self.secrets = Some(BTreeSet::new());
+        self
+    }
+
+    /// True when a sidecar's config or a status may change.
+    pub fn apply_secret(&mut self, ns: &str, name: &str) -> bool {
+        self.secrets.as_mut().is_some_and(|s| s.insert((ns.into(), name.into())))
+    }
+    pub fn delete_secret(&mut self, ns: &str, name: &str) -> bool {
+        self.secrets.as_mut().is_some_and(|s| s.remove(&(ns.to_owned(), name.to_owned())))
+    }
+
+    /// Routes whose backends read a key from a Secret that does not exist. The routes still go
+    /// to the sidecars (calls to those backends fail until the Secret appears); their status
+    /// says `ResolvedRefs=False`.
+    pub fn missing_secrets(&self) -> Vec<Rejection> {
+        let Some(secrets) = &self.secrets else { return vec![] };
+        let mut out = vec![];
+        for ((ns, name), r) in &self.routes {
+            let backends = r.spec.backends.iter().chain(r.spec.rules.iter().flat_map(|rule| &rule.backends));
+            let missing: BTreeSet<String> = backends
+                .filter_map(|b| b.credentials.as_ref()?.secret_key_ref.as_ref().map(|s| (b, s)))
+                .filter(|(_, s)| !secrets.contains(&(ns.clone(), s.name.clone())))
+                .map(|(b, s)| format!("Secret {ns}/{} (key {}, backend {})", s.name, s.key, b.name))
+                .collect();
+            if !missing.is_empty() {
+                let list: Vec<String> = missing.into_iter().collect();
+                out.push(Rejection {
+                    kind: "LLMRoute",
+                    namespace: ns.clone(),
+                    name: name.clone(),
+                    reason: bulwark_api::status::reasons::SECRET_NOT_FOUND,
+                    message: format!("{} not found; calls to those backends fail until it exists", list.join(", ")),
+                });
+            }
+        }
+        out
     }
 
     /// Stores a route; true when what the sidecars get may change (not for status-only writes).
@@ -121,6 +166,11 @@ impl Index {
             Kind::Policy => self.policies.retain(|k, _| keep.contains(k)),
             Kind::Rollout => self.rollouts.retain(|k, _| keep.contains(k)),
             Kind::Pod => self.pods.retain(|k, _| keep.contains(k)),
+            Kind::Secret => {
+                if let Some(s) = self.secrets.as_mut() {
+                    s.retain(|k| keep.contains(k));
+                }
+            }
         }
         before != self.len(kind)
     }
@@ -131,6 +181,7 @@ impl Index {
             Kind::Policy => self.policies.len(),
             Kind::Rollout => self.rollouts.len(),
             Kind::Pod => self.pods.len(),
+            Kind::Secret => self.secrets.as_ref().map_or(0, BTreeSet::len),
         }
     }
 
@@ -206,15 +257,17 @@ impl Index {
             let out = compile(&self.resources(ns), None, &self.options);
             out.rejected.into_iter().filter(|r| r.reason != bulwark_api::status::reasons::CONFLICT).for_each(&mut push);
         }
-        let rejected = rejected
+        // Missing Secrets first: a real rejection of the same resource takes precedence.
+        let rejected = self
+            .missing_secrets()
             .into_iter()
-            .map(|(kind, namespace, name, reason, message)| Rejection {
+            .chain(rejected.into_iter().map(|(kind, namespace, name, reason, message)| Rejection {
                 kind: kind_str(&kind),
                 namespace,
                 name,
                 reason: reason_str(&reason),
                 message,
-            })
+            }))
             .collect();
         (groups, rejected)
     }
@@ -361,6 +414,25 @@ mod tests {
         ix.report("a", "p2", "stale");
         assert_eq!(counts(&ix), (2, 1));
         assert_eq!(ix.sidecars(&groups, "LLMRoute", "a", "other").total, 0);
+    }
+
+    #[test]
+    fn missing_secrets_are_named_only_when_secrets_are_watched() {
+        let mut route = mk_route("a", "r", None, "m");
+        route.spec.rules[0].backends[0].credentials =
+            Some(serde_yaml::from_str("secretKeyRef: {name: openai, key: api-key}").unwrap());
+        let mut ix = Index::default();
+        ix.apply_route(route.clone());
+        assert!(ix.missing_secrets().is_empty(), "not watched: nothing to say");
+        let mut ix = Index::default().checking_secrets();
+        ix.apply_route(route);
+        ix.apply_pod("a", "p", labels("x"));
+        let (groups, rejected) = ix.compile();
+        assert_eq!(groups[0].config.routes.len(), 1, "the route is still programmed");
+        assert_eq!(rejected[0].reason, "SecretNotFound");
+        assert!(rejected[0].message.contains("Secret a/openai (key api-key, backend b)"), "{}", rejected[0].message);
+        assert!(ix.apply_secret("a", "openai"));
+        assert!(ix.compile().1.is_empty());
     }
 
     #[test]

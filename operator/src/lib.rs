@@ -29,6 +29,9 @@ use tokio::{sync::Notify, time::Instant};
 
 use crate::index::{Index, Kind};
 
+/// Routes, policies, rollouts, sidecar pods, Secret names.
+const WATCHES: usize = 5;
+
 /// The field manager of every write, so server-side apply knows what the operator owns.
 pub const FIELD_MANAGER: &str = "bulwark-operator";
 
@@ -83,14 +86,14 @@ impl State {
     pub fn synced(&self, kind: Kind) {
         let mut s = self.synced.lock();
         s.insert(kind);
-        if s.len() == 4 {
+        if s.len() == WATCHES {
             self.all_synced.notify_waiters();
         }
     }
 
     /// Every watch has listed once, so a compile sees the whole cluster.
     pub fn is_synced(&self) -> bool {
-        self.synced.lock().len() == 4
+        self.synced.lock().len() == WATCHES
     }
 
     pub fn is_leader(&self) -> bool {
@@ -130,7 +133,7 @@ impl Operator {
     /// Binds both listeners and starts watching, compiling, serving and (when leading) writing.
     pub async fn start(client: kube::Client, s: Settings) -> anyhow::Result<Self> {
         use anyhow::Context as _;
-        let state = Arc::new(State::new(Index::new(s.compile.clone())));
+        let state = Arc::new(State::new(Index::new(s.compile.clone()).checking_secrets()));
         let tls = s.tls.as_ref().map(|(cert, key)| distribute::tls(cert, key)).transpose()?;
         let ca = s
             .tls_ca
@@ -152,7 +155,12 @@ impl Operator {
             tokio::spawn(watch::follow::<bulwark_api::LLMRoute>(client.clone(), ns.clone(), state.clone())),
             tokio::spawn(watch::follow::<bulwark_api::ScannerPolicy>(client.clone(), ns.clone(), state.clone())),
             tokio::spawn(watch::follow::<bulwark_api::ModelRollout>(client.clone(), ns.clone(), state.clone())),
-            tokio::spawn(watch::follow::<k8s_openapi::api::core::v1::Pod>(client.clone(), ns, state.clone())),
+            tokio::spawn(watch::follow::<k8s_openapi::api::core::v1::Pod>(client.clone(), ns.clone(), state.clone())),
+            tokio::spawn(watch::follow::<kube::core::PartialObjectMeta<k8s_openapi::api::core::v1::Secret>>(
+                client.clone(),
+                ns,
+                state.clone(),
+            )),
             tokio::spawn(reconcile::run(state.clone(), compiled_tx, rx.clone())),
             tokio::spawn(distribute::serve(stream, tls, state.clone(), auth, rx.clone())),
             tokio::spawn(health::serve(health, state.clone(), rx.clone())),
@@ -175,8 +183,8 @@ impl Operator {
         let _ = self.shutdown.send(true);
         let mut watches = vec![];
         for (i, t) in self.tasks.into_iter().enumerate() {
-            // The four watches run until aborted.
-            if i < 4 {
+            // The watches run until aborted.
+            if i < WATCHES {
                 t.abort();
                 watches.push(t);
             } else {

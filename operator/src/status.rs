@@ -33,8 +33,11 @@ pub fn conditions(
         }
     };
     let refs_problem = rejection.filter(|r| {
-        [reasons::POLICY_NOT_FOUND, reasons::BACKEND_NOT_FOUND, reasons::ROUTE_NOT_FOUND].contains(&r.reason)
+        [reasons::POLICY_NOT_FOUND, reasons::BACKEND_NOT_FOUND, reasons::ROUTE_NOT_FOUND, reasons::SECRET_NOT_FOUND]
+            .contains(&r.reason)
     });
+    // A missing Secret does not keep the route from the sidecars: readiness counts them.
+    let excluded = rejection.filter(|r| r.reason != reasons::SECRET_NOT_FOUND);
     let invalid = rejection.filter(|r| r.reason == reasons::INVALID || r.reason == reasons::CONFLICT);
     let accepted = match invalid {
         Some(r) => c("Accepted", false, r.reason, r.message.clone()),
@@ -44,7 +47,7 @@ pub fn conditions(
         Some(r) => c("ResolvedRefs", false, r.reason, r.message.clone()),
         None => c("ResolvedRefs", true, reasons::RESOLVED_REFS, "every reference resolves".into()),
     };
-    let ready = if let Some(r) = rejection {
+    let ready = if let Some(r) = excluded {
         c("Ready", false, "NotProgrammed", format!("not programmed into any sidecar: {}", r.message))
     } else if sidecars.total == 0 {
         c("Ready", true, "NoSidecars", "no sidecar selects this resource yet".into())
@@ -94,6 +97,15 @@ mod tests {
         let invalid = conditions(Some(2), Some(&rejection("Invalid")), &all, &[], "t0");
         assert_eq!(brief(&invalid)[0], (t("Accepted"), t("False"), t("Invalid")));
         assert_eq!(invalid[0].message, "why");
+        let secret = conditions(Some(2), Some(&rejection("SecretNotFound")), &all, &[], "t0");
+        assert_eq!(
+            brief(&secret),
+            [
+                (t("Accepted"), t("True"), t("Accepted")),
+                (t("ResolvedRefs"), t("False"), t("SecretNotFound")),
+                (t("Ready"), t("True"), t("Programmed"))
+            ]
+        );
         let refs = conditions(Some(2), Some(&rejection("PolicyNotFound")), &all, &[], "t0");
         assert_eq!(
             brief(&refs)[..2],

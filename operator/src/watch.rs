@@ -6,9 +6,10 @@ use std::{collections::BTreeSet, fmt::Debug, sync::Arc};
 
 use bulwark_api::{LLMRoute, ModelRollout, ScannerPolicy, compile::ns_name, control::SIDECAR_LABEL};
 use futures_util::StreamExt as _;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::{
     Api, Client, Resource,
+    core::PartialObjectMeta,
     runtime::{WatchStreamExt as _, watcher},
 };
 use serde::de::DeserializeOwned;
@@ -76,9 +77,22 @@ impl Indexed for Pod {
     }
 }
 
+/// Secrets by name only: `Api<PartialObjectMeta<_>>` asks for metadata, never the data, so
+/// routes can say which referenced Secret is missing.
+impl Indexed for PartialObjectMeta<Secret> {
+    const KIND: Kind = Kind::Secret;
+    fn store(self, ix: &mut Index) -> bool {
+        let (ns, name) = ns_name(&self.metadata);
+        ix.apply_secret(&ns, &name)
+    }
+    fn remove(ns: &str, name: &str, ix: &mut Index) {
+        ix.delete_secret(ns, name);
+    }
+}
+
 fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
 where
-    K: Indexed + Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
 {
     match namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
@@ -95,7 +109,14 @@ where
     if K::KIND == Kind::Pod {
         config = config.labels(&format!("{SIDECAR_LABEL}=true"));
     }
-    let mut events = watcher(api::<K>(&client, namespace.as_deref()), config).default_backoff().boxed();
+    let events = watcher(api::<K>(&client, namespace.as_deref()), config).default_backoff().boxed();
+    consume(events, state).await;
+}
+
+async fn consume<K: Indexed>(
+    mut events: futures_util::stream::BoxStream<'static, Result<watcher::Event<K>, watcher::Error>>,
+    state: Arc<State>,
+) {
     let mut relisting: Option<BTreeSet<(String, String)>> = None;
     while let Some(event) = events.next().await {
         let event = match event {

@@ -261,24 +261,11 @@ impl Writer {
                 continue;
             }
             let patch = json!({"status": status});
-            let pp = PatchParams::default();
             let result = match t.kind {
-                Kind::Route => self
-                    .api::<LLMRoute>(&t.namespace)
-                    .patch_status(&t.name, &pp, &Patch::Merge(&patch))
-                    .await
-                    .map(|_| ()),
-                Kind::Policy => self
-                    .api::<ScannerPolicy>(&t.namespace)
-                    .patch_status(&t.name, &pp, &Patch::Merge(&patch))
-                    .await
-                    .map(|_| ()),
-                Kind::Rollout => self
-                    .api::<ModelRollout>(&t.namespace)
-                    .patch_status(&t.name, &pp, &Patch::Merge(&patch))
-                    .await
-                    .map(|_| ()),
-                Kind::Pod => Ok(()),
+                Kind::Route => self.patch_status::<LLMRoute>(&t.namespace, &t.name, &patch).await,
+                Kind::Policy => self.patch_status::<ScannerPolicy>(&t.namespace, &t.name, &patch).await,
+                Kind::Rollout => self.patch_status::<ModelRollout>(&t.namespace, &t.name, &patch).await,
+                Kind::Pod | Kind::Secret => Ok(()),
             };
             match result {
                 Ok(()) => {
@@ -297,8 +284,16 @@ impl Writer {
         self.statuses.retain(|k, _| seen.contains(k));
     }
 
-    fn api<K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>>(&self, ns: &str) -> Api<K> {
-        Api::namespaced(self.client.clone(), ns)
+    /// A merge patch of the status subresource.
+    async fn patch_status<K>(&self, ns: &str, name: &str, patch: &serde_json::Value) -> kube::Result<()>
+    where
+        K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+    {
+        let api: Api<K> = Api::namespaced(self.client.clone(), ns);
+        api.patch_status(name, &PatchParams::default(), &Patch::Merge(patch)).await.map(|_| ())
     }
 
     /// An Event for each condition whose status or reason changed.
