@@ -143,7 +143,11 @@ async fn accept_loop(listener: TcpListener, state: Arc<Mutex<State>>, mut stoppe
         let stream = tokio::select! {
             _ = stopped.changed() => break,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok((stream, _)) => {
+                    // Watch events are small writes: send each at once.
+                    let _ = stream.set_nodelay(true);
+                    stream
+                }
                 Err(error) => {
                     tracing::warn!(%error, "accept failed");
                     continue;
