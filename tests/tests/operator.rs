@@ -182,6 +182,21 @@ async fn the_operator_programs_sidecars_and_they_survive_it() -> anyhow::Result<
     let events = c.kubectl(&["get", "events.events.k8s.io", "-n", NS, "-o", "json"])?;
     assert!(events.contains("Invalid") && events.contains("broken"), "a Warning event names the problem: {events}");
 
+    // A route whose key lives in a Secret that does not exist yet: ResolvedRefs says so until
+    // the Secret is created (only its name is watched).
+    c.apply(&format!(
+        "apiVersion: bulwark.dev/v1alpha1\nkind: LLMRoute\nmetadata: {{name: keyed, namespace: {NS}}}\nspec:\n  workloadSelector: {{matchLabels: {{app: nobody}}}}\n  rules: [{{backends: [{{name: openai, url: 'https://api.openai.com/v1', provider: openai, credentials: {{secretKeyRef: {{name: openai, key: api-key}}}}}}]}}]\n"
+    ))?;
+    eventually(Duration::from_secs(10), "ResolvedRefs=False/SecretNotFound", || async {
+        (condition(&c, "llmroute/keyed", "ResolvedRefs") == "False/SecretNotFound").then_some(())
+    })
+    .await?;
+    c.kubectl(&["create", "secret", "generic", "openai", "-n", NS, "--from-literal=api-key=sk-test"])?;
+    eventually(Duration::from_secs(10), "ResolvedRefs=True once the Secret exists", || async {
+        (condition(&c, "llmroute/keyed", "ResolvedRefs") == "True/ResolvedRefs").then_some(())
+    })
+    .await?;
+
     // The intruder's sidecar was refused and serves nothing.
     assert!(config_of(&intruder).await.unwrap()["routes"].as_array().unwrap().is_empty());
     eventually(Duration::from_secs(10), "the intruder to be refused", || async {
