@@ -56,6 +56,7 @@ lint:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 unit: models tools
+	$(CARGO) build --workspace --bins
 	ORT_DYLIB_PATH=$(ORT) BULWARK_MODELS_DIR=$(MODELS) BULWARK_REQUIRE_MODELS=1 BULWARK_REQUIRE_KUBECTL=1 \
 	  KUBECTL=$(CURDIR)/.tools/bin/kubectl $(CARGO) test --workspace
 
