@@ -146,9 +146,15 @@ async fn consume<K: Indexed>(
                     state.synced(K::KIND);
                     true
                 }
-                watcher::Event::Apply(obj) => obj.store(&mut ix),
+                watcher::Event::Apply(obj) => {
+                    let (ns, name) = ns_name(obj.meta());
+                    let changed = obj.store(&mut ix);
+                    tracing::debug!(kind = K::KIND.as_str(), namespace = %ns, name = %name, changed, "applied");
+                    changed
+                }
                 watcher::Event::Delete(obj) => {
                     let (ns, name) = ns_name(obj.meta());
+                    tracing::debug!(kind = K::KIND.as_str(), namespace = %ns, name = %name, "deleted");
                     K::remove(&ns, &name, &mut ix);
                     true
                 }

@@ -120,6 +120,7 @@ impl Writer {
             let pp = PatchParams::apply(FIELD_MANAGER).force();
             match api.patch(&g.name, &pp, &Patch::Apply(&cm)).await {
                 Ok(_) => {
+                    tracing::debug!(namespace = %g.namespace, configmap = %g.name, version = %g.config.version, "config copy written");
                     self.state.metrics.write("ConfigMap", true);
                     self.configmaps.insert(key, stamp);
                 }
@@ -269,6 +270,7 @@ impl Writer {
             };
             match result {
                 Ok(()) => {
+                    tracing::debug!(kind = t.kind.as_str(), namespace = %t.namespace, name = %t.name, "status written");
                     self.state.metrics.write("status", true);
                     self.statuses.insert(key, status);
                     self.events(&t, &previous, &conds).await;
