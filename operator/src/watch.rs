@@ -117,7 +117,8 @@ async fn consume<K: Indexed>(
     mut events: futures_util::stream::BoxStream<'static, Result<watcher::Event<K>, watcher::Error>>,
     state: Arc<State>,
 ) {
-    let mut relisting: Option<BTreeSet<(String, String)>> = None;
+    // A (re)list is applied whole at its end, so no compile sees half old, half new objects.
+    let mut relisting: Option<Vec<K>> = None;
     while let Some(event) = events.next().await {
         let event = match event {
             Ok(e) => e,
@@ -131,19 +132,25 @@ async fn consume<K: Indexed>(
             let mut ix = state.index.lock();
             match event {
                 watcher::Event::Init => {
-                    relisting = Some(BTreeSet::new());
+                    relisting = Some(vec![]);
                     false
                 }
-                watcher::Event::InitApply(obj) => {
-                    if let Some(seen) = relisting.as_mut() {
-                        seen.insert(ns_name(obj.meta()));
+                watcher::Event::InitApply(obj) => match relisting.as_mut() {
+                    Some(listed) => {
+                        listed.push(obj);
+                        false
                     }
-                    obj.store(&mut ix)
-                }
+                    None => obj.store(&mut ix),
+                },
                 watcher::Event::InitDone => {
-                    let seen = relisting.take().unwrap_or_default();
+                    let listed = relisting.take().unwrap_or_default();
+                    let seen: BTreeSet<(String, String)> = listed.iter().map(|o| ns_name(o.meta())).collect();
                     ix.retain(K::KIND, &seen);
+                    for obj in listed {
+                        obj.store(&mut ix);
+                    }
                     state.synced(K::KIND);
+                    // Relists are rare, and a compile that changes nothing pushes nothing.
                     true
                 }
                 watcher::Event::Apply(obj) => {
