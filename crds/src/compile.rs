@@ -35,7 +35,7 @@ impl Default for CompileOptions {
 }
 
 /// A resource left out of the config, and why.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Rejection {
     pub kind: &'static str,
     pub namespace: String,

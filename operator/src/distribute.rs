@@ -34,19 +34,21 @@ use crate::{State, auth::Authenticator, index::Group};
 pub struct Frame {
     pub version: String,
     pub line: Bytes,
-    /// The `(route, backend)` pairs of the config: the only ones its sidecars may report on.
-    pub backends: HashSet<(String, String)>,
+    /// The backends of each route of the config: the only ones its sidecars may report on.
+    pub backends: HashMap<String, HashSet<String>>,
 }
 
 impl Frame {
     fn of(config: &bulwark_api::SidecarConfig) -> Self {
         let mut line = serde_json::to_vec(config).unwrap_or_default();
         line.push(b'\n');
-        let backends = config
-            .routes
-            .iter()
-            .flat_map(|r| r.backends.iter().chain(&r.fallback).map(|b| (r.route.clone(), b.name.clone())))
-            .collect();
+        let mut backends: HashMap<String, HashSet<String>> = HashMap::new();
+        for r in &config.routes {
+            backends
+                .entry(r.route.clone())
+                .or_default()
+                .extend(r.backends.iter().chain(&r.fallback).map(|b| b.name.clone()));
+        }
         Self { version: config.version.clone(), line: line.into(), backends }
     }
 }
@@ -87,7 +89,7 @@ impl Hub {
                 }
             }
         }
-        // Keep channels of sidecars waiting for a pod the index does not know yet.
+        // Keep channels of sidecars whose pod is indexed but not compiled into a group yet.
         pods.retain(|k, slot| live.contains(k) || (slot.borrow().is_none() && slot.receiver_count() > 0));
         sent
     }
@@ -95,10 +97,6 @@ impl Hub {
     /// The config a pod was last handed.
     pub fn current(&self, ns: &str, pod: &str) -> Option<Arc<Frame>> {
         self.pods.lock().get(&(ns.to_owned(), pod.to_owned())).and_then(|s| s.borrow().clone())
-    }
-
-    pub fn connected(&self) -> usize {
-        self.pods.lock().values().map(|s| s.receiver_count()).sum()
     }
 }
 
@@ -255,7 +253,8 @@ async fn handle(ctx: &Ctx, req: Request<Incoming>) -> Response<Body> {
     // Only outcomes of the routes and backends this pod was given count.
     let given = ctx.state.hub.current(&who.namespace, &who.pod);
     let allowed = |route: &str, backend: Option<&str>| {
-        given.as_ref().is_some_and(|f| f.backends.iter().any(|(r, b)| r == route && backend.is_none_or(|x| x == b)))
+        let backends = given.as_ref().and_then(|f| f.backends.get(route));
+        backends.is_some_and(|b| backend.is_none_or(|x| b.contains(x)))
     };
     report.backends.retain(|b| allowed(&b.route, Some(&b.backend)));
     report.routes.retain(|r| allowed(&r.route, None));

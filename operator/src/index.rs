@@ -117,24 +117,29 @@ impl Index {
 
     /// Stores a route; true when what the sidecars get may change (not for status-only writes).
     pub fn apply_route(&mut self, r: LLMRoute) -> bool {
-        let old = self.routes.insert(ns_name(&r.metadata), r.clone());
-        old.is_none_or(|o| o.spec != r.spec || o.metadata.uid != r.metadata.uid)
+        let key = ns_name(&r.metadata);
+        let changed = self.routes.get(&key).is_none_or(|o| o.spec != r.spec || o.metadata.uid != r.metadata.uid);
+        self.routes.insert(key, r);
+        changed
     }
     pub fn delete_route(&mut self, ns: &str, name: &str) {
         self.routes.remove(&(ns.into(), name.into()));
     }
     pub fn apply_policy(&mut self, p: ScannerPolicy) -> bool {
-        let old = self.policies.insert(ns_name(&p.metadata), p.clone());
-        old.is_none_or(|o| o.spec != p.spec || o.metadata.uid != p.metadata.uid)
+        let key = ns_name(&p.metadata);
+        let changed = self.policies.get(&key).is_none_or(|o| o.spec != p.spec || o.metadata.uid != p.metadata.uid);
+        self.policies.insert(key, p);
+        changed
     }
     pub fn delete_policy(&mut self, ns: &str, name: &str) {
         self.policies.remove(&(ns.into(), name.into()));
     }
     pub fn apply_rollout(&mut self, r: ModelRollout) -> bool {
-        let old = self.rollouts.insert(ns_name(&r.metadata), r.clone());
-        old.is_none_or(|o| {
-            o.spec != r.spec || o.status.as_ref().map(|s| s.canary_weight) != r.status.as_ref().map(|s| s.canary_weight)
-        })
+        let key = ns_name(&r.metadata);
+        let weight = |r: &ModelRollout| r.status.as_ref().map(|s| s.canary_weight);
+        let changed = self.rollouts.get(&key).is_none_or(|o| o.spec != r.spec || weight(o) != weight(&r));
+        self.rollouts.insert(key, r);
+        changed
     }
     pub fn delete_rollout(&mut self, ns: &str, name: &str) {
         self.rollouts.remove(&(ns.into(), name.into()));
@@ -159,8 +164,7 @@ impl Index {
     }
 
     /// Forgets every object of `kind` not in `keep` (after a full relist).
-    pub fn retain(&mut self, kind: Kind, keep: &BTreeSet<Key>) -> bool {
-        let before = self.len(kind);
+    pub fn retain(&mut self, kind: Kind, keep: &BTreeSet<Key>) {
         match kind {
             Kind::Route => self.routes.retain(|k, _| keep.contains(k)),
             Kind::Policy => self.policies.retain(|k, _| keep.contains(k)),
@@ -172,17 +176,10 @@ impl Index {
                 }
             }
         }
-        before != self.len(kind)
     }
 
-    pub fn len(&self, kind: Kind) -> usize {
-        match kind {
-            Kind::Route => self.routes.len(),
-            Kind::Policy => self.policies.len(),
-            Kind::Rollout => self.rollouts.len(),
-            Kind::Pod => self.pods.len(),
-            Kind::Secret => self.secrets.as_ref().map_or(0, BTreeSet::len),
-        }
+    pub fn has_route(&self, ns: &str, name: &str) -> bool {
+        self.routes.contains_key(&(ns.into(), name.into()))
     }
 
     pub fn routes(&self) -> impl Iterator<Item = &LLMRoute> {
@@ -194,8 +191,7 @@ impl Index {
     pub fn rollouts(&self) -> impl Iterator<Item = &ModelRollout> {
         self.rollouts.values()
     }
-    /// A sidecar reported the config version it runs.
-    /// True when the pod's reported version changed.
+    /// A sidecar reported the config version it runs; true when that changed.
     pub fn report(&mut self, ns: &str, pod: &str, version: &str) -> bool {
         match self.pods.get_mut(&(ns.into(), pod.into())) {
             Some(p) if p.applied.as_deref() != Some(version) => {
@@ -240,9 +236,9 @@ impl Index {
             entry.0.push(name.clone());
         }
         let mut groups = vec![];
-        let mut rejected: BTreeSet<(String, String, String, String, String)> = BTreeSet::new();
+        let mut rejected: BTreeSet<Rejection> = BTreeSet::new();
         let mut push = |r: Rejection| {
-            rejected.insert((r.kind.to_owned(), r.namespace, r.name, r.reason.to_owned(), r.message));
+            rejected.insert(r);
         };
         for ((ns, routes), (pods, labels)) in by_selection {
             let res = self.resources(&ns);
@@ -258,17 +254,7 @@ impl Index {
             out.rejected.into_iter().filter(|r| r.reason != bulwark_api::status::reasons::CONFLICT).for_each(&mut push);
         }
         // Missing Secrets first: a real rejection of the same resource takes precedence.
-        let rejected = self
-            .missing_secrets()
-            .into_iter()
-            .chain(rejected.into_iter().map(|(kind, namespace, name, reason, message)| Rejection {
-                kind: kind_str(&kind),
-                namespace,
-                name,
-                reason: reason_str(&reason),
-                message,
-            }))
-            .collect();
+        let rejected = self.missing_secrets().into_iter().chain(rejected).collect();
         (groups, rejected)
     }
 }
@@ -276,16 +262,17 @@ impl Index {
 impl Index {
     /// How many sidecars a resource reaches, and how many of them run their group's current
     /// config (as they reported it).
-    pub fn sidecars(&self, groups: &[Group], kind: &str, ns: &str, name: &str) -> bulwark_api::route::SidecarCounts {
-        let route_of_rollout = (kind == "ModelRollout")
+    pub fn sidecars(&self, groups: &[Group], kind: Kind, ns: &str, name: &str) -> bulwark_api::route::SidecarCounts {
+        let route_of_rollout = (kind == Kind::Rollout)
             .then(|| self.rollouts.get(&(ns.into(), name.into())).map(|r| r.spec.route_ref.name.clone()))
             .flatten();
         let mut counts = bulwark_api::route::SidecarCounts::default();
         for g in groups.iter().filter(|g| g.namespace == ns) {
             let selects = match kind {
-                "LLMRoute" => g.routes.iter().any(|r| r == name),
-                "ScannerPolicy" => g.config.scanner_policies.contains_key(&format!("{ns}/{name}")),
-                _ => route_of_rollout.as_ref().is_some_and(|r| g.routes.contains(r)),
+                Kind::Route => g.routes.iter().any(|r| r == name),
+                Kind::Policy => g.config.scanner_policies.contains_key(&format!("{ns}/{name}")),
+                Kind::Rollout => route_of_rollout.as_ref().is_some_and(|r| g.routes.contains(r)),
+                Kind::Pod | Kind::Secret => false,
             };
             if !selects {
                 continue;
@@ -310,22 +297,6 @@ fn group_name(ns: &str, routes: &[String]) -> String {
     }
     let hex: String = h.finalize().iter().take(5).map(|b| format!("{b:02x}")).collect();
     format!("bulwark-{hex}")
-}
-
-fn kind_str(k: &str) -> &'static str {
-    match k {
-        "LLMRoute" => "LLMRoute",
-        "ScannerPolicy" => "ScannerPolicy",
-        _ => "ModelRollout",
-    }
-}
-
-fn reason_str(r: &str) -> &'static str {
-    use bulwark_api::status::reasons::*;
-    [INVALID, CONFLICT, POLICY_NOT_FOUND, BACKEND_NOT_FOUND, ROUTE_NOT_FOUND]
-        .into_iter()
-        .find(|x| *x == r)
-        .unwrap_or(INVALID)
 }
 
 #[cfg(test)]
@@ -406,14 +377,14 @@ mod tests {
         ix.apply_pod("a", "p2", labels("y"));
         let (groups, _) = ix.compile();
         let counts = |ix: &Index| {
-            let c = ix.sidecars(&groups, "LLMRoute", "a", "r");
+            let c = ix.sidecars(&groups, Kind::Route, "a", "r");
             (c.total, c.up_to_date)
         };
         assert_eq!(counts(&ix), (2, 0));
         ix.report("a", "p1", &groups[0].config.version);
         ix.report("a", "p2", "stale");
         assert_eq!(counts(&ix), (2, 1));
-        assert_eq!(ix.sidecars(&groups, "LLMRoute", "a", "other").total, 0);
+        assert_eq!(ix.sidecars(&groups, Kind::Route, "a", "other").total, 0);
     }
 
     #[test]

@@ -54,18 +54,16 @@ pub async fn run(client: Client, settings: Settings, state: Arc<State>, mut shut
     let mut renewed: Option<Instant> = None;
     loop {
         // A renewal that hangs must not keep this replica leading past its lease.
-        let attempt = tokio::time::timeout(retry, try_acquire(&api, &settings, &mut observed)).await;
+        let attempt = tokio::time::timeout(retry, try_acquire(&api, &settings, &mut observed))
+            .await
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer in {retry:?}")));
         let held = match attempt {
-            Ok(Ok(held)) => {
+            Ok(held) => {
                 renewed = held.then(Instant::now);
                 held
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 tracing::warn!(lease = %settings.name, "lease: {e:#}");
-                renewed.is_some_and(|at| at.elapsed() < settings.duration * 2 / 3)
-            }
-            Err(_) => {
-                tracing::warn!(lease = %settings.name, "lease: no answer in {retry:?}");
                 renewed.is_some_and(|at| at.elapsed() < settings.duration * 2 / 3)
             }
         };

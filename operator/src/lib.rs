@@ -48,7 +48,6 @@ pub struct State {
     /// When the oldest change not yet pushed was seen.
     pending_since: Mutex<Option<Instant>>,
     synced: Mutex<BTreeSet<Kind>>,
-    pub all_synced: Notify,
     pub leader: AtomicBool,
 }
 
@@ -66,7 +65,6 @@ impl State {
             restatus: Notify::new(),
             pending_since: Mutex::new(None),
             synced: Mutex::default(),
-            all_synced: Notify::new(),
             leader: AtomicBool::new(false),
         }
     }
@@ -82,13 +80,9 @@ impl State {
         self.pending_since.lock().take()
     }
 
-    /// A watch finished its first full list.
+    /// A watch finished a full list (it then wakes the compiler).
     pub fn synced(&self, kind: Kind) {
-        let mut s = self.synced.lock();
-        s.insert(kind);
-        if s.len() == WATCHES {
-            self.all_synced.notify_waiters();
-        }
+        self.synced.lock().insert(kind);
     }
 
     /// Every watch has listed once, so a compile sees the whole cluster.
@@ -126,6 +120,8 @@ pub struct Operator {
     pub stream_addr: std::net::SocketAddr,
     pub metrics_addr: std::net::SocketAddr,
     shutdown: tokio::sync::watch::Sender<bool>,
+    /// The watches run until aborted; the other tasks end on `shutdown`.
+    watches: Vec<tokio::task::JoinHandle<()>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -151,7 +147,7 @@ impl Operator {
         let (compiled_tx, compiled_rx) = tokio::sync::watch::channel(None);
         let auth = Arc::new(auth::Authenticator::new(client.clone(), s.token_audience.clone()));
         let ns = s.namespace.clone();
-        let mut tasks = vec![
+        let watches = vec![
             tokio::spawn(watch::follow::<bulwark_api::LLMRoute>(client.clone(), ns.clone(), state.clone())),
             tokio::spawn(watch::follow::<bulwark_api::ScannerPolicy>(client.clone(), ns.clone(), state.clone())),
             tokio::spawn(watch::follow::<bulwark_api::ModelRollout>(client.clone(), ns.clone(), state.clone())),
@@ -161,6 +157,8 @@ impl Operator {
                 ns,
                 state.clone(),
             )),
+        ];
+        let mut tasks = vec![
             tokio::spawn(reconcile::run(state.clone(), compiled_tx, rx.clone())),
             tokio::spawn(distribute::serve(stream, tls, state.clone(), auth, rx.clone())),
             tokio::spawn(health::serve(health, state.clone(), rx.clone())),
@@ -175,23 +173,17 @@ impl Operator {
             }
         }
         tracing::info!(%stream_addr, %metrics_addr, "operator serving");
-        Ok(Self { state, stream_addr, metrics_addr, shutdown, tasks })
+        Ok(Self { state, stream_addr, metrics_addr, shutdown, watches, tasks })
     }
 
     /// Stops serving, releases the lease, and waits for the tasks that end on shutdown.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
-        let mut watches = vec![];
-        for (i, t) in self.tasks.into_iter().enumerate() {
-            // The watches run until aborted.
-            if i < WATCHES {
-                t.abort();
-                watches.push(t);
-            } else {
-                let _ = tokio::time::timeout(std::time::Duration::from_secs(10), t).await;
-            }
+        self.watches.iter().for_each(|t| t.abort());
+        for t in self.tasks {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(10), t).await;
         }
-        for t in watches {
+        for t in self.watches {
             let _ = t.await;
         }
     }

@@ -18,16 +18,21 @@ pub struct Compiled {
 
 /// Publishes each compile on `out`; `None` until the first, so nothing acts on a half-known cluster.
 pub async fn run(state: Arc<State>, out: watch::Sender<Option<Arc<Compiled>>>, mut shutdown: watch::Receiver<bool>) {
-    // A compile before every watch has listed would push configs missing routes.
-    while !state.is_synced() {
+    // A compile before every watch has listed would push configs missing routes. Each watch
+    // wakes the compiler when it has listed, so the last one to finish starts the first compile.
+    let mut first = true;
+    loop {
         tokio::select! {
-            _ = state.all_synced.notified() => {}
-            _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
+            _ = state.recompile.notified() => {}
             _ = shutdown.changed() => return,
         }
-    }
-    tracing::info!("every watch has listed; compiling");
-    loop {
+        if !state.is_synced() {
+            continue;
+        }
+        if first {
+            tracing::info!("every watch has listed; compiling");
+            first = false;
+        }
         let since = state.take_pending();
         let started = Instant::now();
         let compiled = {
@@ -56,21 +61,10 @@ pub async fn run(state: Arc<State>, out: watch::Sender<Option<Arc<Compiled>>>, m
         }
         {
             let index = state.index.lock();
-            let routes: std::collections::HashSet<String> = index
-                .routes()
-                .map(|r| {
-                    let (ns, name) = bulwark_api::compile::ns_name(&r.metadata);
-                    format!("{ns}/{name}")
-                })
-                .collect();
             let mut reports = state.reports.lock();
             reports.retain_pods(|ns, pod| index.pod(ns, pod).is_some());
-            reports.retain_routes(|r| routes.contains(r));
+            reports.retain_routes(|r| r.split_once('/').is_some_and(|(ns, name)| index.has_route(ns, name)));
         }
         out.send_replace(Some(Arc::new(compiled)));
-        tokio::select! {
-            _ = state.recompile.notified() => {}
-            _ = shutdown.changed() => return,
-        }
     }
 }

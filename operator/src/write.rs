@@ -8,7 +8,7 @@ use std::{
     time::Duration,
 };
 
-use bulwark_api::{LLMRoute, ModelRollout, Rejection, ScannerPolicy, status::Condition};
+use bulwark_api::{LLMRoute, ModelRollout, Rejection, ScannerPolicy, route::SidecarCounts, status::Condition};
 use k8s_openapi::{
     api::core::v1::ConfigMap,
     apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference},
@@ -43,16 +43,20 @@ pub struct Writer {
     recorder: Recorder,
     /// The watched namespace, or `None` for all.
     namespace: Option<String>,
+    /// The stamp of each ConfigMap as last written or listed.
     configmaps: HashMap<(String, String), String>,
-    statuses: HashMap<(Kind, String, String), serde_json::Value>,
+    /// The status of each resource as last written.
+    statuses: HashMap<(Kind, String, String), Written>,
 }
+
+/// A status as written: `observedGeneration`, the conditions, the sidecar counts.
+type Written = (Option<i64>, Vec<Condition>, SidecarCounts);
 
 /// What identifies a ConfigMap's content for the skip check: the config version and the owners
 /// (a route deleted and recreated has a new uid, and the copy needs the new owner).
-fn stamp(cm: &ConfigMap) -> String {
-    let version = cm.annotations().get(VERSION_ANNOTATION).cloned().unwrap_or_default();
-    let owners: Vec<&str> = cm.owner_references().iter().map(|o| o.uid.as_str()).collect();
-    format!("{version}/{}", owners.join(","))
+fn stamp(version: &str, owners: &[OwnerReference]) -> String {
+    let uids: Vec<&str> = owners.iter().map(|o| o.uid.as_str()).collect();
+    format!("{version}/{}", uids.join(","))
 }
 
 /// One resource's status as computed now, and what it said before.
@@ -63,7 +67,7 @@ struct Target {
     reference: k8s_openapi::api::core::v1::ObjectReference,
     generation: Option<i64>,
     previous: Vec<Condition>,
-    sidecars: bulwark_api::route::SidecarCounts,
+    sidecars: SidecarCounts,
 }
 
 impl Writer {
@@ -98,7 +102,8 @@ impl Writer {
         match api.list(&lp).await {
             Ok(list) => {
                 for cm in list {
-                    let stamp = stamp(&cm);
+                    let version = cm.annotations().get(VERSION_ANNOTATION).cloned().unwrap_or_default();
+                    let stamp = stamp(&version, cm.owner_references());
                     self.configmaps.insert((cm.namespace().unwrap_or_default(), cm.name_any()), stamp);
                 }
             }
@@ -111,11 +116,12 @@ impl Writer {
         for g in &compiled.groups {
             let key = (g.namespace.clone(), g.name.clone());
             live.insert(key.clone());
-            let cm = self.configmap(g);
-            let stamp = stamp(&cm);
+            let owners = self.owners(g);
+            let stamp = stamp(&g.config.version, &owners);
             if self.configmaps.get(&key) == Some(&stamp) || !self.state.is_leader() {
                 continue;
             }
+            let cm = self.configmap(g, owners);
             let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), &g.namespace);
             let pp = PatchParams::apply(FIELD_MANAGER).force();
             match api.patch(&g.name, &pp, &Patch::Apply(&cm)).await {
@@ -154,10 +160,11 @@ impl Writer {
         }
     }
 
-    /// The ConfigMap a group should have.
-    fn configmap(&self, g: &Group) -> ConfigMap {
-        let index = self.state.index.lock();
-        let owners: Vec<OwnerReference> = index
+    /// The group's routes, as owners of its ConfigMap.
+    fn owners(&self, g: &Group) -> Vec<OwnerReference> {
+        self.state
+            .index
+            .lock()
             .routes()
             .filter(|r| r.namespace().as_deref() == Some(&g.namespace) && g.routes.contains(&r.name_any()))
             .filter_map(|r| r.controller_owner_ref(&()))
@@ -167,7 +174,11 @@ impl Writer {
                 o.block_owner_deletion = None;
                 o
             })
-            .collect();
+            .collect()
+    }
+
+    /// The ConfigMap a group should have.
+    fn configmap(&self, g: &Group, owners: Vec<OwnerReference>) -> ConfigMap {
         let mut data = BTreeMap::new();
         data.insert(CONFIG_KEY.to_owned(), serde_yaml::to_string(&g.config).unwrap_or_default());
         if let Some(ca) = &self.ca {
@@ -203,7 +214,7 @@ impl Writer {
             let meta = obj.meta();
             let (namespace, name) = bulwark_api::compile::ns_name(meta);
             Target {
-                sidecars: index.sidecars(groups, kind.as_str(), &namespace, &name),
+                sidecars: index.sidecars(groups, kind, &namespace, &name),
                 reference: obj.object_ref(&()),
                 generation: meta.generation,
                 previous,
@@ -254,14 +265,15 @@ impl Writer {
             seen.insert(key.clone());
             let rejection = rejections.get(&(t.kind.as_str(), t.namespace.as_str(), t.name.as_str())).copied();
             // What this replica wrote last is newer than the watch's copy, which may lag.
-            let written = self.statuses.get(&key).and_then(|v| serde_json::from_value(v["conditions"].clone()).ok());
-            let previous: Vec<Condition> = written.unwrap_or_else(|| t.previous.clone());
+            let previous = self.statuses.get(&key).map_or(&t.previous, |(_, c, _)| c).clone();
             let conds = conditions(t.generation, rejection, &t.sidecars, &previous, &now);
-            let status = json!({"observedGeneration": t.generation, "conditions": conds, "sidecars": t.sidecars});
+            let status = (t.generation, conds, t.sidecars.clone());
             if self.statuses.get(&key) == Some(&status) || !self.state.is_leader() {
                 continue;
             }
-            let patch = json!({"status": status});
+            let (generation, conds, sidecars) = &status;
+            let patch =
+                json!({"status": {"observedGeneration": generation, "conditions": conds, "sidecars": sidecars}});
             let result = match t.kind {
                 Kind::Route => self.patch_status::<LLMRoute>(&t.namespace, &t.name, &patch).await,
                 Kind::Policy => self.patch_status::<ScannerPolicy>(&t.namespace, &t.name, &patch).await,
@@ -272,8 +284,8 @@ impl Writer {
                 Ok(()) => {
                     tracing::debug!(kind = t.kind.as_str(), namespace = %t.namespace, name = %t.name, "status written");
                     self.state.metrics.write("status", true);
+                    self.events(&t, &previous, &status.1).await;
                     self.statuses.insert(key, status);
-                    self.events(&t, &previous, &conds).await;
                 }
                 // Deleted meanwhile: the watch will say so.
                 Err(kube::Error::Api(s)) if s.code == 404 => {}
