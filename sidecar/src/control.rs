@@ -32,7 +32,7 @@ use rand::Rng as _;
 use tokio::sync::{Notify, watch};
 
 use crate::{
-    metrics::{Metrics, ReloadLabels},
+    metrics::Metrics,
     runtime::{Runtime, Shared},
 };
 
@@ -167,11 +167,11 @@ impl Link {
                 let version = rt.config.version.clone();
                 metrics.set_version(&version);
                 tx.send_replace(Arc::new(rt));
-                metrics.reloads.get_or_create(&ReloadLabels { result: "success" }).inc();
+                metrics.reload(true);
                 tracing::info!(version = %version, previous = %current, "config applied from the operator");
             }
             Err(e) => {
-                metrics.reloads.get_or_create(&ReloadLabels { result: "error" }).inc();
+                metrics.reload(false);
                 tracing::error!("config from the operator rejected, still serving version {current}: {e}");
             }
         }

@@ -95,7 +95,7 @@ impl Sidecar {
             Err(e) => anyhow::bail!("invalid config:\n{e}"),
         };
         metrics.set_version(&initial.config.version);
-        metrics.reloads.get_or_create(&metrics::ReloadLabels { result: "success" }).inc();
+        metrics.reload(true);
         tracing::info!(version = %initial.config.version, routes = initial.routes.len(), "config loaded");
         let (tx, rx) = watch::channel(Arc::new(initial));
         let (shutdown, shutdown_rx) = watch::channel(false);

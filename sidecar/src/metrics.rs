@@ -218,6 +218,12 @@ impl Metrics {
         out
     }
 
+    /// Counts a config load (from a file, a directory or the operator).
+    pub fn reload(&self, ok: bool) {
+        let result = if ok { "success" } else { "error" };
+        self.reloads.get_or_create(&ReloadLabels { result }).inc();
+    }
+
     pub fn set_version(&self, version: &str) {
         self.config_info.clear();
         self.config_info.get_or_create(&VersionLabels { version: version.to_owned() }).set(1);

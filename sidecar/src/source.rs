@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use crate::{
-    metrics::{Metrics, ReloadLabels},
+    metrics::Metrics,
     runtime::{Runtime, Shared},
 };
 
@@ -165,7 +165,7 @@ pub async fn watch(
             Err(e) => {
                 if last.is_some() {
                     tracing::error!("config source unreadable, keeping version {}: {e}", tx.borrow().config.version);
-                    metrics.reloads.get_or_create(&ReloadLabels { result: "error" }).inc();
+                    metrics.reload(false);
                     last = None;
                 }
                 continue;
@@ -196,10 +196,10 @@ pub async fn watch(
                     metrics.set_version(&version);
                     tracing::info!(version = %version, previous = %old, "config reloaded");
                 }
-                metrics.reloads.get_or_create(&ReloadLabels { result: "success" }).inc();
+                metrics.reload(true);
             }
             Err(e) => {
-                metrics.reloads.get_or_create(&ReloadLabels { result: "error" }).inc();
+                metrics.reload(false);
                 tracing::error!("new config rejected, still serving version {}:\n{e}", tx.borrow().config.version);
             }
         }
