@@ -84,6 +84,15 @@ fn condition(c: &Cluster, what: &str, type_: &str) -> String {
     c.get(NS, what, &path).unwrap_or_default()
 }
 
+/// Waits (up to 10 s) until a condition of `what` reads `status/reason`.
+async fn await_condition(c: &Cluster, what: &str, type_: &str, expected: &str) -> anyhow::Result<()> {
+    let description = format!("{type_}={expected} on {what}");
+    eventually(Duration::from_secs(10), &description, || async {
+        (condition(c, what, type_) == expected).then_some(())
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_operator_programs_sidecars_and_they_survive_it() -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
@@ -171,10 +180,7 @@ async fn the_operator_programs_sidecars_and_they_survive_it() -> anyhow::Result<
     c.apply(&format!(
         "apiVersion: bulwark.dev/v1alpha1\nkind: LLMRoute\nmetadata: {{name: broken, namespace: {NS}}}\nspec:\n  rules: [{{backends: [{{name: z, url: 'http://127.0.0.1:9/v1', weight: 0}}]}}]\n"
     ))?;
-    eventually(Duration::from_secs(10), "Accepted=False/Invalid on the broken route", || async {
-        (condition(&c, "llmroute/broken", "Accepted") == "False/Invalid").then_some(())
-    })
-    .await?;
+    await_condition(&c, "llmroute/broken", "Accepted", "False/Invalid").await?;
     let message = c.get(NS, "llmroute/broken", "{.status.conditions[?(@.type==\"Accepted\")].message}")?;
     assert!(message.contains("weights are 0"), "{message}");
     assert_eq!(version_of(&sidecars[0]).await.unwrap(), v2, "the broken route changed nothing");
@@ -187,15 +193,9 @@ async fn the_operator_programs_sidecars_and_they_survive_it() -> anyhow::Result<
     c.apply(&format!(
         "apiVersion: bulwark.dev/v1alpha1\nkind: LLMRoute\nmetadata: {{name: keyed, namespace: {NS}}}\nspec:\n  workloadSelector: {{matchLabels: {{app: nobody}}}}\n  rules: [{{backends: [{{name: openai, url: 'https://api.openai.com/v1', provider: openai, credentials: {{secretKeyRef: {{name: openai, key: api-key}}}}}}]}}]\n"
     ))?;
-    eventually(Duration::from_secs(10), "ResolvedRefs=False/SecretNotFound", || async {
-        (condition(&c, "llmroute/keyed", "ResolvedRefs") == "False/SecretNotFound").then_some(())
-    })
-    .await?;
+    await_condition(&c, "llmroute/keyed", "ResolvedRefs", "False/SecretNotFound").await?;
     c.kubectl(&["create", "secret", "generic", "openai", "-n", NS, "--from-literal=api-key=sk-test"])?;
-    eventually(Duration::from_secs(10), "ResolvedRefs=True once the Secret exists", || async {
-        (condition(&c, "llmroute/keyed", "ResolvedRefs") == "True/ResolvedRefs").then_some(())
-    })
-    .await?;
+    await_condition(&c, "llmroute/keyed", "ResolvedRefs", "True/ResolvedRefs").await?;
 
     // The intruder's sidecar was refused and serves nothing.
     assert!(config_of(&intruder).await.unwrap()["routes"].as_array().unwrap().is_empty());
@@ -279,10 +279,7 @@ async fn a_standby_operator_takes_over_within_the_lease_duration() -> anyhow::Re
     c.apply(&format!(
         "apiVersion: bulwark.dev/v1alpha1\nkind: LLMRoute\nmetadata: {{name: r, namespace: {NS}}}\nspec:\n  rules: [{{backends: [{{name: x, url: 'http://127.0.0.1:9/v1'}}]}}]\n"
     ))?;
-    eventually(Duration::from_secs(10), "status from the leader", || async {
-        (condition(&c, "llmroute/r", "Accepted") == "True/Accepted").then_some(())
-    })
-    .await?;
+    await_condition(&c, "llmroute/r", "Accepted", "True/Accepted").await?;
     let leader = ops.iter().position(|o| o.proc.name == holder).unwrap();
     let standby = Client::new(format!("http://127.0.0.1:{}", ops[1 - leader].metrics));
     let text = standby.get("/metrics").await?.text();
@@ -293,10 +290,7 @@ async fn a_standby_operator_takes_over_within_the_lease_duration() -> anyhow::Re
     c.apply(&format!(
         "apiVersion: bulwark.dev/v1alpha1\nkind: LLMRoute\nmetadata: {{name: r, namespace: {NS}}}\nspec:\n  rules: [{{backends: [{{name: x, url: 'http://127.0.0.1:9/v1', weight: 0}}]}}]\n"
     ))?;
-    eventually(Duration::from_secs(10), "the standby to write status", || async {
-        (condition(&c, "llmroute/r", "Accepted") == "False/Invalid").then_some(())
-    })
-    .await?;
+    await_condition(&c, "llmroute/r", "Accepted", "False/Invalid").await?;
     println!("standby wrote status {:?} after the leader died (lease 2 s)", killed.elapsed());
     assert_ne!(lease(), holder);
     Ok(())

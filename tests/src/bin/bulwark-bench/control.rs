@@ -184,14 +184,28 @@ const NAMESPACES: usize = 50;
 const ROUTES: usize = 1000;
 const PODS: usize = 1000;
 
+/// Route `i` of the scale run, and its namespace: 50 namespaces of 20 routes each, most selecting
+/// one app label and a fifth selecting every sidecar of the namespace.
+fn scale_route(i: usize) -> (String, serde_json::Value) {
+    let ns = format!("ns-{}", i % NAMESPACES);
+    let app = (!(i / NAMESPACES).is_multiple_of(5)).then(|| format!("app-{}", i % 10));
+    let body = route(&ns, &format!("r-{i}"), app.as_deref(), 50);
+    (ns, body)
+}
+
+/// The value of one series (name and labels, exactly) in Prometheus text; 0 when absent.
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 async fn scale(bin: &Path) -> anyhow::Result<()> {
-    // The compile alone, in memory: 50 namespaces, 20 routes and 20 pods each, every route
-    // selecting one app label and every namespace having one route for everyone.
+    // The compile alone, in memory, with 20 pods per namespace.
     let mut ix = Index::default();
     for i in 0..ROUTES {
-        let ns = format!("ns-{}", i % NAMESPACES);
-        let app = (!(i / NAMESPACES).is_multiple_of(5)).then(|| format!("app-{}", i % 10));
-        ix.apply_route(serde_json::from_value(route(&ns, &format!("r-{i}"), app.as_deref(), 50))?);
+        ix.apply_route(serde_json::from_value(scale_route(i).1)?);
     }
     for i in 0..PODS {
         let labels = [("app".to_owned(), format!("app-{}", i % 10))].into();
@@ -215,9 +229,8 @@ async fn scale(bin: &Path) -> anyhow::Result<()> {
         namespace(&client, &format!("ns-{n}")).await?;
     }
     for i in 0..ROUTES {
-        let ns = format!("ns-{}", i % NAMESPACES);
-        let app = (!(i / NAMESPACES).is_multiple_of(5)).then(|| format!("app-{}", i % 10));
-        apply_route(&client, &ns, &route(&ns, &format!("r-{i}"), app.as_deref(), 50)).await?;
+        let (ns, body) = scale_route(i);
+        apply_route(&client, &ns, &body).await?;
     }
     for i in 0..PODS {
         pod(&client, &format!("ns-{}", i % NAMESPACES), &format!("p-{i}"), &format!("app-{}", i % 10)).await?;
@@ -239,15 +252,8 @@ async fn scale(bin: &Path) -> anyhow::Result<()> {
         &[("KUBECONFIG", kubeconfig.to_str().unwrap_or_default()), ("BULWARK_LOG", "warn")],
     )?;
     let http = bulwark_tests::client::Client::new(format!("http://127.0.0.1:{metrics}"));
-    let status_writes = |text: &str| {
-        text.lines()
-            .find(|l| l.starts_with("bulwark_operator_writes_total{kind=\"status\",result=\"success\"}"))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
     let mut text = String::new();
-    while status_writes(&text) < ROUTES as f64 {
+    while sample(&text, r#"bulwark_operator_writes_total{kind="status",result="success"}"#) < ROUTES as f64 {
         anyhow::ensure!(
             started.elapsed() < Duration::from_secs(120),
             "the operator did not write every status:\n{}",
@@ -258,17 +264,8 @@ async fn scale(bin: &Path) -> anyhow::Result<()> {
     }
     let synced = started.elapsed();
     let rss = rss_kib(op.pid()).unwrap_or(0);
-    let hist = |name: &str| -> (f64, f64) {
-        let v = |suffix: &str| {
-            text.lines()
-                .find(|l| l.starts_with(&format!("{name}_{suffix} ")))
-                .and_then(|l| l.rsplit(' ').next())
-                .and_then(|v| v.parse::<f64>().ok())
-                .unwrap_or(0.0)
-        };
-        (v("sum"), v("count"))
-    };
-    let (sum, count) = hist("bulwark_operator_reconcile_duration_seconds");
+    let sum = sample(&text, "bulwark_operator_reconcile_duration_seconds_sum");
+    let count = sample(&text, "bulwark_operator_reconcile_duration_seconds_count");
     println!(
         "  operator: started → {ROUTES} statuses written in {:.1} s; mean compile {:.1} ms over {count} compiles",
         synced.as_secs_f64(),
