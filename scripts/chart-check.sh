@@ -19,7 +19,7 @@ NAMESPACE=bulwark-system
 want=$(sed -n 's/^kubernetes-validate==//p' charts/requirements.txt)
 if [[ ! -x $KV || "$("$KV" --version 2>/dev/null)" != "$want" ]]; then
   [[ -x .venv/bin/pip ]] || python3 -m venv .venv
-  .venv/bin/pip install -q --disable-pip-version-check -r charts/requirements.txt
+  .venv/bin/pip install -q --disable-pip-version-check --no-cache-dir -r charts/requirements.txt
 fi
 
 tmp=$(mktemp -d)
