@@ -8,12 +8,10 @@
 use std::{
     collections::{HashMap, HashSet},
     convert::Infallible,
-    path::Path,
     sync::Arc,
     time::Duration,
 };
 
-use anyhow::Context as _;
 use bulwark_api::control::{REPORT_PATH, Report, STREAM_PATH};
 use bytes::Bytes;
 use futures_util::stream;
@@ -98,25 +96,6 @@ impl Hub {
     pub fn current(&self, ns: &str, pod: &str) -> Option<Arc<Frame>> {
         self.pods.lock().get(&(ns.to_owned(), pod.to_owned())).and_then(|s| s.borrow().clone())
     }
-}
-
-/// TLS settings from PEM files.
-pub fn tls(cert: &Path, key: &Path) -> anyhow::Result<Arc<rustls::ServerConfig>> {
-    let certs = rustls_pemfile::certs(&mut std::fs::read(cert).with_context(|| cert.display().to_string())?.as_slice())
-        .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("parsing {}", cert.display()))?;
-    anyhow::ensure!(!certs.is_empty(), "{} holds no certificate", cert.display());
-    let key =
-        rustls_pemfile::private_key(&mut std::fs::read(key).with_context(|| key.display().to_string())?.as_slice())
-            .with_context(|| format!("parsing {}", key.display()))?
-            .with_context(|| format!("{} holds no private key", key.display()))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
 }
 
 struct Ctx {

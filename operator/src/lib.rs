@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod reconcile;
 pub mod reports;
 pub mod status;
+pub mod tls;
 pub mod watch;
 pub mod write;
 
@@ -130,7 +131,7 @@ impl Operator {
     pub async fn start(client: kube::Client, s: Settings) -> anyhow::Result<Self> {
         use anyhow::Context as _;
         let state = Arc::new(State::new(Index::new(s.compile.clone()).checking_secrets()));
-        let tls = s.tls.as_ref().map(|(cert, key)| distribute::tls(cert, key)).transpose()?;
+        let tls = s.tls.as_ref().map(|(cert, key)| tls::server_config(cert, key)).transpose()?;
         let ca = s
             .tls_ca
             .as_ref()
