@@ -24,6 +24,7 @@ use hyper_util::{
 };
 use parking_lot::Mutex;
 use tokio::{net::TcpListener, sync::watch};
+use tracing::Instrument as _;
 
 use crate::{State, auth::Authenticator, index::Group};
 
@@ -190,8 +191,17 @@ async fn handle(ctx: &Ctx, req: Request<Incoming>) -> Response<Body> {
     }
     let who = match ctx.auth.review(&token).await {
         Ok(who) => who,
-        Err(e) => return reply(StatusCode::UNAUTHORIZED, &e),
+        Err(e) => {
+            tracing::info!("refused a sidecar: {e}");
+            return reply(StatusCode::UNAUTHORIZED, &e);
+        }
     };
+    let span = tracing::info_span!("sidecar", namespace = %who.namespace, pod = %who.pod);
+    serve_pod(ctx, who, route.0, req).instrument(span).await
+}
+
+/// A request from a sidecar whose token named its pod.
+async fn serve_pod(ctx: &Ctx, who: crate::auth::Identity, method: Method, req: Request<Incoming>) -> Response<Body> {
     // A sidecar may connect before the pod watch has seen its pod (a new pod, or an operator
     // that just started): give the watch a moment before refusing.
     let lookup =
@@ -208,16 +218,19 @@ async fn handle(ctx: &Ctx, req: Request<Incoming>) -> Response<Body> {
                 "pod {}/{} is not known as a sidecar pod (label bulwark.dev/inject=true) yet",
                 who.namespace, who.pod
             );
+            tracing::info!("refused: {msg}");
             return reply(StatusCode::FORBIDDEN, &msg);
         }
         Some((sa, uid))
             if sa != who.service_account || who.pod_uid.as_ref().is_some_and(|u| !uid.is_empty() && *u != uid) =>
         {
-            return reply(StatusCode::FORBIDDEN, "the token belongs to another pod or service account");
+            let msg = "the token belongs to another pod or service account";
+            tracing::info!("refused: {msg}");
+            return reply(StatusCode::FORBIDDEN, msg);
         }
         Some(_) => {}
     }
-    if route.0 == Method::GET {
+    if method == Method::GET {
         return config_stream(ctx, &who.namespace, &who.pod);
     }
     let body = match Limited::new(req.into_body(), 4 << 20).collect().await {
@@ -249,20 +262,21 @@ const KEEPALIVE: Duration = Duration::from_secs(15);
 /// How long a request from a pod the index does not know yet waits for it.
 const POD_GRACE: Duration = Duration::from_secs(5);
 
-/// Counts open streams for the connected-sidecars gauge.
-struct Connected(Arc<State>);
+/// Counts open streams for the connected-sidecars gauge, and logs each stream's end.
+struct Connected(Arc<State>, tracing::Span);
 
 impl Drop for Connected {
     fn drop(&mut self) {
         self.0.metrics.connected.dec();
+        self.1.in_scope(|| tracing::debug!("sidecar disconnected"));
     }
 }
 
 fn config_stream(ctx: &Ctx, ns: &str, pod: &str) -> Response<Body> {
     let rx = ctx.state.hub.subscribe(ns, pod);
     ctx.state.metrics.connected.inc();
-    tracing::debug!(namespace = ns, pod, "sidecar connected");
-    let guard = Connected(ctx.state.clone());
+    tracing::debug!("sidecar connected");
+    let guard = Connected(ctx.state.clone(), tracing::Span::current());
     let stop = ctx.shutdown.clone();
     let frames = stream::unfold((rx, true, guard, stop), |(mut rx, first, guard, mut stop)| async move {
         let current = if first { rx.borrow_and_update().clone() } else { None };

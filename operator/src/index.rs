@@ -16,7 +16,35 @@ pub struct Pod {
     pub labels: BTreeMap<String, String>,
     pub service_account: String,
     pub uid: String,
+    /// The workload the pod belongs to (see [`workload_of`]); its ConfigMap copy is named after it.
+    pub workload: String,
     pub applied: Option<String>,
+}
+
+/// Names the pod's workload explicitly, overriding what its owner says.
+pub const WORKLOAD_LABEL: &str = "bulwark.dev/workload";
+
+/// The workload a pod belongs to: the `bulwark.dev/workload` label if set; else the Deployment
+/// behind its ReplicaSet (the ReplicaSet's name less the `pod-template-hash` suffix); else its
+/// controller (StatefulSet, DaemonSet, Job, ...); else the pod itself. Every replica of a
+/// workload, and its replacements, get the same name, so a pod spec can mount its copy.
+pub fn workload_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
+    let labels = meta.labels.as_ref();
+    if let Some(w) = labels.and_then(|l| l.get(WORKLOAD_LABEL)).filter(|w| !w.is_empty()) {
+        return w.clone();
+    }
+    let owner = meta.owner_references.iter().flatten().find(|o| o.controller == Some(true));
+    match owner {
+        Some(o) if o.kind == "ReplicaSet" => {
+            let hash = labels.and_then(|l| l.get("pod-template-hash"));
+            hash.and_then(|h| o.name.strip_suffix(h.as_str())?.strip_suffix('-'))
+                .filter(|d| !d.is_empty())
+                .unwrap_or(&o.name)
+                .to_owned()
+        }
+        Some(o) => o.name.clone(),
+        None => meta.name.clone().unwrap_or_default(),
+    }
 }
 
 /// The kinds the index holds.
@@ -62,6 +90,8 @@ pub struct Group {
     pub name: String,
     pub routes: Vec<String>,
     pub pods: Vec<String>,
+    /// The workloads of the group's pods, with how many pods each has here.
+    pub workloads: BTreeMap<String, usize>,
     pub config: SidecarConfig,
 }
 
@@ -144,19 +174,17 @@ impl Index {
     pub fn delete_rollout(&mut self, ns: &str, name: &str) {
         self.rollouts.remove(&(ns.into(), name.into()));
     }
-    /// Stores a sidecar pod (keeping what its sidecar reported); true when its labels changed.
+    /// Stores a bare sidecar pod (its own workload) with its labels.
     pub fn apply_pod(&mut self, ns: &str, name: &str, labels: BTreeMap<String, String>) -> bool {
-        self.upsert_pod(ns, name, labels, "", "")
+        self.upsert_pod(ns, name, Pod { labels, workload: name.to_owned(), ..Pod::default() })
     }
-    pub fn upsert_pod(&mut self, ns: &str, name: &str, labels: Labels, service_account: &str, uid: &str) -> bool {
+    /// Stores a sidecar pod, keeping what its sidecar reported unless it is a new pod of the same
+    /// name; true when its config or copy may change.
+    pub fn upsert_pod(&mut self, ns: &str, name: &str, new: Pod) -> bool {
         let pod = self.pods.entry((ns.into(), name.into())).or_default();
-        if pod.uid != uid {
-            pod.applied = None;
-        }
-        let changed = pod.labels != labels || pod.uid != uid;
-        pod.labels = labels;
-        pod.service_account = service_account.to_owned();
-        pod.uid = uid.to_owned();
+        let changed = pod.labels != new.labels || pod.uid != new.uid || pod.workload != new.workload;
+        let applied = if pod.uid == new.uid { pod.applied.take() } else { None };
+        *pod = Pod { applied, ..new };
         changed
     }
     pub fn delete_pod(&mut self, ns: &str, name: &str) {
@@ -229,22 +257,35 @@ impl Index {
 
     /// Every group of pods with its compiled config, and every resource left out and why.
     pub fn compile(&self) -> (Vec<Group>, Vec<Rejection>) {
-        let mut by_selection: BTreeMap<Selection, (Vec<String>, Labels)> = BTreeMap::new();
+        /// The pods of one group, their workloads, and the labels of the first (as all of them
+        /// select the same routes, any one stands for the group in `compile`).
+        struct Members {
+            pods: Vec<String>,
+            workloads: BTreeMap<String, usize>,
+            labels: Labels,
+        }
+        let mut by_selection: BTreeMap<Selection, Members> = BTreeMap::new();
         for ((ns, name), pod) in &self.pods {
             let routes = self.selected(ns, &pod.labels);
-            let entry = by_selection.entry((ns.clone(), routes)).or_insert_with(|| (vec![], pod.labels.clone()));
-            entry.0.push(name.clone());
+            let members = by_selection.entry((ns.clone(), routes)).or_insert_with(|| Members {
+                pods: vec![],
+                workloads: BTreeMap::new(),
+                labels: pod.labels.clone(),
+            });
+            members.pods.push(name.clone());
+            *members.workloads.entry(pod.workload.clone()).or_default() += 1;
         }
         let mut groups = vec![];
         let mut rejected: BTreeSet<Rejection> = BTreeSet::new();
         let mut push = |r: Rejection| {
             rejected.insert(r);
         };
-        for ((ns, routes), (pods, labels)) in by_selection {
+        for ((ns, routes), Members { pods, workloads, labels }) in by_selection {
             let res = self.resources(&ns);
             let out = compile(&res, Some(&Workload { namespace: ns.clone(), labels }), &self.options);
             out.rejected.into_iter().for_each(&mut push);
-            groups.push(Group { name: group_name(&ns, &routes), namespace: ns, routes, pods, config: out.config });
+            let name = group_name(&ns, &routes);
+            groups.push(Group { name, namespace: ns, routes, pods, workloads, config: out.config });
         }
         // Resources no pod selects are still validated, so their status says what is wrong.
         let namespaces: BTreeSet<&String> =
@@ -313,6 +354,50 @@ mod tests {
 
     fn labels(app: &str) -> BTreeMap<String, String> {
         [("app".to_owned(), app.to_owned())].into()
+    }
+
+    fn pod_meta(yaml: &str) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    #[test]
+    fn a_pod_belongs_to_the_workload_that_controls_it() {
+        let rs = "name: chat-7d9c8f-x2x4q\nlabels: {pod-template-hash: 7d9c8f}\nownerReferences: [{apiVersion: apps/v1, kind: ReplicaSet, name: chat-7d9c8f, uid: u1, controller: true}]";
+        assert_eq!(workload_of(&pod_meta(rs)), "chat", "a Deployment's pod");
+        let bare_rs = "name: chat-x2x4q\nownerReferences: [{apiVersion: apps/v1, kind: ReplicaSet, name: chat, uid: u1, controller: true}]";
+        assert_eq!(workload_of(&pod_meta(bare_rs)), "chat", "a ReplicaSet of its own");
+        let sts = "name: db-0\nownerReferences: [{apiVersion: apps/v1, kind: StatefulSet, name: db, uid: u1, controller: true}]";
+        assert_eq!(workload_of(&pod_meta(sts)), "db");
+        let not_controller =
+            "name: lone\nownerReferences: [{apiVersion: v1, kind: ConfigMap, name: something, uid: u1}]";
+        assert_eq!(workload_of(&pod_meta(not_controller)), "lone", "only a controller names the workload");
+        assert_eq!(workload_of(&pod_meta("name: bare")), "bare");
+        let labelled = format!(
+            "name: chat-7d9c8f-x2x4q\nlabels: {{{WORKLOAD_LABEL}: assistant, pod-template-hash: 7d9c8f}}\nownerReferences: [{{apiVersion: apps/v1, kind: ReplicaSet, name: chat-7d9c8f, uid: u1, controller: true}}]"
+        );
+        assert_eq!(workload_of(&pod_meta(&labelled)), "assistant", "the label wins");
+    }
+
+    #[test]
+    fn a_group_counts_the_pods_of_each_workload() {
+        let mut ix = Index::default();
+        ix.apply_route(mk_route("a", "bots", Some("bot"), "m"));
+        for (pod, workload) in [("bot-a1", "bot-a"), ("bot-a2", "bot-a"), ("bot-b1", "bot-b")] {
+            ix.upsert_pod("a", pod, Pod { labels: labels("bot"), workload: workload.into(), ..Pod::default() });
+        }
+        let (groups, _) = ix.compile();
+        assert_eq!(groups.len(), 1);
+        assert_eq!(groups[0].workloads, [("bot-a".to_owned(), 2), ("bot-b".to_owned(), 1)].into());
+        // Moving a pod to another workload is a change (its copy moves); a report is kept.
+        ix.report("a", "bot-b1", "v1");
+        let moved = Pod { labels: labels("bot"), workload: "bot-a".into(), ..Pod::default() };
+        assert!(ix.upsert_pod("a", "bot-b1", moved.clone()));
+        assert_eq!(ix.pod("a", "bot-b1").unwrap().applied.as_deref(), Some("v1"));
+        assert!(!ix.upsert_pod("a", "bot-b1", moved));
+        // A new pod under the old name (a new uid) has applied nothing yet.
+        let new = Pod { labels: labels("bot"), workload: "bot-a".into(), uid: "u2".into(), ..Pod::default() };
+        assert!(ix.upsert_pod("a", "bot-b1", new));
+        assert_eq!(ix.pod("a", "bot-b1").unwrap().applied, None);
     }
 
     #[test]

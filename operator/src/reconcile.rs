@@ -2,18 +2,45 @@
 //! versions to connected sidecars at once, and hand the result to the writer. Changes that
 //! arrive during a compile are folded into the next one.
 
-use std::sync::Arc;
+use std::{collections::HashMap, sync::Arc};
 
 use bulwark_api::Rejection;
+use kube::Resource as _;
 use tokio::{sync::watch, time::Instant};
 
-use crate::{State, index::Group};
+use crate::{
+    State,
+    index::{Group, Index, Kind},
+};
 
 /// The outcome of one compile.
 #[derive(Debug, Default)]
 pub struct Compiled {
     pub groups: Vec<Group>,
     pub rejected: Vec<Rejection>,
+    /// The generation of every resource this compile saw, so a status claims to have observed
+    /// only what was compiled, not a newer spec that arrived since.
+    pub generations: HashMap<(Kind, String, String), Option<i64>>,
+}
+
+impl Compiled {
+    fn of(index: &Index) -> Self {
+        let (groups, rejected) = index.compile();
+        let mut generations = HashMap::new();
+        let mut seen = |kind, meta: &kube::core::ObjectMeta| {
+            let (ns, name) = bulwark_api::compile::ns_name(meta);
+            generations.insert((kind, ns, name), meta.generation);
+        };
+        index.routes().for_each(|r| seen(Kind::Route, r.meta()));
+        index.policies().for_each(|p| seen(Kind::Policy, p.meta()));
+        index.rollouts().for_each(|r| seen(Kind::Rollout, r.meta()));
+        Self { groups, rejected, generations }
+    }
+
+    /// The generation compiled, or `None` when the resource came after this compile.
+    pub fn generation(&self, kind: Kind, ns: &str, name: &str) -> Option<Option<i64>> {
+        self.generations.get(&(kind, ns.to_owned(), name.to_owned())).copied()
+    }
 }
 
 /// Publishes each compile on `out`; `None` until the first, so nothing acts on a half-known cluster.
@@ -35,11 +62,7 @@ pub async fn run(state: Arc<State>, out: watch::Sender<Option<Arc<Compiled>>>, m
         }
         let since = state.take_pending();
         let started = Instant::now();
-        let compiled = {
-            let ix = state.index.lock();
-            let (groups, rejected) = ix.compile();
-            Compiled { groups, rejected }
-        };
+        let compiled = Compiled::of(&state.index.lock());
         let sent = state.hub.publish(&compiled.groups);
         let m = &state.metrics;
         m.reconcile_duration.observe(started.elapsed().as_secs_f64());

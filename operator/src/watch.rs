@@ -68,9 +68,15 @@ impl Indexed for Pod {
             ix.delete_pod(&ns, &name);
             return known;
         }
-        let labels = self.metadata.labels.unwrap_or_default().into_iter().collect();
-        let sa = self.spec.and_then(|s| s.service_account_name).unwrap_or_else(|| "default".into());
-        ix.upsert_pod(&ns, &name, labels, &sa, self.metadata.uid.as_deref().unwrap_or_default())
+        let workload = crate::index::workload_of(&self.metadata);
+        let pod = crate::index::Pod {
+            service_account: self.spec.and_then(|s| s.service_account_name).unwrap_or_else(|| "default".into()),
+            uid: self.metadata.uid.unwrap_or_default(),
+            labels: self.metadata.labels.unwrap_or_default().into_iter().collect(),
+            workload,
+            applied: None,
+        };
+        ix.upsert_pod(&ns, &name, pod)
     }
     fn remove(ns: &str, name: &str, ix: &mut Index) {
         ix.delete_pod(ns, name);

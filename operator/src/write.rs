@@ -1,6 +1,7 @@
-//! What the leader writes: one ConfigMap per group (server-side apply, owned by the group's
-//! routes, the bootstrap and fallback copy of its config), the status of every resource, and an
-//! Event whenever a condition changes. Writes that would change nothing are skipped.
+//! What the leader writes: one ConfigMap per workload, `bulwark-<workload>`, holding its group's
+//! config (server-side apply, owned by the group's routes; the bootstrap and fallback copy that
+//! a pod spec can name in advance), the status of every resource, and an Event whenever a
+//! condition changes. Writes that would change nothing are skipped.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -20,6 +21,7 @@ use kube::{
 };
 use serde_json::json;
 use tokio::sync::watch;
+use tracing::Instrument as _;
 
 use crate::{
     FIELD_MANAGER, State,
@@ -32,8 +34,36 @@ use crate::{
 pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "bulwark-operator");
 pub const GROUP_LABEL: &str = "bulwark.dev/group";
 pub const VERSION_ANNOTATION: &str = "bulwark.dev/config-version";
-/// The key of the compiled config in a group's ConfigMap.
+pub const WORKLOAD_ANNOTATION: &str = "bulwark.dev/workload";
+/// The key of the compiled config in a workload's ConfigMap.
 pub const CONFIG_KEY: &str = "config.yaml";
+
+/// The name of a workload's ConfigMap copy: `bulwark-<workload>`, or a hash when that would be
+/// longer than a name may be.
+pub fn configmap_name(workload: &str) -> String {
+    let name = format!("bulwark-{workload}");
+    if name.len() <= 253 {
+        return name;
+    }
+    use sha2::Digest as _;
+    let hex: String = sha2::Sha256::digest(workload.as_bytes()).iter().take(8).map(|b| format!("{b:02x}")).collect();
+    format!("bulwark-{hex}")
+}
+
+/// Which group's config each workload's copy holds: its only group, or, while a rollout of the
+/// workload changes its labels, the group with most of its pods (the first such group on a tie).
+fn copies(groups: &[Group]) -> BTreeMap<(&str, &str), &Group> {
+    let mut best: BTreeMap<(&str, &str), (usize, &Group)> = BTreeMap::new();
+    for g in groups {
+        for (workload, &pods) in &g.workloads {
+            let entry = best.entry((g.namespace.as_str(), workload.as_str())).or_insert((pods, g));
+            if pods > entry.0 {
+                *entry = (pods, g);
+            }
+        }
+    }
+    best.into_iter().map(|(k, (_, g))| (k, g)).collect()
+}
 
 pub struct Writer {
     client: Client,
@@ -113,27 +143,35 @@ impl Writer {
 
     async fn configmaps(&mut self, compiled: &Compiled) {
         let mut live = HashSet::new();
-        for g in &compiled.groups {
-            let key = (g.namespace.clone(), g.name.clone());
+        for ((ns, workload), g) in copies(&compiled.groups) {
+            let name = configmap_name(workload);
+            let key = (ns.to_owned(), name.clone());
             live.insert(key.clone());
             let owners = self.owners(g);
             let stamp = stamp(&g.config.version, &owners);
             if self.configmaps.get(&key) == Some(&stamp) || !self.state.is_leader() {
                 continue;
             }
-            let cm = self.configmap(g, owners);
-            let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), &g.namespace);
+            let cm = self.configmap(g, &name, workload, owners);
+            let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), ns);
             let pp = PatchParams::apply(FIELD_MANAGER).force();
-            match api.patch(&g.name, &pp, &Patch::Apply(&cm)).await {
-                Ok(_) => {
-                    tracing::debug!(namespace = %g.namespace, configmap = %g.name, version = %g.config.version, "config copy written");
-                    self.state.metrics.write("ConfigMap", true);
-                    self.configmaps.insert(key, stamp);
+            let span = tracing::info_span!("copy", namespace = %ns, configmap = %name, workload);
+            let written = async {
+                match api.patch(&name, &pp, &Patch::Apply(&cm)).await {
+                    Ok(_) => {
+                        tracing::debug!(version = %g.config.version, group = %g.name, "config copy written");
+                        true
+                    }
+                    Err(e) => {
+                        tracing::warn!("writing the config copy: {e}");
+                        false
+                    }
                 }
-                Err(e) => {
-                    self.state.metrics.write("ConfigMap", false);
-                    tracing::warn!(namespace = %g.namespace, configmap = %g.name, "writing the config copy: {e}");
-                }
+            };
+            let ok = written.instrument(span).await;
+            self.state.metrics.write("ConfigMap", ok);
+            if ok {
+                self.configmaps.insert(key, stamp);
             }
         }
         let gone: Vec<_> = self.configmaps.keys().filter(|k| !live.contains(*k)).cloned().collect();
@@ -177,8 +215,8 @@ impl Writer {
             .collect()
     }
 
-    /// The ConfigMap a group should have.
-    fn configmap(&self, g: &Group, owners: Vec<OwnerReference>) -> ConfigMap {
+    /// The ConfigMap copy of a workload whose pods are in group `g`.
+    fn configmap(&self, g: &Group, name: &str, workload: &str, owners: Vec<OwnerReference>) -> ConfigMap {
         let mut data = BTreeMap::new();
         data.insert(CONFIG_KEY.to_owned(), serde_yaml::to_string(&g.config).unwrap_or_default());
         if let Some(ca) = &self.ca {
@@ -186,13 +224,19 @@ impl Writer {
         }
         ConfigMap {
             metadata: ObjectMeta {
-                name: Some(g.name.clone()),
+                name: Some(name.to_owned()),
                 namespace: Some(g.namespace.clone()),
                 labels: Some(
                     [(MANAGED_BY.0.to_owned(), MANAGED_BY.1.to_owned()), (GROUP_LABEL.to_owned(), g.name.clone())]
                         .into(),
                 ),
-                annotations: Some([(VERSION_ANNOTATION.to_owned(), g.config.version.clone())].into()),
+                annotations: Some(
+                    [
+                        (VERSION_ANNOTATION.to_owned(), g.config.version.clone()),
+                        (WORKLOAD_ANNOTATION.to_owned(), workload.to_owned()),
+                    ]
+                    .into(),
+                ),
                 owner_references: (!owners.is_empty()).then_some(owners),
                 ..ObjectMeta::default()
             },
@@ -201,55 +245,32 @@ impl Writer {
         }
     }
 
+    /// Every resource the compile saw that still exists, with what its status should say.
     fn targets(&self, compiled: &Compiled) -> Vec<Target> {
         let index = self.state.index.lock();
         let mut out = vec![];
-        fn target<K: Resource<DynamicType = ()>>(
-            kind: Kind,
-            obj: &K,
-            previous: Vec<Condition>,
-            index: &crate::index::Index,
-            groups: &[Group],
-        ) -> Target {
-            let meta = obj.meta();
+        let mut push = |kind: Kind, reference, meta: &ObjectMeta, previous: Option<&Vec<Condition>>| {
             let (namespace, name) = bulwark_api::compile::ns_name(meta);
-            Target {
-                sidecars: index.sidecars(groups, kind, &namespace, &name),
-                reference: obj.object_ref(&()),
-                generation: meta.generation,
-                previous,
+            // A resource created since the compile is written after the next one.
+            let Some(generation) = compiled.generation(kind, &namespace, &name) else { return };
+            out.push(Target {
+                sidecars: index.sidecars(&compiled.groups, kind, &namespace, &name),
+                reference,
+                generation,
+                previous: previous.cloned().unwrap_or_default(),
                 kind,
                 namespace,
                 name,
-            }
-        }
-        let conds = |c: Option<&Vec<Condition>>| c.cloned().unwrap_or_default();
+            });
+        };
         for r in index.routes() {
-            out.push(target::<LLMRoute>(
-                Kind::Route,
-                r,
-                conds(r.status.as_ref().map(|s| &s.conditions)),
-                &index,
-                &compiled.groups,
-            ));
+            push(Kind::Route, r.object_ref(&()), r.meta(), r.status.as_ref().map(|s| &s.conditions));
         }
         for p in index.policies() {
-            out.push(target::<ScannerPolicy>(
-                Kind::Policy,
-                p,
-                conds(p.status.as_ref().map(|s| &s.conditions)),
-                &index,
-                &compiled.groups,
-            ));
+            push(Kind::Policy, p.object_ref(&()), p.meta(), p.status.as_ref().map(|s| &s.conditions));
         }
         for r in index.rollouts() {
-            out.push(target::<ModelRollout>(
-                Kind::Rollout,
-                r,
-                conds(r.status.as_ref().map(|s| &s.conditions)),
-                &index,
-                &compiled.groups,
-            ));
+            push(Kind::Rollout, r.object_ref(&()), r.meta(), r.status.as_ref().map(|s| &s.conditions));
         }
         out
     }
@@ -271,31 +292,39 @@ impl Writer {
             if self.statuses.get(&key) == Some(&status) || !self.state.is_leader() {
                 continue;
             }
-            let (generation, conds, sidecars) = &status;
-            let patch =
-                json!({"status": {"observedGeneration": generation, "conditions": conds, "sidecars": sidecars}});
-            let result = match t.kind {
-                Kind::Route => self.patch_status::<LLMRoute>(&t.namespace, &t.name, &patch).await,
-                Kind::Policy => self.patch_status::<ScannerPolicy>(&t.namespace, &t.name, &patch).await,
-                Kind::Rollout => self.patch_status::<ModelRollout>(&t.namespace, &t.name, &patch).await,
-                Kind::Pod | Kind::Secret => Ok(()),
-            };
-            match result {
-                Ok(()) => {
-                    tracing::debug!(kind = t.kind.as_str(), namespace = %t.namespace, name = %t.name, "status written");
-                    self.state.metrics.write("status", true);
-                    self.events(&t, &previous, &status.1).await;
-                    self.statuses.insert(key, status);
-                }
-                // Deleted meanwhile: the watch will say so.
-                Err(kube::Error::Api(s)) if s.code == 404 => {}
-                Err(e) => {
-                    self.state.metrics.write("status", false);
-                    tracing::warn!(kind = t.kind.as_str(), namespace = %t.namespace, name = %t.name, "writing status: {e}");
-                }
+            let span = tracing::info_span!("status", kind = t.kind.as_str(), namespace = %t.namespace, name = %t.name);
+            if self.write_status(&t, &previous, &status).instrument(span).await {
+                self.statuses.insert(key, status);
             }
         }
         self.statuses.retain(|k, _| seen.contains(k));
+    }
+
+    /// Writes one resource's status, then an Event for each changed condition; true once written.
+    async fn write_status(&self, t: &Target, previous: &[Condition], status: &Written) -> bool {
+        let (generation, conds, sidecars) = status;
+        let patch = json!({"status": {"observedGeneration": generation, "conditions": conds, "sidecars": sidecars}});
+        let result = match t.kind {
+            Kind::Route => self.patch_status::<LLMRoute>(&t.namespace, &t.name, &patch).await,
+            Kind::Policy => self.patch_status::<ScannerPolicy>(&t.namespace, &t.name, &patch).await,
+            Kind::Rollout => self.patch_status::<ModelRollout>(&t.namespace, &t.name, &patch).await,
+            Kind::Pod | Kind::Secret => Ok(()),
+        };
+        match result {
+            Ok(()) => {
+                tracing::debug!(generation, "status written");
+                self.state.metrics.write("status", true);
+                self.events(t, previous, conds).await;
+                true
+            }
+            // Deleted meanwhile: the watch will say so.
+            Err(kube::Error::Api(s)) if s.code == 404 => false,
+            Err(e) => {
+                self.state.metrics.write("status", false);
+                tracing::warn!("writing status: {e}");
+                false
+            }
+        }
     }
 
     /// A merge patch of the status subresource.
@@ -371,5 +400,45 @@ pub async fn run(
         writer.statuses(&current).await;
         // Reports arrive in bursts; batch the status writes they cause.
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn group(name: &str, ns: &str, workloads: &[(&str, usize)]) -> Group {
+        Group {
+            namespace: ns.into(),
+            name: name.into(),
+            routes: vec![],
+            pods: vec![],
+            workloads: workloads.iter().map(|(w, n)| ((*w).to_owned(), *n)).collect(),
+            config: bulwark_api::SidecarConfig::default(),
+        }
+    }
+
+    #[test]
+    fn each_workload_gets_one_copy_from_the_group_with_most_of_its_pods() {
+        let groups = [
+            group("g1", "a", &[("chat", 1), ("batch", 2)]),
+            // `chat` mid-rollout: its new pods carry labels that select other routes.
+            group("g2", "a", &[("chat", 3)]),
+            group("g3", "b", &[("chat", 1)]),
+            group("g4", "a", &[("batch", 2)]),
+        ];
+        let picked: Vec<_> = copies(&groups).into_iter().map(|((ns, w), g)| (ns, w, g.name.as_str())).collect();
+        assert_eq!(picked, [("a", "batch", "g1"), ("a", "chat", "g2"), ("b", "chat", "g3")]);
+    }
+
+    #[test]
+    fn copies_are_named_after_the_workload_within_the_name_limit() {
+        assert_eq!(configmap_name("chat"), "bulwark-chat");
+        let long = "w".repeat(250);
+        let name = configmap_name(&long);
+        assert!(name.starts_with("bulwark-") && name.len() == "bulwark-".len() + 16, "{name}");
+        assert_ne!(name, configmap_name(&"v".repeat(250)));
     }
 }

@@ -137,8 +137,9 @@ async fn the_operator_programs_sidecars_and_they_survive_it() -> anyhow::Result<
         c.get(NS, "llmroute/chat", "{.status.observedGeneration}")?,
         c.get(NS, "llmroute/chat", "{.metadata.generation}")?
     );
-    // The ConfigMap copy, owned by the route.
-    let cms = c.kubectl(&[
+    // A ConfigMap copy per workload (these bare pods are one each), named so that a pod spec can
+    // mount it in advance, and owned by the route.
+    let copies = c.kubectl(&[
         "get",
         "configmaps",
         "-n",
@@ -146,11 +147,13 @@ async fn the_operator_programs_sidecars_and_they_survive_it() -> anyhow::Result<
         "-l",
         "app.kubernetes.io/managed-by=bulwark-operator",
         "-o",
-        "json",
+        "jsonpath={.items[*].metadata.name}",
     ])?;
-    let cms: Value = serde_json::from_str(&cms)?;
-    let cm = &cms["items"][0];
+    assert_eq!(copies, "bulwark-bot-1 bulwark-bot-2 bulwark-bot-3 bulwark-bot-4");
+    let cm: Value =
+        serde_json::from_str(&c.kubectl(&["get", "configmap", "bulwark-bot-1", "-n", NS, "-o", "json"])?)?;
     assert_eq!(cm["metadata"]["annotations"]["bulwark.dev/config-version"], v1.as_str());
+    assert_eq!(cm["metadata"]["annotations"]["bulwark.dev/workload"], "bot-1");
     assert_eq!(cm["metadata"]["ownerReferences"][0]["kind"], "LLMRoute");
     assert!(cm["data"]["config.yaml"].as_str().unwrap().contains("shop/chat"));
     assert!(cm["data"]["ca.crt"].as_str().unwrap().contains("BEGIN CERTIFICATE"));
@@ -206,7 +209,7 @@ async fn the_operator_programs_sidecars_and_they_survive_it() -> anyhow::Result<
     assert!(intruder.proc.output().contains("is not known as a sidecar pod"), "{}", intruder.proc.output());
 
     // The operator dies: sidecars notice, and keep serving their last config.
-    let copy = c.get(NS, "configmaps", "{.items[0].data.config\\.yaml}")?;
+    let copy = c.get(NS, "configmap/bulwark-bot-4", "{.data.config\\.yaml}")?;
     op.proc.kill();
     eventually(Duration::from_secs(10), "the sidecars to notice", || async {
         sidecars
@@ -221,7 +224,7 @@ async fn the_operator_programs_sidecars_and_they_survive_it() -> anyhow::Result<
     for s in &sidecars {
         assert_eq!(chat(s).await?, (200, Some("b".to_owned())));
     }
-    // A sidecar (re)started meanwhile serves the ConfigMap copy it mounts.
+    // A sidecar (re)started meanwhile serves the copy its pod mounts, `bulwark-<workload>`.
     let file = c.dir.join("bot-4-config.yaml");
     std::fs::write(&file, &copy)?;
     let late = c.sidecar(NS, "bot-4", stream, &[&format!("--config={}", file.display())])?;

@@ -41,9 +41,13 @@ async fn namespace(client: &Client, ns: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A sidecar pod of Deployment `app` (through its ReplicaSet, as a cluster would create it).
 async fn pod(client: &Client, ns: &str, name: &str, app: &str) -> anyhow::Result<()> {
+    let owner = json!({"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": format!("{app}-6c8b9"),
+        "uid": format!("rs-{ns}-{app}"), "controller": true});
     let body: Pod = serde_json::from_value(json!({
-        "metadata": {"name": name, "labels": {"app": app, "bulwark.dev/inject": "true"}},
+        "metadata": {"name": name, "labels": {"app": app, "bulwark.dev/inject": "true", "pod-template-hash": "6c8b9"},
+            "ownerReferences": [owner]},
         "spec": {"serviceAccountName": "default", "containers": [{"name": "app", "image": "example/app"}]}
     }))?;
     Api::<Pod>::namespaced(client.clone(), ns).create(&PostParams::default(), &body).await?;
@@ -263,11 +267,12 @@ async fn scale(bin: &Path) -> anyhow::Result<()> {
         text = http.get("/metrics").await.map(|r| r.text()).unwrap_or_default();
     }
     let synced = started.elapsed();
+    let copies = sample(&text, r#"bulwark_operator_writes_total{kind="ConfigMap",result="success"}"#);
     let rss = rss_kib(op.pid()).unwrap_or(0);
     let sum = sample(&text, "bulwark_operator_reconcile_duration_seconds_sum");
     let count = sample(&text, "bulwark_operator_reconcile_duration_seconds_count");
     println!(
-        "  operator: started → {ROUTES} statuses written in {:.1} s; mean compile {:.1} ms over {count} compiles",
+        "  operator: started → {copies} workload ConfigMaps and {ROUTES} statuses written in {:.1} s; mean compile {:.1} ms over {count} compiles",
         synced.as_secs_f64(),
         sum / count.max(1.0) * 1e3
     );
