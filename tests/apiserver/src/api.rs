@@ -9,6 +9,7 @@ use bytes::Bytes;
 use hyper::Method;
 use serde_json::{Value, json};
 
+use crate::admission;
 use crate::auth::Tokens;
 use crate::error::ApiError;
 use crate::meta;
@@ -87,6 +88,31 @@ impl State {
             Route::Resource(path) => self.resource(req, &path).unwrap_or_else(Reply::error),
             Route::NotFound => Reply::error(ApiError::path_not_found()),
         }
+    }
+
+    /// The mutating webhooks a request goes through; `None` when it is no create or no webhook
+    /// takes it.
+    pub fn admission(&self, req: &ApiRequest) -> Option<admission::Pending> {
+        let Route::Resource(path) = router::route(&req.path) else { return None };
+        if req.method != Method::POST || path.name.is_some() || path.subresource.is_some() {
+            return None;
+        }
+        let rt = self.registry.find(&path.group, &path.version, &path.plural)?;
+        let hooks = GroupResource::new("admissionregistration.k8s.io", "mutatingwebhookconfigurations");
+        let configurations: Vec<Value> = self.store.list(&hooks, None).cloned().collect();
+        if configurations.is_empty() {
+            return None;
+        }
+        let object = json_body(req).ok()?;
+        let ns = path.namespace.clone().unwrap_or_default();
+        let ns_labels = self
+            .store
+            .get(&GroupResource::new("", "namespaces"), "", &ns)
+            .map(|n| n["metadata"]["labels"].clone())
+            .unwrap_or_else(|| json!({"kubernetes.io/metadata.name": ns}));
+        let calls = admission::calls(&configurations, (&rt.group, &rt.version, &rt.plural), &object, &ns_labels);
+        let kind = (rt.group.clone(), rt.version.clone(), rt.kind.clone());
+        (!calls.is_empty()).then_some(admission::Pending { calls, object, kind, namespace: ns })
     }
 
     fn resource(&mut self, req: &ApiRequest, path: &ResourcePath) -> Result<Reply, ApiError> {

@@ -1,7 +1,8 @@
 //! A stateful, in-memory Kubernetes API server for tests.
 //!
 //! It serves the built-in kinds the operator touches (namespaces, pods, configmaps, secrets,
-//! services, service accounts and their tokens, events, leases, token reviews) and
+//! services, service accounts and their tokens, events, leases, token reviews, mutating webhook
+//! configurations, whose webhooks it calls on each create when they give a `url`) and
 //! `CustomResourceDefinition`s, whose custom resources it then serves with schema validation,
 //! the status subresource, generation tracking, finalizers, owner-reference garbage collection,
 //! watches, the patch formats and server-side apply. It speaks plain HTTP/1.1 and h2c, and
@@ -40,6 +41,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+mod admission;
 mod api;
 mod apply;
 mod auth;

@@ -126,6 +126,15 @@ fn builtins() -> Vec<ResourceType> {
         "io.k8s.api.authentication.v1.TokenReview",
     );
     token_reviews.verbs = &["create"];
+    let webhooks = builtin(
+        "admissionregistration.k8s.io",
+        "v1",
+        "mutatingwebhookconfigurations",
+        "MutatingWebhookConfiguration",
+        false,
+        &[],
+        "io.k8s.api.admissionregistration.v1.MutatingWebhookConfiguration",
+    );
     vec![
         namespaces,
         pods,
@@ -138,6 +147,7 @@ fn builtins() -> Vec<ResourceType> {
         builtin("coordination.k8s.io", "v1", "leases", "Lease", true, &[], "io.k8s.api.coordination.v1.Lease"),
         crds,
         token_reviews,
+        webhooks,
     ]
 }
 

@@ -177,7 +177,7 @@ async fn serve(
     };
     let header = |name| parts.headers.get(name).and_then(|v: &HeaderValue| v.to_str().ok()).unwrap_or("");
     let content_type = header(CONTENT_TYPE).split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-    let request = ApiRequest {
+    let mut request = ApiRequest {
         method: parts.method.clone(),
         path: parts.uri.path().to_string(),
         query: Query::parse(parts.uri.query()),
@@ -185,6 +185,17 @@ async fn serve(
         user_agent: header(USER_AGENT).to_string(),
         body,
     };
+    // Mutating webhooks run before the create, without holding the store.
+    let admission = state.lock().admission(&request);
+    if let Some(pending) = admission {
+        match pending.mutate().await {
+            Ok(object) => {
+                request.body = Bytes::from(object.to_string());
+                request.content_type = "application/json".into();
+            }
+            Err(error) => return Ok(respond(Reply::error(error), stopped)),
+        }
+    }
     let reply = state.lock().handle(&request);
     if let Reply::Json { code, .. } = &reply {
         tracing::debug!(method = %parts.method, uri = %parts.uri, code, "request");
