@@ -84,6 +84,16 @@ grep -q -- '- --namespace=team-a$' "$tmp/single-namespace.yaml" || fail "single-
   || fail "single-namespace: only the TokenReview ClusterRole may be cluster-wide"
 grep -q '^kind: Secret$' "$tmp/custom.yaml" && fail "custom: a Secret is generated although tls.existingSecret is set"
 grep -q 'secretName: bulwark-operator-cert$' "$tmp/custom.yaml" || fail "custom: tls.existingSecret is not mounted"
+# The injection webhook: registered with the generated CA, scoped to the watched namespace, and
+# without a CA bundle it cannot know when the certificate comes from elsewhere.
+grep -q '^kind: MutatingWebhookConfiguration$' "$tmp/defaults.yaml" || fail "defaults: no MutatingWebhookConfiguration"
+grep -q '^      caBundle: ' "$tmp/defaults.yaml" || fail "defaults: the webhook has no caBundle"
+grep -q -- '- --webhook-listen=0.0.0.0:9443$' "$tmp/defaults.yaml" || fail "defaults: the operator serves no webhook"
+grep -q 'operator: In$' "$tmp/single-namespace.yaml" || fail "single-namespace: the webhook takes other namespaces"
+grep -q '^      caBundle: ' "$tmp/custom.yaml" && fail "custom: a caBundle was made up for tls.existingSecret"
+render no-webhook --set webhook.enabled=false
+grep -qE 'MutatingWebhookConfiguration|webhook-listen|9443' "$tmp/no-webhook.yaml" && fail "webhook.enabled=false still renders the webhook"
+validate no-webhook "$tmp/no-webhook.yaml"
 
 # The ServiceMonitor is a Prometheus Operator CRD without a schema here: only check it renders.
 render monitor --set serviceMonitor.enabled=true --set serviceMonitor.labels.release=prometheus

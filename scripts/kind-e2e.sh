@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # End-to-end check on a local kind cluster; not part of `make test`. Needs docker and kind.
 # Builds the operator and sidecar images (Dockerfile), loads them into the cluster, installs the
-# chart, applies examples/quickstart and waits until the operator has accepted the LLMRoute.
-# See docs/kind.md.
+# chart, applies examples/quickstart, waits until the operator has accepted the LLMRoute, then
+# deploys a labelled workload and checks that its pod got the sidecar, which turns Ready once
+# it has its config from the operator. See docs/kind.md.
 #
 #   KIND_CLUSTER=bulwark      cluster name; created when missing, reused otherwise
 #   KIND_NODE_IMAGE=          node image for a new cluster (kind's default when empty)
@@ -44,6 +45,7 @@ diagnose() {
     kubectl -n "$NAMESPACE" logs -l app.kubernetes.io/component=operator --all-containers \
       --prefix --tail=100 >&2 || true
     kubectl -n "$APP_NAMESPACE" get llmroutes,scannerpolicies -o yaml >&2 || true
+    kubectl -n "$APP_NAMESPACE" logs -l app=injected -c bulwark-sidecar --tail=50 >&2 || true
     kubectl -n "$APP_NAMESPACE" get events --sort-by=.lastTimestamp >&2 || true
   fi
   if [[ ${DELETE_CLUSTER:-} == 1 ]]; then
@@ -83,6 +85,27 @@ kubectl -n "$APP_NAMESPACE" apply -f examples/quickstart/
 
 step "wait for the LLMRoutes to be Accepted"
 kubectl -n "$APP_NAMESPACE" wait llmroutes --all --for=condition=Accepted --timeout "$TIMEOUT"
+
+step "deploy a labelled workload: the webhook injects the sidecar"
+kubectl -n "$APP_NAMESPACE" apply -f - <<'YAML'
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: injected}
+spec:
+  selector: {matchLabels: {app: injected}}
+  template:
+    metadata:
+      labels: {app: injected, bulwark.dev/inject: "true"}
+    spec:
+      containers:
+        # kind nodes carry the pause image; the sidecar is what is checked here.
+        - {name: app, image: "registry.k8s.io/pause:3.10", imagePullPolicy: IfNotPresent}
+YAML
+kubectl -n "$APP_NAMESPACE" rollout status deployment/injected --timeout "$TIMEOUT"
+injected=$(kubectl -n "$APP_NAMESPACE" get pods -l app=injected -o jsonpath='{.items[0].spec.initContainers[0].name}')
+[[ $injected == bulwark-sidecar ]] || { echo "kind-e2e: the pod has no injected sidecar" >&2; exit 1; }
+kubectl -n "$APP_NAMESPACE" get configmap bulwark-injected -o jsonpath='{.metadata.annotations}'
+echo
 
 step "status"
 kubectl -n "$NAMESPACE" get deployment,pods,lease -o wide

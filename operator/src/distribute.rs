@@ -18,10 +18,6 @@ use futures_util::stream;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited, StreamBody, combinators::BoxBody};
 use hyper::body::{Frame as BodyFrame, Incoming};
-use hyper_util::{
-    rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::conn::auto,
-};
 use parking_lot::Mutex;
 use tokio::{net::TcpListener, sync::watch};
 use tracing::Instrument as _;
@@ -112,60 +108,19 @@ pub async fn serve(
     tls: Option<Arc<rustls::ServerConfig>>,
     state: Arc<State>,
     auth: Arc<Authenticator>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
     let ctx = Arc::new(Ctx { state, auth, shutdown: shutdown.clone() });
-    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    loop {
-        let (tcp, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!("accept: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => break,
-        };
-        let _ = tcp.set_nodelay(true);
+    crate::server::serve(listener, tls, shutdown, move |req| {
         let ctx = ctx.clone();
-        let svc = hyper::service::service_fn(move |req| {
-            let ctx = ctx.clone();
-            async move { Ok::<_, Infallible>(handle(&ctx, req).await) }
-        });
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder.http2().timer(TokioTimer::new()).keep_alive_interval(Some(Duration::from_secs(20)));
-        match &acceptor {
-            Some(acceptor) => {
-                let acceptor = acceptor.clone();
-                let watcher = graceful.watcher();
-                tokio::spawn(async move {
-                    let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(e)) => return tracing::debug!(%peer, "TLS handshake failed: {e}"),
-                        Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
-                    };
-                    let conn = builder.serve_connection(TokioIo::new(tls), svc).into_owned();
-                    let _ = watcher.watch(conn).await;
-                });
-            }
-            None => {
-                let conn = builder.serve_connection(TokioIo::new(tcp), svc).into_owned();
-                let fut = graceful.watch(conn);
-                tokio::spawn(async move {
-                    let _ = fut.await;
-                });
-            }
-        }
-    }
-    let _ = tokio::time::timeout(Duration::from_secs(5), graceful.shutdown()).await;
+        async move { handle(&ctx, req).await }
+    })
+    .await;
 }
 
-type Body = BoxBody<Bytes, Infallible>;
+pub type Body = BoxBody<Bytes, Infallible>;
 
-fn reply(status: StatusCode, message: &str) -> Response<Body> {
+pub fn reply(status: StatusCode, message: &str) -> Response<Body> {
     let body = serde_json::json!({"error": {"code": status.as_u16(), "message": message}}).to_string();
     let mut resp = Response::new(Full::new(Bytes::from(body)).boxed());
     *resp.status_mut() = status;

@@ -145,6 +145,17 @@ impl Index {
         out
     }
 
+    /// The Secrets (name, key) that the routes selecting a pod with these labels reference.
+    pub fn secret_refs(&self, ns: &str, labels: &Labels) -> BTreeSet<(String, String)> {
+        self.selected(ns, labels)
+            .iter()
+            .filter_map(|name| self.routes.get(&(ns.to_owned(), name.clone())))
+            .flat_map(|r| r.spec.backends.iter().chain(r.spec.rules.iter().flat_map(|rule| &rule.backends)))
+            .filter_map(|b| b.credentials.as_ref()?.secret_key_ref.as_ref())
+            .map(|s| (s.name.clone(), s.key.clone()))
+            .collect()
+    }
+
     /// Stores a route; true when what the sidecars get may change (not for status-only writes).
     pub fn apply_route(&mut self, r: LLMRoute) -> bool {
         let key = ns_name(&r.metadata);

@@ -8,10 +8,12 @@ pub mod auth;
 pub mod distribute;
 pub mod health;
 pub mod index;
+pub mod inject;
 pub mod leader;
 pub mod metrics;
 pub mod reconcile;
 pub mod reports;
+pub mod server;
 pub mod status;
 pub mod tls;
 pub mod watch;
@@ -113,6 +115,18 @@ pub struct Settings {
     pub leader: Option<leader::Settings>,
     pub identity: String,
     pub resync: std::time::Duration,
+    /// The sidecar injection webhook; `None` serves none.
+    pub webhook: Option<Webhook>,
+}
+
+/// Where the injection webhook listens and what it injects.
+#[derive(Clone, Debug)]
+pub struct Webhook {
+    pub listen: std::net::SocketAddr,
+    /// The sidecar image.
+    pub image: String,
+    /// The config stream's address as sidecars reach it (its Service).
+    pub stream_url: String,
 }
 
 /// A running operator.
@@ -120,6 +134,7 @@ pub struct Operator {
     pub state: Arc<State>,
     pub stream_addr: std::net::SocketAddr,
     pub metrics_addr: std::net::SocketAddr,
+    pub webhook_addr: Option<std::net::SocketAddr>,
     shutdown: tokio::sync::watch::Sender<bool>,
     /// The watches run until aborted; the other tasks end on `shutdown`.
     watches: Vec<tokio::task::JoinHandle<()>>,
@@ -144,6 +159,21 @@ impl Operator {
             .await
             .with_context(|| format!("binding {}", s.metrics_listen))?;
         let (stream_addr, metrics_addr) = (stream.local_addr()?, health.local_addr()?);
+        let webhook = match &s.webhook {
+            Some(w) => {
+                let listener =
+                    tokio::net::TcpListener::bind(w.listen).await.with_context(|| format!("binding {}", w.listen))?;
+                let injection = inject::Injection {
+                    image: w.image.clone(),
+                    stream_url: w.stream_url.clone(),
+                    ca: ca.clone(),
+                    audience: s.token_audience.clone(),
+                };
+                Some((listener, Arc::new(injection)))
+            }
+            None => None,
+        };
+        let webhook_addr = webhook.as_ref().map(|(l, _)| l.local_addr()).transpose()?;
         let (shutdown, rx) = tokio::sync::watch::channel(false);
         let (compiled_tx, compiled_rx) = tokio::sync::watch::channel(None);
         let auth = Arc::new(auth::Authenticator::new(client.clone(), s.token_audience.clone()));
@@ -161,9 +191,12 @@ impl Operator {
         ];
         let mut tasks = vec![
             tokio::spawn(reconcile::run(state.clone(), compiled_tx, rx.clone())),
-            tokio::spawn(distribute::serve(stream, tls, state.clone(), auth, rx.clone())),
+            tokio::spawn(distribute::serve(stream, tls.clone(), state.clone(), auth, rx.clone())),
             tokio::spawn(health::serve(health, state.clone(), rx.clone())),
         ];
+        if let Some((listener, injection)) = webhook {
+            tasks.push(tokio::spawn(inject::serve(listener, tls, state.clone(), injection, rx.clone())));
+        }
         let writer = write::Writer::new(client.clone(), state.clone(), s.namespace.clone(), ca, &s.identity);
         tasks.push(tokio::spawn(write::run(writer, compiled_rx, s.resync, rx.clone())));
         match s.leader.clone() {
@@ -173,8 +206,8 @@ impl Operator {
                 state.metrics.leader.set(1);
             }
         }
-        tracing::info!(%stream_addr, %metrics_addr, "operator serving");
-        Ok(Self { state, stream_addr, metrics_addr, shutdown, watches, tasks })
+        tracing::info!(%stream_addr, %metrics_addr, webhook = ?webhook_addr, "operator serving");
+        Ok(Self { state, stream_addr, metrics_addr, webhook_addr, shutdown, watches, tasks })
     }
 
     /// Stops serving, releases the lease, and waits for the tasks that end on shutdown.

@@ -4,7 +4,7 @@
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use bulwark_api::{CompileOptions, Duration as Dur};
-use bulwark_operator::{Operator, Settings, leader};
+use bulwark_operator::{Operator, Settings, Webhook, leader};
 use clap::{ArgAction, Parser};
 
 #[derive(Parser, Debug)]
@@ -50,6 +50,15 @@ struct Cli {
     resync: Dur,
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
+    /// Serve the sidecar injection webhook here (HTTPS with --tls-cert), e.g. 0.0.0.0:9443.
+    #[arg(long, requires_all = ["sidecar_image", "stream_url"])]
+    webhook_listen: Option<SocketAddr>,
+    /// The sidecar image the webhook injects.
+    #[arg(long)]
+    sidecar_image: Option<String>,
+    /// The config stream as injected sidecars reach it, e.g. https://bulwark-operator.bulwark-system.svc:15010.
+    #[arg(long)]
+    stream_url: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -81,6 +90,11 @@ fn main() -> ExitCode {
         }),
         identity,
         resync: cli.resync.as_std().max(Duration::from_secs(10)),
+        webhook: cli.webhook_listen.map(|listen| Webhook {
+            listen,
+            image: cli.sidecar_image.unwrap_or_default(),
+            stream_url: cli.stream_url.unwrap_or_default(),
+        }),
     };
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,

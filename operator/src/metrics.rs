@@ -35,6 +35,7 @@ pub struct Metrics {
     pub watch_errors: Counter,
     pub leader: Gauge,
     pub groups: Gauge,
+    pub admissions: Family<ResultLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -84,6 +85,12 @@ impl Metrics {
         r.register("bulwark_operator_leader", "1 while this replica holds the leader lease", leader.clone());
         let groups = Gauge::default();
         r.register("bulwark_operator_groups", "Groups of sidecar pods that share one config", groups.clone());
+        let admissions = Family::default();
+        r.register(
+            "bulwark_operator_admissions",
+            "Pod admission reviews answered by the injection webhook: injected, unchanged, invalid",
+            admissions.clone(),
+        );
         Self {
             registry: parking_lot::Mutex::new(r),
             reconciles,
@@ -96,6 +103,7 @@ impl Metrics {
             watch_errors,
             leader,
             groups,
+            admissions,
         }
     }
 

@@ -42,7 +42,7 @@ pub struct OperatorLink {
     /// `https://bulwark-operator.bulwark-system.svc:15010`.
     pub url: String,
     /// CA that signed the operator's certificate (besides the system roots).
-    pub ca: Option<PathBuf>,
+    pub ca: Option<crate::upstream::Ca>,
     /// The projected service-account token (audience `bulwark`); read again on each request.
     pub token_file: PathBuf,
     pub report_interval: Duration,
@@ -66,7 +66,7 @@ pub struct Link {
 
 impl Link {
     pub fn new(cfg: OperatorLink) -> anyhow::Result<Arc<Self>> {
-        let connector = crate::upstream::connector(cfg.ca.as_deref(), true)?;
+        let connector = crate::upstream::connector(cfg.ca.as_ref(), true)?;
         let client = Client::builder(TokioExecutor::new())
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())

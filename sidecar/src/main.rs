@@ -4,7 +4,7 @@
 use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use bulwark_api::{CompileOptions, Duration as Dur, Workload};
-use bulwark_sidecar::{Options, Sidecar, Source, control::OperatorLink};
+use bulwark_sidecar::{Options, Sidecar, Source, control::OperatorLink, upstream::Ca};
 use clap::Parser;
 
 #[derive(Parser, Debug)]
@@ -27,6 +27,15 @@ struct Cli {
     /// CA certificate (PEM) of the operator's config stream.
     #[arg(long, env = "BULWARK_OPERATOR_CA", value_name = "FILE")]
     operator_ca: Option<PathBuf>,
+    /// The same CA as PEM text (the injection webhook sets BULWARK_OPERATOR_CA_PEM).
+    #[arg(
+        long,
+        env = "BULWARK_OPERATOR_CA_PEM",
+        value_name = "PEM",
+        conflicts_with = "operator_ca",
+        hide_env_values = true
+    )]
+    operator_ca_pem: Option<String>,
     /// Projected service-account token (audience `bulwark`) that proves this pod to the operator.
     #[arg(long, value_name = "FILE", default_value = "/var/run/secrets/bulwark/token")]
     token_file: PathBuf,
@@ -131,7 +140,7 @@ fn main() -> ExitCode {
     opts.models.threads = cli.model_threads.max(1);
     opts.operator = cli.operator.map(|url| OperatorLink {
         url,
-        ca: cli.operator_ca,
+        ca: cli.operator_ca.map(Ca::File).or(cli.operator_ca_pem.map(Ca::Pem)),
         token_file: cli.token_file,
         report_interval: cli.report_interval.as_std().max(Duration::from_millis(100)),
     });

@@ -26,25 +26,40 @@ pub fn client(extra_ca: Option<&Path>) -> anyhow::Result<Client> {
     Ok(HyperClient::builder(TokioExecutor::new())
         .pool_idle_timeout(std::time::Duration::from_secs(90))
         .pool_max_idle_per_host(1024)
-        .build(connector(extra_ca, false)?))
+        .build(connector(extra_ca.map(|p| Ca::File(p.to_owned())).as_ref(), false)?))
+}
+
+/// CA certificates to trust besides the system roots.
+#[derive(Clone, Debug)]
+pub enum Ca {
+    /// A PEM file.
+    File(std::path::PathBuf),
+    /// PEM text, e.g. from the environment.
+    Pem(String),
 }
 
 /// A rustls connector trusting the system roots plus `extra_ca`; `h2_only` speaks HTTP/2 alone
 /// (ALPN on TLS, prior knowledge on plain TCP).
-pub fn connector(extra_ca: Option<&Path>, h2_only: bool) -> anyhow::Result<HttpsConnector<HttpConnector>> {
+pub fn connector(extra_ca: Option<&Ca>, h2_only: bool) -> anyhow::Result<HttpsConnector<HttpConnector>> {
     let mut roots = rustls::RootCertStore::empty();
     let native = rustls_native_certs::load_native_certs();
     for cert in native.certs {
         let _ = roots.add(cert);
     }
-    if let Some(path) = extra_ca {
-        let pem = std::fs::read(path).with_context(|| format!("reading extra CA {}", path.display()))?;
+    if let Some(ca) = extra_ca {
+        let (what, pem) = match ca {
+            Ca::File(path) => (
+                path.display().to_string(),
+                std::fs::read(path).with_context(|| format!("reading extra CA {}", path.display()))?,
+            ),
+            Ca::Pem(text) => ("the CA given as PEM text".to_owned(), text.as_bytes().to_vec()),
+        };
         let mut n = 0;
         for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-            roots.add(cert.with_context(|| format!("parsing {}", path.display()))?)?;
+            roots.add(cert.with_context(|| format!("parsing {what}"))?)?;
             n += 1;
         }
-        anyhow::ensure!(n > 0, "{} holds no PEM certificate", path.display());
+        anyhow::ensure!(n > 0, "{what} holds no PEM certificate");
     }
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
     let tls = rustls::ClientConfig::builder_with_provider(provider)

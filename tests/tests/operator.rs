@@ -8,7 +8,7 @@ use tokio::time::Instant;
 
 use bulwark_tests::{
     client::Client,
-    cluster::{Cluster, SidecarProc, eventually, free_port},
+    cluster::{Cluster, Proc, SidecarProc, bin, eventually, free_port},
     mock::MockProvider,
 };
 use serde_json::{Value, json};
@@ -296,5 +296,112 @@ async fn a_standby_operator_takes_over_within_the_lease_duration() -> anyhow::Re
     await_condition(&c, "llmroute/r", "Accepted", "False/Invalid").await?;
     println!("standby wrote status {:?} after the leader died (lease 2 s)", killed.elapsed());
     assert_ne!(lease(), holder);
+    Ok(())
+}
+
+/// The webhook as a cluster would call it: the test API server runs it on each pod create.
+fn webhook_configuration(c: &Cluster, port: u16) -> anyhow::Result<String> {
+    use base64::Engine as _;
+    let ca = base64::engine::general_purpose::STANDARD.encode(std::fs::read(&c.tls.ca)?);
+    Ok(format!(
+        r#"apiVersion: admissionregistration.k8s.io/v1
+kind: MutatingWebhookConfiguration
+metadata: {{name: bulwark-sidecar-injector}}
+webhooks:
+  - name: inject.bulwark.dev
+    admissionReviewVersions: [v1]
+    sideEffects: None
+    failurePolicy: Fail
+    clientConfig: {{url: "https://localhost:{port}/inject", caBundle: {ca}}}
+    rules: [{{operations: [CREATE], apiGroups: [""], apiVersions: [v1], resources: [pods]}}]
+    objectSelector: {{matchLabels: {{bulwark.dev/inject: "true"}}}}
+"#
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn labelled_pods_get_a_sidecar_that_works_as_injected() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let Some(c) = Cluster::start("bulwark-inject-e2e").await? else { return Ok(()) };
+    let a = MockProvider::start_with("a", 2, Duration::ZERO, ([127, 0, 0, 1], 0).into()).await;
+    c.apply(&pods(&[]))?;
+    let (stream, webhook) = (free_port()?, free_port()?);
+    let op = c.operator(
+        "op-1",
+        stream,
+        &[
+            &format!("--webhook-listen=127.0.0.1:{webhook}"),
+            "--sidecar-image=bulwark-sidecar:test",
+            &format!("--stream-url=https://localhost:{stream}"),
+        ],
+    )?;
+    // A route whose backend key comes from a Secret: injected pods get it mounted.
+    let route = route(&a.url(), &a.url(), 100, 0)
+        .replace("weight: 100}", "weight: 100, credentials: {secretKeyRef: {name: provider, key: api-key}}}");
+    c.apply(&route)?;
+    await_condition(&c, "llmroute/chat", "Accepted", "True/Accepted").await?;
+    c.apply(&webhook_configuration(&c, webhook)?)?;
+    c.apply(&format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: bot-1\n  namespace: {NS}\n  labels: {{app: bot, bulwark.dev/inject: \"true\"}}\nspec:\n  containers: [{{name: app, image: example/app}}]\n---\napiVersion: v1\nkind: Pod\nmetadata: {{name: plain, namespace: {NS}, labels: {{app: bot}}}}\nspec:\n  containers: [{{name: app, image: example/app}}]\n"
+    ))?;
+
+    // What the API server stored is the injected pod.
+    let pod: Value = serde_json::from_str(&c.kubectl(&["get", "pod", "bot-1", "-n", NS, "-o", "json"])?)?;
+    let sidecar = &pod["spec"]["initContainers"][0];
+    assert_eq!(sidecar["name"], "bulwark-sidecar", "{pod:#}");
+    assert_eq!(
+        (sidecar["image"].as_str(), sidecar["restartPolicy"].as_str()),
+        (Some("bulwark-sidecar:test"), Some("Always"))
+    );
+    let volumes = pod["spec"]["volumes"].as_array().unwrap();
+    let copy = volumes.iter().find(|v| v["name"] == "bulwark-copy").unwrap();
+    assert_eq!(copy["configMap"]["name"], "bulwark-bot-1");
+    let projected = &volumes.iter().find(|v| v["name"] == "bulwark-token").unwrap()["projected"]["sources"];
+    assert_eq!(projected[1]["secret"]["items"][0]["path"], "provider/api-key");
+    let app_env = pod["spec"]["containers"][0]["env"].as_array().unwrap();
+    assert!(app_env.iter().any(|e| e["name"] == "OPENAI_BASE_URL" && e["value"] == "http://127.0.0.1:15080/v1"));
+    // A pod without the label is not sent to the webhook at all.
+    let plain = c.get(NS, "pod/plain", "{.spec.initContainers}")?;
+    assert!(plain.is_empty(), "{plain}");
+    let metrics = Client::new(format!("http://127.0.0.1:{}", op.metrics)).get("/metrics").await?.text();
+    assert!(metrics.contains(r#"bulwark_operator_admissions_total{result="injected"} 1"#), "{metrics}");
+
+    // The injected container runs as written: its arguments (local paths and ports for the pod's
+    // mounts and the ones it binds) and its environment, which carries the operator's CA.
+    let token = c.token(NS, "default", "bot-1")?;
+    let (listen, admin) = (free_port()?, free_port()?);
+    let args: Vec<String> = sidecar["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            let a = a.as_str().unwrap();
+            match a.split_once('=').map(|(flag, _)| flag) {
+                Some("--token-file") => format!("--token-file={}", token.display()),
+                Some("--config") => format!("--config={}", c.dir.join("no-copy-yet.yaml").display()),
+                Some("--listen") => format!("--listen=127.0.0.1:{listen}"),
+                Some("--admin") => format!("--admin=127.0.0.1:{admin}"),
+                _ => a.to_owned(),
+            }
+        })
+        .collect();
+    let ca = sidecar["env"].as_array().unwrap().iter().find(|e| e["name"] == "BULWARK_OPERATOR_CA_PEM").unwrap();
+    let proc = Proc::spawn(
+        &c.dir,
+        "injected-sidecar",
+        &bin("bulwark-sidecar")?,
+        &args,
+        &[("BULWARK_OPERATOR_CA_PEM", ca["value"].as_str().unwrap())],
+    )?;
+    let s = SidecarProc { proc, listen, admin };
+    eventually(Duration::from_secs(20), "the injected sidecar to get its route", || async {
+        has_route(&s, "shop/chat").await.then_some(())
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\nsidecar log:\n{}", s.proc.output()))?;
+    // The key the config reads is the file the injected volume mounts.
+    let mount = sidecar["volumeMounts"].as_array().unwrap().iter().find(|m| m["name"] == "bulwark-token").unwrap();
+    let key = format!("{}/provider/api-key", mount["mountPath"].as_str().unwrap());
+    assert!(config_of(&s).await.unwrap().to_string().contains(&key), "{key} not in the config");
     Ok(())
 }

@@ -52,9 +52,17 @@ helm.sh/chart: {{ include "bulwark.chart" . }}
 {{- include "bulwark.image" (dict "repository" .Values.sidecar.image.repository "tag" .Values.sidecar.image.tag "appVersion" .Chart.AppVersion) -}}
 {{- end -}}
 
-{{/* The Service name of the config stream and the DNS names its certificate covers. */}}
+{{/* The DNS names the certificate covers: the config stream's Service, then the webhook's. */}}
 {{- define "bulwark.dnsNames" -}}
-{{- $svc := include "bulwark.fullname" . -}}
 {{- $ns := .Release.Namespace -}}
-{{- list $svc (printf "%s.%s" $svc $ns) (printf "%s.%s.svc" $svc $ns) (printf "%s.%s.svc.%s" $svc $ns .Values.clusterDomain) | toJson -}}
+{{- $names := list -}}
+{{- range $svc := list (include "bulwark.fullname" .) (include "bulwark.webhookService" .) -}}
+{{- $names = concat $names (list $svc (printf "%s.%s" $svc $ns) (printf "%s.%s.svc" $svc $ns) (printf "%s.%s.svc.%s" $svc $ns $.Values.clusterDomain)) -}}
+{{- end -}}
+{{- $names | toJson -}}
+{{- end -}}
+
+{{/* The Service of the sidecar injection webhook (every replica answers it). */}}
+{{- define "bulwark.webhookService" -}}
+{{- printf "%s-webhook" (include "bulwark.fullname" .) -}}
 {{- end -}}

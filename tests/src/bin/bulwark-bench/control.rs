@@ -113,6 +113,7 @@ async fn propagation() -> anyhow::Result<()> {
             leader: None,
             identity: "bench".into(),
             resync: Duration::from_secs(300),
+            webhook: None,
         },
     )
     .await?;
@@ -124,7 +125,7 @@ async fn propagation() -> anyhow::Result<()> {
         opts.admin = ([127, 0, 0, 1], 0).into();
         opts.operator = Some(OperatorLink {
             url: format!("https://localhost:{}", op.stream_addr.port()),
-            ca: Some(certs.ca.clone()),
+            ca: Some(bulwark_sidecar::upstream::Ca::File(certs.ca.clone())),
             token_file: token(&client, "bench", &format!("p-{i}"), &dir).await?,
             report_interval: Duration::from_secs(5),
         });

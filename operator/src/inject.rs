@@ -1,0 +1,440 @@
+//! The sidecar injection webhook (port 9443, `POST /inject`): the API server sends an
+//! `AdmissionReview` for each new pod labelled `bulwark.dev/inject=true`, and gets back a JSON
+//! patch that adds the sidecar as a native sidecar container (an init container that keeps
+//! running, so it starts before the app and stops after it) with:
+//!
+//! * the config stream's address and CA (in the environment, as the CA is public);
+//! * a projected service-account token for the stream's audience, and the Secrets that the
+//!   routes selecting the pod reference, under `/var/run/secrets/bulwark/<secret>/<key>`;
+//! * the workload's ConfigMap copy (`bulwark-<workload>`, optional) as its fallback config;
+//! * `OPENAI_BASE_URL` and `ANTHROPIC_BASE_URL` in each app container that does not set them
+//!   (annotation `bulwark.dev/base-url-env: "false"` turns that off).
+//!
+//! A pod that already has a `bulwark-sidecar` container is left alone, so a hand-written sidecar
+//! and a second admission pass change nothing. The patch only adds: fields of the pod this
+//! operator does not know survive.
+
+use std::{collections::BTreeSet, sync::Arc};
+
+use base64::Engine as _;
+use bulwark_api::control::SIDECAR_LABEL;
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt as _, Full, Limited};
+use hyper::body::Incoming;
+use serde_json::{Value, json};
+use tokio::{net::TcpListener, sync::watch};
+
+use crate::{
+    State,
+    distribute::{Body, reply},
+    index::workload_of,
+    metrics::ResultLabels,
+    write::configmap_name,
+};
+
+/// The webhook's path.
+pub const PATH: &str = "/inject";
+
+/// The name of the injected container.
+pub const CONTAINER: &str = "bulwark-sidecar";
+/// `"false"` keeps the base-URL variables out of the app containers.
+pub const BASE_URL_ANNOTATION: &str = "bulwark.dev/base-url-env";
+/// Where the token and provider keys are mounted, as `CompileOptions::secrets_dir` expects.
+pub const SECRETS_DIR: &str = "/var/run/secrets/bulwark";
+const COPY_DIR: &str = "/etc/bulwark/copy";
+const PROXY_PORT: u16 = 15080;
+const ADMIN_PORT: u16 = 15090;
+
+/// What every injected sidecar gets.
+#[derive(Clone, Debug)]
+pub struct Injection {
+    pub image: String,
+    /// The config stream as sidecars reach it, e.g. `https://bulwark-operator.bulwark-system.svc:15010`.
+    pub stream_url: String,
+    /// PEM of the stream's CA.
+    pub ca: Option<String>,
+    /// Audience of the projected token.
+    pub audience: String,
+}
+
+/// The JSON patch that injects the sidecar into `pod`, given the Secrets (name, key) that the
+/// routes selecting it reference; empty when there is nothing to do.
+pub fn patch(pod: &Value, inj: &Injection, secrets: &BTreeSet<(String, String)>) -> Vec<Value> {
+    let meta = &pod["metadata"];
+    if meta["labels"][SIDECAR_LABEL].as_str() != Some("true") {
+        return vec![];
+    }
+    let spec = &pod["spec"];
+    let has_sidecar = ["containers", "initContainers"]
+        .iter()
+        .filter_map(|k| spec[*k].as_array())
+        .flatten()
+        .any(|c| c["name"].as_str() == Some(CONTAINER));
+    if has_sidecar {
+        return vec![];
+    }
+    let workload = serde_json::from_value(meta.clone()).map(|m| workload_of(&m)).unwrap_or_default();
+    let mut ops = vec![];
+
+    // The native sidecar goes first, so later init containers can already use it.
+    let container = sidecar(inj);
+    match spec["initContainers"].as_array() {
+        Some(_) => ops.push(json!({"op": "add", "path": "/spec/initContainers/0", "value": container})),
+        None => ops.push(json!({"op": "add", "path": "/spec/initContainers", "value": [container]})),
+    }
+
+    let mut sources =
+        vec![json!({"serviceAccountToken": {"audience": inj.audience, "expirationSeconds": 3600, "path": "token"}})];
+    for (name, keys) in group_keys(secrets) {
+        let items: Vec<Value> = keys.iter().map(|k| json!({"key": k, "path": format!("{name}/{k}")})).collect();
+        // Optional: a missing Secret shows in the route's status, and must not keep the pod from starting.
+        sources.push(json!({"secret": {"name": name, "items": items, "optional": true}}));
+    }
+    let volumes = [
+        json!({"name": "bulwark-token", "projected": {"sources": sources}}),
+        json!({"name": "bulwark-copy", "configMap": {"name": configmap_name(&workload), "optional": true}}),
+    ];
+    match spec["volumes"].as_array() {
+        Some(_) => ops.extend(volumes.into_iter().map(|v| json!({"op": "add", "path": "/spec/volumes/-", "value": v}))),
+        None => ops.push(json!({"op": "add", "path": "/spec/volumes", "value": volumes})),
+    }
+
+    if meta["annotations"][BASE_URL_ANNOTATION].as_str() != Some("false") {
+        let base_urls = [
+            ("OPENAI_BASE_URL", format!("http://127.0.0.1:{PROXY_PORT}/v1")),
+            ("ANTHROPIC_BASE_URL", format!("http://127.0.0.1:{PROXY_PORT}")),
+        ];
+        for (i, c) in spec["containers"].as_array().into_iter().flatten().enumerate() {
+            let env = c["env"].as_array();
+            let missing: Vec<Value> = base_urls
+                .iter()
+                .filter(|(name, _)| !env.into_iter().flatten().any(|e| e["name"].as_str() == Some(*name)))
+                .map(|(name, value)| json!({"name": name, "value": value}))
+                .collect();
+            if missing.is_empty() {
+                continue;
+            }
+            match env {
+                Some(_) => ops.extend(
+                    missing
+                        .into_iter()
+                        .map(|e| json!({"op": "add", "path": format!("/spec/containers/{i}/env/-"), "value": e})),
+                ),
+                None => ops.push(json!({"op": "add", "path": format!("/spec/containers/{i}/env"), "value": missing})),
+            }
+        }
+    }
+    ops
+}
+
+/// Secret keys by Secret name.
+fn group_keys(secrets: &BTreeSet<(String, String)>) -> Vec<(&str, Vec<&str>)> {
+    let mut out: Vec<(&str, Vec<&str>)> = vec![];
+    for (name, key) in secrets {
+        match out.last_mut() {
+            Some((n, keys)) if *n == name.as_str() => keys.push(key),
+            _ => out.push((name, vec![key])),
+        }
+    }
+    out
+}
+
+/// The sidecar container: non-root, read-only, no capabilities; ready once it has a config.
+fn sidecar(inj: &Injection) -> Value {
+    let mut env = vec![
+        json!({"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}),
+        json!({"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}),
+    ];
+    if let Some(ca) = &inj.ca {
+        env.push(json!({"name": "BULWARK_OPERATOR_CA_PEM", "value": ca}));
+    }
+    json!({
+        "name": CONTAINER,
+        "image": inj.image,
+        "restartPolicy": "Always",
+        "args": [
+            format!("--operator={}", inj.stream_url),
+            format!("--token-file={SECRETS_DIR}/token"),
+            format!("--config={COPY_DIR}/config.yaml"),
+            format!("--listen=127.0.0.1:{PROXY_PORT}"),
+            format!("--admin=0.0.0.0:{ADMIN_PORT}"),
+            "--log-format=json",
+        ],
+        "env": env,
+        "ports": [{"name": "bulwark-admin", "containerPort": ADMIN_PORT}],
+        "startupProbe": {"httpGet": {"path": "/live", "port": ADMIN_PORT}, "periodSeconds": 1, "failureThreshold": 30},
+        "readinessProbe": {"httpGet": {"path": "/ready", "port": ADMIN_PORT}, "periodSeconds": 5},
+        "livenessProbe": {"httpGet": {"path": "/live", "port": ADMIN_PORT}, "periodSeconds": 10},
+        "resources": {"requests": {"cpu": "50m", "memory": "32Mi"}, "limits": {"memory": "256Mi"}},
+        "securityContext": {
+            "runAsNonRoot": true,
+            "runAsUser": 65532,
+            "readOnlyRootFilesystem": true,
+            "allowPrivilegeEscalation": false,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "volumeMounts": [
+            {"name": "bulwark-token", "mountPath": SECRETS_DIR, "readOnly": true},
+            {"name": "bulwark-copy", "mountPath": COPY_DIR, "readOnly": true},
+        ],
+    })
+}
+
+/// An answer to an `AdmissionReview`, and the pod it injected (`namespace/name`), if any.
+pub struct Answer {
+    pub review: Value,
+    pub injected: Option<String>,
+}
+
+/// Answers an `AdmissionReview` request: always allowed (injection never blocks a pod), with
+/// the patch when there is one. `secrets` gives the Secret keys for a pod's namespace and labels.
+pub fn review(
+    body: &[u8],
+    inj: &Injection,
+    secrets: impl Fn(&str, &std::collections::BTreeMap<String, String>) -> BTreeSet<(String, String)>,
+) -> Result<Answer, String> {
+    let review: Value = serde_json::from_slice(body).map_err(|e| format!("not an AdmissionReview: {e}"))?;
+    if review["kind"] != "AdmissionReview" {
+        return Err("not an AdmissionReview: kind must be AdmissionReview".into());
+    }
+    let request = &review["request"];
+    let uid = request["uid"].as_str().ok_or("not an AdmissionReview: request.uid is missing")?;
+    let mut response = json!({"uid": uid, "allowed": true});
+    let mut injected = None;
+    let pod = &request["object"];
+    if request["kind"]["kind"] == "Pod" && request["operation"] == "CREATE" && pod.is_object() {
+        // The namespace is in the request; the pod of a ReplicaSet has none of its own yet.
+        let ns = pod["metadata"]["namespace"].as_str().or(request["namespace"].as_str()).unwrap_or_default();
+        let labels = serde_json::from_value(pod["metadata"]["labels"].clone()).unwrap_or_default();
+        let ops = patch(pod, inj, &secrets(ns, &labels));
+        if !ops.is_empty() {
+            let encoded = base64::engine::general_purpose::STANDARD.encode(Value::Array(ops).to_string());
+            response["patchType"] = json!("JSONPatch");
+            response["patch"] = json!(encoded);
+            let meta = &pod["metadata"];
+            let name = meta["name"].as_str().or(meta["generateName"].as_str()).unwrap_or_default();
+            injected = Some(format!("{ns}/{name}"));
+        }
+    }
+    let api_version = review["apiVersion"].as_str().unwrap_or("admission.k8s.io/v1");
+    let review = json!({"apiVersion": api_version, "kind": "AdmissionReview", "response": response});
+    Ok(Answer { review, injected })
+}
+
+/// Serves the webhook until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    state: Arc<State>,
+    injection: Arc<Injection>,
+    shutdown: watch::Receiver<bool>,
+) {
+    crate::server::serve(listener, tls, shutdown, move |req| {
+        let (state, injection) = (state.clone(), injection.clone());
+        async move { handle(&state, &injection, req).await }
+    })
+    .await;
+}
+
+async fn handle(state: &State, injection: &Injection, req: Request<Incoming>) -> Response<Body> {
+    if req.method() != Method::POST || req.uri().path() != PATH {
+        return reply(StatusCode::NOT_FOUND, "path: POST /inject (an AdmissionReview)");
+    }
+    let body = match Limited::new(req.into_body(), 8 << 20).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return reply(StatusCode::BAD_REQUEST, &format!("reading the AdmissionReview: {e}")),
+    };
+    let answer = review(&body, injection, |ns, labels| state.index.lock().secret_refs(ns, labels));
+    let result = match &answer {
+        Ok(a) if a.injected.is_some() => "injected",
+        Ok(_) => "unchanged",
+        Err(_) => "invalid",
+    };
+    state.metrics.admissions.get_or_create(&ResultLabels { result }).inc();
+    match answer {
+        Ok(a) => {
+            if let Some(pod) = &a.injected {
+                tracing::info!(pod = %pod, "sidecar injected");
+            }
+            let mut resp = Response::new(Full::new(Bytes::from(a.review.to_string())).boxed());
+            resp.headers_mut().insert(header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+            resp
+        }
+        Err(e) => {
+            tracing::info!("refused an admission request: {e}");
+            reply(StatusCode::BAD_REQUEST, &e)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn injection() -> Injection {
+        Injection {
+            image: "bulwark-sidecar:1".into(),
+            stream_url: "https://bulwark-operator.bulwark-system.svc:15010".into(),
+            ca: Some("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into()),
+            audience: "bulwark".into(),
+        }
+    }
+
+    /// A pod as a ReplicaSet of Deployment `chat` submits it: no name yet, and a field this
+    /// operator's types do not know.
+    fn deployment_pod() -> Value {
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {
+                "generateName": "chat-7d9c8f-", "namespace": "shop",
+                "labels": {"app": "chat", "bulwark.dev/inject": "true", "pod-template-hash": "7d9c8f"},
+                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "chat-7d9c8f", "uid": "u1", "controller": true}],
+            },
+            "spec": {
+                "initContainers": [{"name": "migrate", "image": "example/migrate"}],
+                "containers": [
+                    {"name": "app", "image": "example/app", "env": [{"name": "OPENAI_BASE_URL", "value": "http://mine/v1"}]},
+                    {"name": "worker", "image": "example/worker"},
+                ],
+                "volumes": [{"name": "data", "emptyDir": {}}],
+                "someFutureField": {"kept": true},
+            },
+        })
+    }
+
+    fn apply(pod: &Value, ops: Vec<Value>) -> Value {
+        let mut out = pod.clone();
+        let p: json_patch::Patch = serde_json::from_value(Value::Array(ops)).unwrap();
+        json_patch::patch(&mut out, &p).unwrap();
+        out
+    }
+
+    fn secrets(list: &[(&str, &str)]) -> BTreeSet<(String, String)> {
+        list.iter().map(|(a, b)| ((*a).to_owned(), (*b).to_owned())).collect()
+    }
+
+    #[test]
+    fn a_labelled_pod_gets_a_native_sidecar_with_its_copy_token_and_keys() {
+        let pod = deployment_pod();
+        let keys = secrets(&[("openai", "api-key"), ("openai", "org"), ("anthropic", "key")]);
+        let out = apply(&pod, patch(&pod, &injection(), &keys));
+        // Still a valid pod, with nothing of the original lost.
+        let typed: k8s_openapi::api::core::v1::Pod = serde_json::from_value(out.clone()).unwrap();
+        assert_eq!(out["spec"]["someFutureField"]["kept"], true);
+
+        let spec = typed.spec.unwrap();
+        let init = spec.init_containers.unwrap();
+        assert_eq!(init.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(), [CONTAINER, "migrate"]);
+        let sidecar = &init[0];
+        assert_eq!(sidecar.restart_policy.as_deref(), Some("Always"), "a native sidecar");
+        let args = sidecar.args.clone().unwrap();
+        assert!(args.contains(&"--operator=https://bulwark-operator.bulwark-system.svc:15010".to_owned()), "{args:?}");
+        assert!(args.contains(&"--config=/etc/bulwark/copy/config.yaml".to_owned()), "{args:?}");
+        let env = sidecar.env.clone().unwrap();
+        let ca = env.iter().find(|e| e.name == "BULWARK_OPERATOR_CA_PEM").unwrap();
+        assert!(ca.value.as_deref().unwrap().contains("BEGIN CERTIFICATE"));
+        let security = sidecar.security_context.clone().unwrap();
+        assert_eq!((security.run_as_non_root, security.read_only_root_filesystem), (Some(true), Some(true)));
+
+        let volumes = spec.volumes.unwrap();
+        assert_eq!(
+            volumes.iter().map(|v| v.name.as_str()).collect::<Vec<_>>(),
+            ["data", "bulwark-token", "bulwark-copy"]
+        );
+        let copy = volumes[2].config_map.clone().unwrap();
+        assert_eq!((copy.name.as_str(), copy.optional), ("bulwark-chat", Some(true)), "the Deployment's copy");
+        let sources = volumes[1].projected.clone().unwrap().sources.unwrap();
+        assert_eq!(sources[0].service_account_token.clone().unwrap().audience.as_deref(), Some("bulwark"));
+        let mounted: Vec<String> =
+            sources[1..].iter().flat_map(|s| s.secret.clone().unwrap().items.unwrap()).map(|i| i.path).collect();
+        assert_eq!(mounted, ["anthropic/key", "openai/api-key", "openai/org"]);
+
+        // The app's own base URL is kept; the other container gets both.
+        let env_of = |i: usize| -> Vec<(String, String)> {
+            spec.containers[i].env.clone().unwrap().into_iter().map(|e| (e.name, e.value.unwrap_or_default())).collect()
+        };
+        assert_eq!(
+            env_of(0),
+            [
+                ("OPENAI_BASE_URL".to_owned(), "http://mine/v1".to_owned()),
+                ("ANTHROPIC_BASE_URL".to_owned(), "http://127.0.0.1:15080".to_owned())
+            ]
+        );
+        assert_eq!(
+            env_of(1),
+            [
+                ("OPENAI_BASE_URL".to_owned(), "http://127.0.0.1:15080/v1".to_owned()),
+                ("ANTHROPIC_BASE_URL".to_owned(), "http://127.0.0.1:15080".to_owned())
+            ]
+        );
+    }
+
+    #[test]
+    fn a_bare_pod_gets_the_lists_it_lacks() {
+        let pod = json!({
+            "metadata": {"name": "solo", "labels": {"bulwark.dev/inject": "true"}, "annotations": {BASE_URL_ANNOTATION: "false"}},
+            "spec": {"containers": [{"name": "app", "image": "example/app"}]},
+        });
+        let out = apply(&pod, patch(&pod, &injection(), &BTreeSet::new()));
+        let typed: k8s_openapi::api::core::v1::Pod = serde_json::from_value(out).unwrap();
+        let spec = typed.spec.unwrap();
+        assert_eq!(spec.init_containers.unwrap()[0].name, CONTAINER);
+        assert_eq!(spec.volumes.unwrap()[1].config_map.clone().unwrap().name, "bulwark-solo");
+        assert_eq!(spec.containers[0].env, None, "the annotation keeps the app's environment as it is");
+    }
+
+    #[test]
+    fn nothing_changes_without_the_label_or_with_a_sidecar_already() {
+        let mut pod = deployment_pod();
+        assert!(!patch(&pod, &injection(), &BTreeSet::new()).is_empty());
+        let injected = apply(&pod, patch(&pod, &injection(), &BTreeSet::new()));
+        assert!(patch(&injected, &injection(), &BTreeSet::new()).is_empty(), "a second pass adds nothing");
+        pod["metadata"]["labels"]["bulwark.dev/inject"] = json!("false");
+        assert!(patch(&pod, &injection(), &BTreeSet::new()).is_empty());
+    }
+
+    #[test]
+    fn reviews_are_answered_with_a_base64_json_patch() {
+        let request = json!({
+            "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+            "request": {"uid": "r-1", "kind": {"group": "", "version": "v1", "kind": "Pod"}, "operation": "CREATE",
+                "namespace": "shop", "object": deployment_pod()},
+        });
+        let asked: std::cell::RefCell<Vec<String>> = Default::default();
+        let answer = review(request.to_string().as_bytes(), &injection(), |ns, labels| {
+            asked.borrow_mut().push(format!("{ns} {}", labels.get("app").cloned().unwrap_or_default()));
+            secrets(&[("openai", "api-key")])
+        })
+        .unwrap();
+        assert_eq!(asked.into_inner(), ["shop chat"], "the Secrets of the routes that select the pod");
+        assert_eq!(answer.injected.as_deref(), Some("shop/chat-7d9c8f-"));
+        let r = &answer.review["response"];
+        assert_eq!(
+            (r["uid"].as_str(), r["allowed"].as_bool(), r["patchType"].as_str()),
+            (Some("r-1"), Some(true), Some("JSONPatch"))
+        );
+        let ops: Vec<Value> = serde_json::from_slice(
+            &base64::engine::general_purpose::STANDARD.decode(r["patch"].as_str().unwrap()).unwrap(),
+        )
+        .unwrap();
+        let out = apply(&deployment_pod(), ops);
+        assert_eq!(out["spec"]["volumes"][1]["projected"]["sources"][1]["secret"]["name"], "openai");
+
+        // An update, or another kind, is allowed as it is.
+        let mut update = request.clone();
+        update["request"]["operation"] = json!("UPDATE");
+        let answer = review(update.to_string().as_bytes(), &injection(), |_, _| BTreeSet::new()).unwrap();
+        assert!(answer.injected.is_none() && answer.review["response"]["patch"].is_null());
+        // What is not a review is refused with the reason.
+        let e = review(b"{\"kind\": \"Pod\"}", &injection(), |_, _| BTreeSet::new()).err().unwrap();
+        assert!(e.contains("AdmissionReview"), "{e}");
+        let e = review(br#"{"kind": "AdmissionReview", "request": {}}"#, &injection(), |_, _| BTreeSet::new())
+            .err()
+            .unwrap();
+        assert!(e.contains("uid"), "{e}");
+    }
+}
