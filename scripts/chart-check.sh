@@ -62,7 +62,8 @@ render single-namespace --set watchNamespace=team-a --set replicas=1 --set servi
 validate single-namespace "$tmp/single-namespace.yaml"
 
 # A certificate from cert-manager, hard anti-affinity, zone spread, extra args and env.
-render custom --set tls.existingSecret=bulwark-operator-cert --set podAntiAffinity=hard \
+render custom --set tls.existingSecret=bulwark-operator-cert \
+  --set webhook.certManagerCertificate=bulwark-system/bulwark-operator-cert --set podAntiAffinity=hard \
   --set replicas=3 --set 'extraArgs[0]=--example' --set 'extraEnv[0].name=BULWARK_LOG' \
   --set 'extraEnv[0].value=debug' --set 'imagePullSecrets[0].name=regcred' \
   --set 'topologySpreadConstraints[0].maxSkew=1' \
@@ -91,6 +92,10 @@ grep -q '^      caBundle: ' "$tmp/defaults.yaml" || fail "defaults: the webhook 
 grep -q -- '- --webhook-listen=0.0.0.0:9443$' "$tmp/defaults.yaml" || fail "defaults: the operator serves no webhook"
 grep -q 'operator: In$' "$tmp/single-namespace.yaml" || fail "single-namespace: the webhook takes other namespaces"
 grep -q '^      caBundle: ' "$tmp/custom.yaml" && fail "custom: a caBundle was made up for tls.existingSecret"
+grep -q 'cert-manager.io/inject-ca-from: "bulwark-system/bulwark-operator-cert"' "$tmp/custom.yaml" \
+  || fail "custom: cert-manager is not asked to inject the webhook's CA"
+grep -q 'bulwark.dev/dns-names: "bulwark-operator,.*bulwark-operator-webhook.bulwark-system.svc' "$tmp/defaults.yaml" \
+  || fail "defaults: the certificate does not name the webhook's Service"
 render no-webhook --set webhook.enabled=false
 grep -qE 'MutatingWebhookConfiguration|webhook-listen|9443' "$tmp/no-webhook.yaml" && fail "webhook.enabled=false still renders the webhook"
 validate no-webhook "$tmp/no-webhook.yaml"
@@ -103,6 +108,10 @@ grep -q '^kind: ServiceMonitor$' "$tmp/monitor.yaml" || fail "serviceMonitor.ena
 echo "ok   monitor: the ServiceMonitor renders"
 
 # Values that must be refused.
+if out=$("$HELM" template "$RELEASE" "$CHART" --set tls.existingSecret=x 2>&1); then
+  fail "tls.existingSecret without a CA for the webhook was accepted"
+fi
+grep -q 'webhook.caBundle' <<<"$out" || fail "tls.existingSecret without a CA: the error does not say what to set: $out"
 if "$HELM" template "$RELEASE" "$CHART" --set leaderElection.enabled=false >/dev/null 2>&1; then
   fail "replicas=2 without leader election was accepted"
 fi

@@ -104,6 +104,10 @@ YAML
 kubectl -n "$APP_NAMESPACE" rollout status deployment/injected --timeout "$TIMEOUT"
 injected=$(kubectl -n "$APP_NAMESPACE" get pods -l app=injected -o jsonpath='{.items[0].spec.initContainers[0].name}')
 [[ $injected == bulwark-sidecar ]] || { echo "kind-e2e: the pod has no injected sidecar" >&2; exit 1; }
+for _ in $(seq 30); do
+  kubectl -n "$APP_NAMESPACE" get configmap bulwark-injected >/dev/null 2>&1 && break
+  sleep 1
+done
 kubectl -n "$APP_NAMESPACE" get configmap bulwark-injected -o jsonpath='{.metadata.annotations}'
 echo
 
