@@ -26,8 +26,10 @@ pub const WORKLOAD_LABEL: &str = "bulwark.dev/workload";
 
 /// The workload a pod belongs to: the `bulwark.dev/workload` label if set; else the Deployment
 /// behind its ReplicaSet (the ReplicaSet's name less the `pod-template-hash` suffix); else its
-/// controller (StatefulSet, DaemonSet, Job, ...); else the pod itself. Every replica of a
-/// workload, and its replacements, get the same name, so a pod spec can mount its copy.
+/// controller (StatefulSet, DaemonSet, Job, ...); else its `generateName` less the trailing `-`;
+/// else the pod itself. Every replica of a workload, and its replacements, get the same name,
+/// so a pod spec can mount its copy; and a pod at admission, before it has a name, gets the
+/// name it will have once created.
 pub fn workload_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
     let labels = meta.labels.as_ref();
     if let Some(w) = labels.and_then(|l| l.get(WORKLOAD_LABEL)).filter(|w| !w.is_empty()) {
@@ -43,7 +45,10 @@ pub fn workload_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Object
                 .to_owned()
         }
         Some(o) => o.name.clone(),
-        None => meta.name.clone().unwrap_or_default(),
+        None => match meta.generate_name.as_deref().map(|g| g.trim_end_matches('-')).filter(|g| !g.is_empty()) {
+            Some(base) => base.to_owned(),
+            None => meta.name.clone().unwrap_or_default(),
+        },
     }
 }
 
@@ -383,6 +388,9 @@ mod tests {
             "name: lone\nownerReferences: [{apiVersion: v1, kind: ConfigMap, name: something, uid: u1}]";
         assert_eq!(workload_of(&pod_meta(not_controller)), "lone", "only a controller names the workload");
         assert_eq!(workload_of(&pod_meta("name: bare")), "bare");
+        // At admission a generated name is not known yet; afterwards the same workload comes out.
+        assert_eq!(workload_of(&pod_meta("generateName: job-runner-")), "job-runner");
+        assert_eq!(workload_of(&pod_meta("name: job-runner-x2x4q\ngenerateName: job-runner-")), "job-runner");
         let labelled = format!(
             "name: chat-7d9c8f-x2x4q\nlabels: {{{WORKLOAD_LABEL}: assistant, pod-template-hash: 7d9c8f}}\nownerReferences: [{{apiVersion: apps/v1, kind: ReplicaSet, name: chat-7d9c8f, uid: u1, controller: true}}]"
         );

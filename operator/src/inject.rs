@@ -4,8 +4,9 @@
 //! running, so it starts before the app and stops after it) with:
 //!
 //! * the config stream's address and CA (in the environment, as the CA is public);
-//! * a projected service-account token for the stream's audience, and the Secrets that the
-//!   routes selecting the pod reference, under `/var/run/secrets/bulwark/<secret>/<key>`;
+//! * a projected service-account token for the stream's audience (`/var/run/bulwark/token`), and
+//!   the Secrets that the routes selecting the pod reference, under
+//!   `/var/run/secrets/bulwark/<secret>/<key>` (where the compiled config reads them);
 //! * the workload's ConfigMap copy (`bulwark-<workload>`, optional) as its fallback config;
 //! * `OPENAI_BASE_URL` and `ANTHROPIC_BASE_URL` in each app container that does not set them
 //!   (annotation `bulwark.dev/base-url-env: "false"` turns that off).
@@ -40,8 +41,10 @@ pub const PATH: &str = "/inject";
 pub const CONTAINER: &str = "bulwark-sidecar";
 /// `"false"` keeps the base-URL variables out of the app containers.
 pub const BASE_URL_ANNOTATION: &str = "bulwark.dev/base-url-env";
-/// Where the token and provider keys are mounted, as `CompileOptions::secrets_dir` expects.
+/// Where provider keys are mounted, as `CompileOptions::secrets_dir` expects.
 pub const SECRETS_DIR: &str = "/var/run/secrets/bulwark";
+/// Where the projected token is mounted (apart from the keys, so no Secret name can clash).
+const TOKEN_DIR: &str = "/var/run/bulwark";
 const COPY_DIR: &str = "/etc/bulwark/copy";
 const PROXY_PORT: u16 = 15080;
 const ADMIN_PORT: u16 = 15090;
@@ -78,23 +81,28 @@ pub fn patch(pod: &Value, inj: &Injection, secrets: &BTreeSet<(String, String)>)
     let mut ops = vec![];
 
     // The native sidecar goes first, so later init containers can already use it.
-    let container = sidecar(inj);
+    let container = sidecar(inj, !secrets.is_empty());
     match spec["initContainers"].as_array() {
         Some(_) => ops.push(json!({"op": "add", "path": "/spec/initContainers/0", "value": container})),
         None => ops.push(json!({"op": "add", "path": "/spec/initContainers", "value": [container]})),
     }
 
-    let mut sources =
-        vec![json!({"serviceAccountToken": {"audience": inj.audience, "expirationSeconds": 3600, "path": "token"}})];
-    for (name, keys) in group_keys(secrets) {
-        let items: Vec<Value> = keys.iter().map(|k| json!({"key": k, "path": format!("{name}/{k}")})).collect();
-        // Optional: a missing Secret shows in the route's status, and must not keep the pod from starting.
-        sources.push(json!({"secret": {"name": name, "items": items, "optional": true}}));
-    }
-    let volumes = [
-        json!({"name": "bulwark-token", "projected": {"sources": sources}}),
+    let token = json!({"serviceAccountToken": {"audience": inj.audience, "expirationSeconds": 3600, "path": "token"}});
+    let mut volumes = vec![
+        json!({"name": "bulwark-token", "projected": {"sources": [token]}}),
         json!({"name": "bulwark-copy", "configMap": {"name": configmap_name(&workload), "optional": true}}),
     ];
+    if !secrets.is_empty() {
+        let sources: Vec<Value> = group_keys(secrets)
+            .into_iter()
+            .map(|(name, keys)| {
+                let items: Vec<Value> = keys.iter().map(|k| json!({"key": k, "path": format!("{name}/{k}")})).collect();
+                // Optional: a missing Secret shows in the route's status, and must not keep the pod from starting.
+                json!({"secret": {"name": name, "items": items, "optional": true}})
+            })
+            .collect();
+        volumes.push(json!({"name": "bulwark-keys", "projected": {"sources": sources}}));
+    }
     match spec["volumes"].as_array() {
         Some(_) => ops.extend(volumes.into_iter().map(|v| json!({"op": "add", "path": "/spec/volumes/-", "value": v}))),
         None => ops.push(json!({"op": "add", "path": "/spec/volumes", "value": volumes})),
@@ -141,13 +149,14 @@ fn group_keys(secrets: &BTreeSet<(String, String)>) -> Vec<(&str, Vec<&str>)> {
 }
 
 /// The sidecar container: non-root, read-only, no capabilities; ready once it has a config.
-fn sidecar(inj: &Injection) -> Value {
-    let mut env = vec![
-        json!({"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}),
-        json!({"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}),
+fn sidecar(inj: &Injection, keys: bool) -> Value {
+    let env: Vec<Value> = inj.ca.iter().map(|ca| json!({"name": "BULWARK_OPERATOR_CA_PEM", "value": ca})).collect();
+    let mut mounts = vec![
+        json!({"name": "bulwark-token", "mountPath": TOKEN_DIR, "readOnly": true}),
+        json!({"name": "bulwark-copy", "mountPath": COPY_DIR, "readOnly": true}),
     ];
-    if let Some(ca) = &inj.ca {
-        env.push(json!({"name": "BULWARK_OPERATOR_CA_PEM", "value": ca}));
+    if keys {
+        mounts.push(json!({"name": "bulwark-keys", "mountPath": SECRETS_DIR, "readOnly": true}));
     }
     json!({
         "name": CONTAINER,
@@ -155,7 +164,7 @@ fn sidecar(inj: &Injection) -> Value {
         "restartPolicy": "Always",
         "args": [
             format!("--operator={}", inj.stream_url),
-            format!("--token-file={SECRETS_DIR}/token"),
+            format!("--token-file={TOKEN_DIR}/token"),
             format!("--config={COPY_DIR}/config.yaml"),
             format!("--listen=127.0.0.1:{PROXY_PORT}"),
             format!("--admin=0.0.0.0:{ADMIN_PORT}"),
@@ -175,10 +184,7 @@ fn sidecar(inj: &Injection) -> Value {
             "capabilities": {"drop": ["ALL"]},
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "volumeMounts": [
-            {"name": "bulwark-token", "mountPath": SECRETS_DIR, "readOnly": true},
-            {"name": "bulwark-copy", "mountPath": COPY_DIR, "readOnly": true},
-        ],
+        "volumeMounts": mounts,
     })
 }
 
@@ -341,17 +347,21 @@ mod tests {
         assert_eq!((security.run_as_non_root, security.read_only_root_filesystem), (Some(true), Some(true)));
 
         let volumes = spec.volumes.unwrap();
-        assert_eq!(
-            volumes.iter().map(|v| v.name.as_str()).collect::<Vec<_>>(),
-            ["data", "bulwark-token", "bulwark-copy"]
-        );
+        let names: Vec<&str> = volumes.iter().map(|v| v.name.as_str()).collect();
+        assert_eq!(names, ["data", "bulwark-token", "bulwark-copy", "bulwark-keys"]);
         let copy = volumes[2].config_map.clone().unwrap();
         assert_eq!((copy.name.as_str(), copy.optional), ("bulwark-chat", Some(true)), "the Deployment's copy");
-        let sources = volumes[1].projected.clone().unwrap().sources.unwrap();
-        assert_eq!(sources[0].service_account_token.clone().unwrap().audience.as_deref(), Some("bulwark"));
+        let token = volumes[1].projected.clone().unwrap().sources.unwrap();
+        assert_eq!(token[0].service_account_token.clone().unwrap().audience.as_deref(), Some("bulwark"));
+        let keys = volumes[3].projected.clone().unwrap().sources.unwrap();
         let mounted: Vec<String> =
-            sources[1..].iter().flat_map(|s| s.secret.clone().unwrap().items.unwrap()).map(|i| i.path).collect();
+            keys.iter().flat_map(|s| s.secret.clone().unwrap().items.unwrap()).map(|i| i.path).collect();
         assert_eq!(mounted, ["anthropic/key", "openai/api-key", "openai/org"]);
+        // Each volume is mounted where its flag or the compiled config looks.
+        let mounts: Vec<(String, String)> =
+            sidecar.volume_mounts.clone().unwrap().into_iter().map(|m| (m.name, m.mount_path)).collect();
+        assert!(mounts.contains(&("bulwark-keys".into(), SECRETS_DIR.into())), "{mounts:?}");
+        assert!(args.contains(&format!("--token-file={TOKEN_DIR}/token")), "{args:?}");
 
         // The app's own base URL is kept; the other container gets both.
         let env_of = |i: usize| -> Vec<(String, String)> {
@@ -383,7 +393,9 @@ mod tests {
         let typed: k8s_openapi::api::core::v1::Pod = serde_json::from_value(out).unwrap();
         let spec = typed.spec.unwrap();
         assert_eq!(spec.init_containers.unwrap()[0].name, CONTAINER);
-        assert_eq!(spec.volumes.unwrap()[1].config_map.clone().unwrap().name, "bulwark-solo");
+        let volumes = spec.volumes.unwrap();
+        assert_eq!(volumes.len(), 2, "no keys volume without keys");
+        assert_eq!(volumes[1].config_map.clone().unwrap().name, "bulwark-solo");
         assert_eq!(spec.containers[0].env, None, "the annotation keeps the app's environment as it is");
     }
 
@@ -422,7 +434,7 @@ mod tests {
         )
         .unwrap();
         let out = apply(&deployment_pod(), ops);
-        assert_eq!(out["spec"]["volumes"][1]["projected"]["sources"][1]["secret"]["name"], "openai");
+        assert_eq!(out["spec"]["volumes"][3]["projected"]["sources"][0]["secret"]["name"], "openai");
 
         // An update, or another kind, is allowed as it is.
         let mut update = request.clone();

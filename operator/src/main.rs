@@ -50,8 +50,8 @@ struct Cli {
     resync: Dur,
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
-    /// Serve the sidecar injection webhook here (HTTPS with --tls-cert), e.g. 0.0.0.0:9443.
-    #[arg(long, requires_all = ["sidecar_image", "stream_url"])]
+    /// Serve the sidecar injection webhook here (HTTPS: API servers call webhooks over TLS only), e.g. 0.0.0.0:9443.
+    #[arg(long, requires_all = ["sidecar_image", "stream_url", "tls_cert"])]
     webhook_listen: Option<SocketAddr>,
     /// The sidecar image the webhook injects.
     #[arg(long)]

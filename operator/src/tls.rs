@@ -5,7 +5,7 @@
 use std::{
     path::{Path, PathBuf},
     sync::Arc,
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
 use anyhow::Context as _;
@@ -17,7 +17,7 @@ use rustls::{
 };
 use tokio::time::Instant;
 
-/// How often a handshake may look at the files' modification times.
+/// How often a handshake may read the files again to see whether they changed.
 const CHECK_EVERY: Duration = Duration::from_secs(10);
 
 /// Server settings (HTTP/2 and HTTP/1.1 by ALPN) that serve the pair in `cert` and `key`.
@@ -48,18 +48,19 @@ struct Reloading {
 #[derive(Debug)]
 struct Loaded {
     pair: Arc<CertifiedKey>,
-    /// Modification times of the two files when `pair` was read.
-    stamp: Stamp,
+    /// The two files' contents when `pair` was read (compared whole: modification times can be
+    /// too coarse to tell two quick writes apart).
+    files: Files,
     checked: Instant,
 }
 
-type Stamp = (Option<SystemTime>, Option<SystemTime>);
+type Files = (Vec<u8>, Vec<u8>);
 
 impl Reloading {
     fn new(cert: PathBuf, key: PathBuf, provider: Arc<CryptoProvider>, every: Duration) -> anyhow::Result<Self> {
-        let stamp = stamp(&cert, &key);
-        let pair = Arc::new(load(&cert, &key, &provider)?);
-        Ok(Self { cert, key, provider, every, loaded: RwLock::new(Loaded { pair, stamp, checked: Instant::now() }) })
+        let files = read(&cert, &key)?;
+        let pair = Arc::new(load(&files, &cert, &key, &provider)?);
+        Ok(Self { cert, key, provider, every, loaded: RwLock::new(Loaded { pair, files, checked: Instant::now() }) })
     }
 
     /// The pair to serve, read again first if the files changed since the last look.
@@ -73,17 +74,18 @@ impl Reloading {
         let mut loaded = self.loaded.write();
         if loaded.checked.elapsed() >= self.every {
             loaded.checked = Instant::now();
-            let stamp = stamp(&self.cert, &self.key);
-            if stamp != loaded.stamp {
-                match load(&self.cert, &self.key, &self.provider) {
+            // The files may be caught mid-update; the next look tries again.
+            match read(&self.cert, &self.key) {
+                Ok(files) if files != loaded.files => match load(&files, &self.cert, &self.key, &self.provider) {
                     Ok(pair) => {
                         tracing::info!(cert = %self.cert.display(), "serving the renewed certificate");
                         loaded.pair = Arc::new(pair);
-                        loaded.stamp = stamp;
+                        loaded.files = files;
                     }
-                    // The files may be caught mid-update; the next look tries again.
                     Err(e) => tracing::warn!("keeping the current certificate: {e:#}"),
-                }
+                },
+                Ok(_) => {}
+                Err(e) => tracing::warn!("keeping the current certificate: {e:#}"),
             }
         }
         loaded.pair.clone()
@@ -96,21 +98,20 @@ impl ResolvesServerCert for Reloading {
     }
 }
 
-fn stamp(cert: &Path, key: &Path) -> Stamp {
-    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    (modified(cert), modified(key))
+fn read(cert: &Path, key: &Path) -> anyhow::Result<Files> {
+    let read = |p: &Path| std::fs::read(p).with_context(|| p.display().to_string());
+    Ok((read(cert)?, read(key)?))
 }
 
-/// Reads a PEM chain and its private key, and checks that they belong together.
-fn load(cert: &Path, key: &Path, provider: &CryptoProvider) -> anyhow::Result<CertifiedKey> {
-    let chain = rustls_pemfile::certs(&mut std::fs::read(cert).with_context(|| cert.display().to_string())?.as_slice())
+/// Parses a PEM chain and its private key, and checks that they belong together.
+fn load((chain, private): &Files, cert: &Path, key: &Path, provider: &CryptoProvider) -> anyhow::Result<CertifiedKey> {
+    let chain = rustls_pemfile::certs(&mut chain.as_slice())
         .collect::<Result<Vec<_>, _>>()
         .with_context(|| format!("parsing {}", cert.display()))?;
     anyhow::ensure!(!chain.is_empty(), "{} holds no certificate", cert.display());
-    let private =
-        rustls_pemfile::private_key(&mut std::fs::read(key).with_context(|| key.display().to_string())?.as_slice())
-            .with_context(|| format!("parsing {}", key.display()))?
-            .with_context(|| format!("{} holds no private key", key.display()))?;
+    let private = rustls_pemfile::private_key(&mut private.as_slice())
+        .with_context(|| format!("parsing {}", key.display()))?
+        .with_context(|| format!("{} holds no private key", key.display()))?;
     CertifiedKey::from_der(chain, private, provider)
         .with_context(|| format!("{} and {} do not form a pair", cert.display(), key.display()))
 }
@@ -184,8 +185,6 @@ mod tests {
         let config = with_resolver(resolver(&d)).unwrap();
         handshake(config.clone(), &old, "bulwark-operator").await.unwrap();
 
-        // Modification times can be coarse; make sure the new files look changed.
-        std::thread::sleep(Duration::from_millis(20));
         write(&d, &new);
         handshake(config.clone(), &new, "bulwark-operator").await.unwrap();
         let refused = handshake(config, &old, "bulwark-operator").await.unwrap_err();
@@ -199,12 +198,10 @@ mod tests {
         let (good, other) = (pair("a"), pair("b"));
         write(&d, &good);
         let r = resolver(&d);
-        std::thread::sleep(Duration::from_millis(20));
         // A key that doesn't match the certificate, as when the files are caught mid-update.
         write(&d, &Pair { cert: good.cert.clone(), key: other.key.clone() });
         assert_eq!(r.current().cert[0].as_ref(), der(&good.cert).as_slice());
         // Once both files are consistent again, the new pair is taken.
-        std::thread::sleep(Duration::from_millis(20));
         write(&d, &other);
         assert_eq!(r.current().cert[0].as_ref(), der(&other.cert).as_slice());
         let _ = std::fs::remove_dir_all(&d);

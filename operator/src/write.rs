@@ -38,11 +38,19 @@ pub const WORKLOAD_ANNOTATION: &str = "bulwark.dev/workload";
 /// The key of the compiled config in a workload's ConfigMap.
 pub const CONFIG_KEY: &str = "config.yaml";
 
-/// The name of a workload's ConfigMap copy: `bulwark-<workload>`, or a hash when that would be
-/// longer than a name may be.
+/// The name of a workload's ConfigMap copy: `bulwark-<workload>`, or `bulwark-` and a hash of the
+/// workload when that is no valid name (too long, or a label value with upper case or `_`).
 pub fn configmap_name(workload: &str) -> String {
     let name = format!("bulwark-{workload}");
-    if name.len() <= 253 {
+    let valid = name.len() <= 253
+        && name.split('.').all(|part| {
+            let b = part.as_bytes();
+            !b.is_empty()
+                && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+                && b[0].is_ascii_alphanumeric()
+                && b[b.len() - 1].is_ascii_alphanumeric()
+        });
+    if valid {
         return name;
     }
     use sha2::Digest as _;
@@ -77,6 +85,8 @@ pub struct Writer {
     configmaps: HashMap<(String, String), String>,
     /// The status of each resource as last written.
     statuses: HashMap<(Kind, String, String), Written>,
+    /// ConfigMaps named like a copy that are someone else's (looked at once per leadership).
+    foreign: HashSet<(String, String)>,
 }
 
 /// A status as written: `observedGeneration`, the conditions, the sidecar counts.
@@ -117,6 +127,7 @@ impl Writer {
             ca,
             configmaps: HashMap::new(),
             statuses: HashMap::new(),
+            foreign: HashSet::new(),
         }
     }
 
@@ -124,6 +135,7 @@ impl Writer {
     async fn resync(&mut self) {
         self.statuses.clear();
         self.configmaps.clear();
+        self.foreign.clear();
         let api: Api<ConfigMap> = match &self.namespace {
             Some(ns) => Api::namespaced(self.client.clone(), ns),
             None => Api::all(self.client.clone()),
@@ -152,8 +164,27 @@ impl Writer {
             if self.configmaps.get(&key) == Some(&stamp) || !self.state.is_leader() {
                 continue;
             }
-            let cm = self.configmap(g, &name, workload, owners);
             let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), ns);
+            // A ConfigMap of that name that is not ours is never taken over (nor deleted later).
+            if self.foreign.contains(&key) {
+                continue;
+            }
+            if !self.configmaps.contains_key(&key) {
+                match api.get_opt(&name).await {
+                    Ok(Some(other)) if other.labels().get(MANAGED_BY.0).map(String::as_str) != Some(MANAGED_BY.1) => {
+                        tracing::warn!(namespace = %ns, configmap = %name, workload, "a ConfigMap of this name exists and is not the operator's; the workload's copy is not written");
+                        self.foreign.insert(key);
+                        continue;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(namespace = %ns, configmap = %name, "reading the config copy: {e}");
+                        self.state.metrics.write("ConfigMap", false);
+                        continue;
+                    }
+                }
+            }
+            let cm = self.configmap(g, &name, workload, owners);
             let pp = PatchParams::apply(FIELD_MANAGER).force();
             let span = tracing::info_span!("copy", namespace = %ns, configmap = %name, workload);
             let written = async {
@@ -436,6 +467,11 @@ mod tests {
     #[test]
     fn copies_are_named_after_the_workload_within_the_name_limit() {
         assert_eq!(configmap_name("chat"), "bulwark-chat");
+        assert_eq!(configmap_name("chat.v2"), "bulwark-chat.v2");
+        for label in ["Chat", "chat_bot", "chat-", "chat..v2"] {
+            let name = configmap_name(label);
+            assert!(name.len() == "bulwark-".len() + 16 && !name.contains(label), "{label}: {name}");
+        }
         let long = "w".repeat(250);
         let name = configmap_name(&long);
         assert!(name.starts_with("bulwark-") && name.len() == "bulwark-".len() + 16, "{name}");

@@ -356,15 +356,16 @@ async fn labelled_pods_get_a_sidecar_that_works_as_injected() -> anyhow::Result<
     let volumes = pod["spec"]["volumes"].as_array().unwrap();
     let copy = volumes.iter().find(|v| v["name"] == "bulwark-copy").unwrap();
     assert_eq!(copy["configMap"]["name"], "bulwark-bot-1");
-    let projected = &volumes.iter().find(|v| v["name"] == "bulwark-token").unwrap()["projected"]["sources"];
-    assert_eq!(projected[1]["secret"]["items"][0]["path"], "provider/api-key");
+    let keys = &volumes.iter().find(|v| v["name"] == "bulwark-keys").unwrap()["projected"]["sources"];
+    assert_eq!(keys[0]["secret"]["items"][0]["path"], "provider/api-key");
     let app_env = pod["spec"]["containers"][0]["env"].as_array().unwrap();
     assert!(app_env.iter().any(|e| e["name"] == "OPENAI_BASE_URL" && e["value"] == "http://127.0.0.1:15080/v1"));
-    // A pod without the label is not sent to the webhook at all.
+    // A pod without the label is not even sent to the webhook: one review in all.
     let plain = c.get(NS, "pod/plain", "{.spec.initContainers}")?;
     assert!(plain.is_empty(), "{plain}");
     let metrics = Client::new(format!("http://127.0.0.1:{}", op.metrics)).get("/metrics").await?.text();
-    assert!(metrics.contains(r#"bulwark_operator_admissions_total{result="injected"} 1"#), "{metrics}");
+    let reviews: Vec<&str> = metrics.lines().filter(|l| l.starts_with("bulwark_operator_admissions_total")).collect();
+    assert_eq!(reviews, [r#"bulwark_operator_admissions_total{result="injected"} 1"#], "{metrics}");
 
     // The injected container runs as written: its arguments (local paths and ports for the pod's
     // mounts and the ones it binds) and its environment, which carries the operator's CA.
@@ -400,7 +401,7 @@ async fn labelled_pods_get_a_sidecar_that_works_as_injected() -> anyhow::Result<
     .await
     .map_err(|e| anyhow::anyhow!("{e}\nsidecar log:\n{}", s.proc.output()))?;
     // The key the config reads is the file the injected volume mounts.
-    let mount = sidecar["volumeMounts"].as_array().unwrap().iter().find(|m| m["name"] == "bulwark-token").unwrap();
+    let mount = sidecar["volumeMounts"].as_array().unwrap().iter().find(|m| m["name"] == "bulwark-keys").unwrap();
     let key = format!("{}/provider/api-key", mount["mountPath"].as_str().unwrap());
     assert!(config_of(&s).await.unwrap().to_string().contains(&key), "{key} not in the config");
     Ok(())

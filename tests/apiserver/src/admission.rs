@@ -89,16 +89,18 @@ pub struct Pending {
     pub object: Value,
     /// Group, version and kind of the object.
     pub kind: (String, String, String),
+    /// Its resource (plural).
+    pub resource: String,
     pub namespace: String,
 }
 
 impl Pending {
     /// Sends the object through each webhook in turn; the object as the last one left it.
     pub async fn mutate(self) -> Result<Value, ApiError> {
-        let Self { calls, mut object, kind, namespace } = self;
+        let Self { calls, mut object, kind, resource, namespace } = self;
         let kind = (kind.0.as_str(), kind.1.as_str(), kind.2.as_str());
         for call in &calls {
-            match review(call, &object, kind, &namespace).await {
+            match review(call, &object, kind, &resource, &namespace).await {
                 Ok(Some(patched)) => object = patched,
                 Ok(None) => {}
                 Err(e) if call.ignore_failure => tracing::warn!(webhook = %call.name, "ignoring a failed webhook: {e}"),
@@ -120,6 +122,7 @@ async fn review(
     call: &Call,
     object: &Value,
     (group, version, kind): (&str, &str, &str),
+    resource: &str,
     namespace: &str,
 ) -> Result<Option<Value>, String> {
     let uid = format!("{:032x}", rand::random::<u128>());
@@ -129,7 +132,7 @@ async fn review(
         "request": {
             "uid": uid,
             "kind": {"group": group, "version": version, "kind": kind},
-            "resource": {"group": group, "version": version, "resource": format!("{}s", kind.to_lowercase())},
+            "resource": {"group": group, "version": version, "resource": resource},
             "operation": "CREATE",
             "namespace": namespace,
             "name": object["metadata"]["name"],
@@ -142,6 +145,12 @@ async fn review(
         .await
         .map_err(|_| format!("timed out after {:?}", call.timeout))??;
     let answer: Value = serde_json::from_slice(&body).map_err(|e| format!("the answer is not JSON: {e}"))?;
+    if answer["apiVersion"] != "admission.k8s.io/v1" || answer["kind"] != "AdmissionReview" {
+        return Err(format!(
+            "expected response of kind AdmissionReview in admission.k8s.io/v1, got {} {}",
+            answer["kind"], answer["apiVersion"]
+        ));
+    }
     let response = &answer["response"];
     if response["uid"] != uid.as_str() {
         return Err("the answer's response.uid does not match the request's".into());

@@ -112,7 +112,8 @@ impl State {
             .unwrap_or_else(|| json!({"kubernetes.io/metadata.name": ns}));
         let calls = admission::calls(&configurations, (&rt.group, &rt.version, &rt.plural), &object, &ns_labels);
         let kind = (rt.group.clone(), rt.version.clone(), rt.kind.clone());
-        (!calls.is_empty()).then_some(admission::Pending { calls, object, kind, namespace: ns })
+        let resource = rt.plural.clone();
+        (!calls.is_empty()).then_some(admission::Pending { calls, object, kind, resource, namespace: ns })
     }
 
     fn resource(&mut self, req: &ApiRequest, path: &ResourcePath) -> Result<Reply, ApiError> {

@@ -18,6 +18,8 @@
 //! - Server-side apply tracks fields per object key; lists are owned and replaced whole.
 //! - Lists ignore `limit` and `continue` (everything comes at once) and the `resourceVersion`
 //!   to read at; watches resume from the in-memory event log of the last 10 000 changes.
+//! - Mutating webhooks run on creates by POST only (not on updates, nor on creates by apply
+//!   patch), reach webhooks by `url` only, and no validating webhooks are called.
 //! - Garbage collection, namespace deletion and CRD deletion happen synchronously, within the
 //!   request; `Foreground` propagation is treated as `Background`.
 //! - Core `v1` events and `events.k8s.io/v1` events are stored separately.
