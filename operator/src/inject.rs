@@ -36,6 +36,8 @@ use crate::{
 
 /// The webhook's path.
 pub const PATH: &str = "/inject";
+/// How long a review waits for the watches' first lists (API servers give webhooks 10 s at most).
+const SYNC_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// The name of the injected container.
 pub const CONTAINER: &str = "bulwark-sidecar";
@@ -252,6 +254,15 @@ async fn handle(state: &State, injection: &Injection, req: Request<Incoming>) ->
         Ok(b) => b.to_bytes(),
         Err(e) => return reply(StatusCode::BAD_REQUEST, &format!("reading the AdmissionReview: {e}")),
     };
+    // A replica that has just started is unready (and out of the Service) until every watch has
+    // listed; a call that reaches it anyway waits a moment, so the keys its routes name are known.
+    let deadline = tokio::time::Instant::now() + SYNC_GRACE;
+    while !state.is_synced() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    if !state.is_synced() {
+        tracing::warn!("answering an admission review before every watch has listed: Secret keys may be missing");
+    }
     let answer = review(&body, injection, |ns, labels| state.index.lock().secret_refs(ns, labels));
     let result = match &answer {
         Ok(a) if a.injected.is_some() => "injected",
