@@ -152,13 +152,7 @@ pub fn compile(res: &Resources, workload: Option<&Workload>, opts: &CompileOptio
             }
         }
 
-        let defined: BTreeMap<&str, &Backend> = route
-            .spec
-            .backends
-            .iter()
-            .chain(route.spec.rules.iter().flat_map(|r| &r.backends))
-            .map(|b| (b.name.as_str(), b))
-            .collect();
+        let defined: BTreeMap<&str, &Backend> = route.spec.all_backends().map(|b| (b.name.as_str(), b)).collect();
 
         // A rollout sets the stable/canary split in every rule that serves the stable backend.
         let rollout = rollouts.get(&(ns.clone(), name.clone())).copied();

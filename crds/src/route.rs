@@ -39,6 +39,13 @@ pub struct LLMRouteSpec {
     pub rules: Vec<RouteRule>,
 }
 
+impl LLMRouteSpec {
+    /// Every backend the route defines: the shared ones, then each rule's.
+    pub fn all_backends(&self) -> impl Iterator<Item = &Backend> {
+        self.backends.iter().chain(self.rules.iter().flat_map(|r| &r.backends))
+    }
+}
+
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[x_kube(validation = Rule::new("(has(self.backends) && size(self.backends) > 0) || (has(self.fallback) && size(self.fallback) > 0)").message("a rule needs at least one backend or fallback"))]

@@ -130,8 +130,9 @@ impl Index {
         let Some(secrets) = &self.secrets else { return vec![] };
         let mut out = vec![];
         for ((ns, name), r) in &self.routes {
-            let backends = r.spec.backends.iter().chain(r.spec.rules.iter().flat_map(|rule| &rule.backends));
-            let missing: BTreeSet<String> = backends
+            let missing: BTreeSet<String> = r
+                .spec
+                .all_backends()
                 .filter_map(|b| b.credentials.as_ref()?.secret_key_ref.as_ref().map(|s| (b, s)))
                 .filter(|(_, s)| !secrets.contains(&(ns.clone(), s.name.clone())))
                 .map(|(b, s)| format!("Secret {ns}/{} (key {}, backend {})", s.name, s.key, b.name))
@@ -154,8 +155,8 @@ impl Index {
     pub fn secret_refs(&self, ns: &str, labels: &Labels) -> BTreeSet<(String, String)> {
         self.selected(ns, labels)
             .iter()
-            .filter_map(|name| self.routes.get(&(ns.to_owned(), name.clone())))
-            .flat_map(|r| r.spec.backends.iter().chain(r.spec.rules.iter().flat_map(|rule| &rule.backends)))
+            .filter_map(|name| self.route(ns, name))
+            .flat_map(|r| r.spec.all_backends())
             .filter_map(|b| b.credentials.as_ref()?.secret_key_ref.as_ref())
             .map(|s| (s.name.clone(), s.key.clone()))
             .collect()
@@ -222,8 +223,11 @@ impl Index {
         }
     }
 
+    pub fn route(&self, ns: &str, name: &str) -> Option<&LLMRoute> {
+        self.routes.get(&(ns.into(), name.into()))
+    }
     pub fn has_route(&self, ns: &str, name: &str) -> bool {
-        self.routes.contains_key(&(ns.into(), name.into()))
+        self.route(ns, name).is_some()
     }
 
     pub fn routes(&self) -> impl Iterator<Item = &LLMRoute> {

@@ -155,13 +155,18 @@ impl Writer {
 
     async fn configmaps(&mut self, compiled: &Compiled) {
         let mut live = HashSet::new();
+        // The owners and stamp of a group's copies, worked out once for all its workloads.
+        let mut of_group: HashMap<&str, (Vec<OwnerReference>, String)> = HashMap::new();
         for ((ns, workload), g) in copies(&compiled.groups) {
             let name = configmap_name(workload);
             let key = (ns.to_owned(), name.clone());
             live.insert(key.clone());
-            let owners = self.owners(g);
-            let stamp = stamp(&g.config.version, &owners);
-            if self.configmaps.get(&key) == Some(&stamp) || !self.state.is_leader() {
+            let (owners, stamp) = of_group.entry(g.name.as_str()).or_insert_with(|| {
+                let owners = self.owners(g);
+                let stamp = stamp(&g.config.version, &owners);
+                (owners, stamp)
+            });
+            if self.configmaps.get(&key) == Some(&*stamp) || !self.state.is_leader() {
                 continue;
             }
             let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), ns);
@@ -184,7 +189,7 @@ impl Writer {
                     }
                 }
             }
-            let cm = self.configmap(g, &name, workload, owners);
+            let cm = self.configmap(g, &name, workload, owners.clone());
             let pp = PatchParams::apply(FIELD_MANAGER).force();
             let span = tracing::info_span!("copy", namespace = %ns, configmap = %name, workload);
             let written = async {
@@ -202,7 +207,7 @@ impl Writer {
             let ok = written.instrument(span).await;
             self.state.metrics.write("ConfigMap", ok);
             if ok {
-                self.configmaps.insert(key, stamp);
+                self.configmaps.insert(key, stamp.clone());
             }
         }
         let gone: Vec<_> = self.configmaps.keys().filter(|k| !live.contains(*k)).cloned().collect();
@@ -229,13 +234,12 @@ impl Writer {
         }
     }
 
-    /// The group's routes, as owners of its ConfigMap.
+    /// The group's routes, as owners of its ConfigMaps.
     fn owners(&self, g: &Group) -> Vec<OwnerReference> {
-        self.state
-            .index
-            .lock()
-            .routes()
-            .filter(|r| r.namespace().as_deref() == Some(&g.namespace) && g.routes.contains(&r.name_any()))
+        let index = self.state.index.lock();
+        g.routes
+            .iter()
+            .filter_map(|name| index.route(&g.namespace, name))
             .filter_map(|r| r.controller_owner_ref(&()))
             .map(|mut o| {
                 // Owned by every route of the group; the last one deleted takes the copy with it.
