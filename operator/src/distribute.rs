@@ -161,13 +161,7 @@ async fn serve_pod(ctx: &Ctx, who: crate::auth::Identity, method: Method, req: R
     // that just started): give the watch a moment before refusing.
     let lookup =
         || ctx.state.index.lock().pod(&who.namespace, &who.pod).map(|p| (p.service_account.clone(), p.uid.clone()));
-    let mut known = lookup();
-    let deadline = tokio::time::Instant::now() + POD_GRACE;
-    while known.is_none() && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        known = lookup();
-    }
-    match known {
+    match crate::poll_for(POD_GRACE, lookup).await {
         None => {
             let msg = format!(
                 "pod {}/{} is not known as a sidecar pod (label bulwark.dev/inject=true) yet",

@@ -256,11 +256,7 @@ async fn handle(state: &State, injection: &Injection, req: Request<Incoming>) ->
     };
     // A replica that has just started is unready (and out of the Service) until every watch has
     // listed; a call that reaches it anyway waits a moment, so the keys its routes name are known.
-    let deadline = tokio::time::Instant::now() + SYNC_GRACE;
-    while !state.is_synced() && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    if !state.is_synced() {
+    if crate::poll_for(SYNC_GRACE, || state.is_synced().then_some(())).await.is_none() {
         tracing::warn!("answering an admission review before every watch has listed: Secret keys may be missing");
     }
     let answer = review(&body, injection, |ns, labels| state.index.lock().secret_refs(ns, labels));

@@ -129,6 +129,21 @@ pub struct Webhook {
     pub stream_url: String,
 }
 
+/// Asks `check` every 50 ms until it answers or `limit` has passed (then `None`): for what the
+/// watches are about to learn, such as a pod that has just started or a first full list.
+pub async fn poll_for<T>(limit: std::time::Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(v) = check() {
+            return Some(v);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 /// A running operator.
 pub struct Operator {
     pub state: Arc<State>,
