@@ -341,9 +341,8 @@ async fn labelled_pods_get_a_sidecar_that_works_as_injected() -> anyhow::Result<
     c.apply(&route)?;
     await_condition(&c, "llmroute/chat", "Accepted", "True/Accepted").await?;
     c.apply(&webhook_configuration(&c, webhook)?)?;
-    c.apply(&format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: bot-1\n  namespace: {NS}\n  labels: {{app: bot, bulwark.dev/inject: \"true\"}}\nspec:\n  containers: [{{name: app, image: example/app}}]\n---\napiVersion: v1\nkind: Pod\nmetadata: {{name: plain, namespace: {NS}, labels: {{app: bot}}}}\nspec:\n  containers: [{{name: app, image: example/app}}]\n"
-    ))?;
+    // bot-1 carries the injection label, plain does not.
+    c.apply(&pods(&["bot-1", "plain"]))?;
 
     // What the API server stored is the injected pod.
     let pod: Value = serde_json::from_str(&c.kubectl(&["get", "pod", "bot-1", "-n", NS, "-o", "json"])?)?;
