@@ -218,6 +218,7 @@ pub fn compile(res: &Resources, workload: Option<&Workload>, opts: &CompileOptio
                 rate_limit: rule.rate_limit.clone(),
                 cache: rule.cache.as_ref().and_then(|c| c.exact.clone()),
                 scanner_policy,
+                mirror: None,
             });
         }
     }

@@ -66,6 +66,17 @@ pub struct Route {
     /// `namespace/name` of a policy in `scannerPolicies`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scanner_policy: Option<String>,
+    /// A rollout step's mirror: a copy of this share of requests also goes to a canary.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<Mirror>,
+}
+
+/// Where mirrored copies go and how many: `percent` of the requests this rule serves.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Mirror {
+    pub backend: BackendConfig,
+    pub percent: u32,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]

@@ -56,6 +56,9 @@ pub struct BackendOutcome {
     pub latency: Histogram,
     #[serde(default)]
     pub first_token: Histogram,
+    /// Answers of this backend that output scanners blocked.
+    #[serde(default)]
+    pub output_blocks: u64,
 }
 
 impl BackendOutcome {

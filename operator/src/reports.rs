@@ -56,6 +56,7 @@ impl Aggregator {
             let empty = Histogram::default();
             total.latency.add(&b.latency.since(before.map_or(&empty, |x| &x.latency)));
             total.first_token.add(&b.first_token.since(before.map_or(&empty, |x| &x.first_token)));
+            total.output_blocks += b.output_blocks.saturating_sub(before.map_or(0, |x| x.output_blocks));
         }
         for r in report.routes.iter().filter(|r| r.route.starts_with(&format!("{ns}/"))) {
             let was = prev.and_then(|p| p.routes.iter().find(|x| x.route == r.route)).map_or(0, |x| x.scanner_blocks);

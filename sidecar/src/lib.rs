@@ -11,8 +11,10 @@ pub mod circuit;
 pub mod control;
 pub mod credentials;
 pub mod error;
+pub mod failover;
 pub mod listener;
 pub mod metrics;
+pub mod mirror;
 pub mod outcomes;
 pub mod proxy;
 pub mod ratelimit;
@@ -20,6 +22,7 @@ pub mod request;
 pub mod retry;
 pub mod runtime;
 pub mod scan;
+pub mod settle;
 pub mod source;
 pub mod stream;
 pub mod upstream;
@@ -105,7 +108,13 @@ impl Sidecar {
         let proxy_addr = proxy_listener.local_addr()?;
         let admin_addr = admin_listener.local_addr()?;
         let client = upstream::client(opts.upstream_ca.as_deref())?;
-        let app = Arc::new(AppState { runtime: rx.clone(), client, metrics: metrics.clone(), limits: opts.limits });
+        let app = Arc::new(AppState {
+            runtime: rx.clone(),
+            client,
+            metrics: metrics.clone(),
+            limits: opts.limits,
+            mirrors: Arc::new(tokio::sync::Semaphore::new(mirror::MAX_IN_FLIGHT)),
+        });
         let admin = Arc::new(AdminState { runtime: rx.clone(), metrics: metrics.clone() });
         let link = opts.operator.map(control::Link::new).transpose()?;
         let mut tasks = vec![

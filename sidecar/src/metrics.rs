@@ -113,6 +113,8 @@ pub struct Metrics {
     pub config_info: Family<VersionLabels, Gauge>,
     pub scanner_duration: Histograms<ScannerLabels>,
     pub scanner_verdicts: Family<VerdictLabels, Counter>,
+    pub mirrored: Family<RequestLabels, Counter>,
+    pub mirror_skipped: Family<CircuitLabels, Counter>,
     /// What the sidecar reports to the operator.
     pub outcomes: crate::outcomes::Outcomes,
 }
@@ -191,8 +193,22 @@ impl Metrics {
             "Scanner outcomes: pass, block, redact, audit, error",
             scanner_verdicts.clone(),
         );
+        let mirrored = Family::default();
+        registry.register(
+            "bulwark_mirrored_requests",
+            "Mirrored copies of requests sent to a rollout's canary, by status class; their answers are discarded",
+            mirrored.clone(),
+        );
+        let mirror_skipped = Family::default();
+        registry.register(
+            "bulwark_mirror_skipped",
+            "Requests not mirrored because too many mirrored copies were in flight",
+            mirror_skipped.clone(),
+        );
         Self {
             registry,
+            mirrored,
+            mirror_skipped,
             scanner_duration,
             scanner_verdicts,
             requests,

@@ -61,16 +61,24 @@ impl Outcomes {
         self.with(route, backend, |o| o.first_token.observe(ttft.as_secs_f64()));
     }
 
-    /// An answered attempt ended; `class` is the status class, or `stream` for a stream that
-    /// broke after its first byte.
+    /// An answered attempt ended; `class` is the status class, `stream` for a stream that
+    /// broke after its first byte, or `cancelled` when the client went away (no latency then:
+    /// the answer never completed).
     pub fn answered(&self, route: &str, backend: &str, class: &str, took: Duration) {
         self.with(route, backend, |o| {
             o.requests += 1;
             if matches!(class, "4xx" | "5xx" | "stream") {
                 *o.errors.entry(class.to_owned()).or_default() += 1;
             }
-            o.latency.observe(took.as_secs_f64());
+            if class != "cancelled" {
+                o.latency.observe(took.as_secs_f64());
+            }
         });
+    }
+
+    /// Output scanners blocked an answer of this backend.
+    pub fn output_blocked(&self, route: &str, backend: &str) {
+        self.with(route, backend, |o| o.output_blocks += 1);
     }
 
     pub fn scanner_block(&self, route: &str) {

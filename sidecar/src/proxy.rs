@@ -1,48 +1,41 @@
-//! The request path, stage by stage: parse → route → rate limit → cache → upstream with
-//! retries and fallback (committing at the first byte) → response, metrics and settlement.
-//! Errors are values until `handle`, the one place that turns them into responses.
+//! The request path as a short sequence of stages over one snapshot of the config: read →
+//! route → rate limit → input scanners → cache → failover (retries and fallback, committing at
+//! the first byte) → respond (output scanners, streamed or whole). Errors are values until
+//! `handle`, the one place that turns them into responses; what happens when the request ends
+//! happens once, in its `Settlement`.
 
-use std::{sync::Arc, time::Duration};
+use std::sync::Arc;
 
-use bulwark_api::route::RetryPolicy;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use tokio::{
-    sync::watch,
-    time::{Instant, timeout_at},
-};
+use tokio::{sync::watch, time::Instant};
 
 use crate::{
     balance,
     body::ProxyBody,
-    cache::{Cache, Cached},
+    cache::{Cache, Cached, Key},
     error::ProxyError,
-    metrics::{
-        BackendLabels, CacheLabels, CircuitLabels, ErrorLabels, Metrics, RequestLabels, RouteLabels, TokenLabels,
-        status_class,
-    },
+    failover::{self, CommittedBody},
+    metrics::{CacheLabels, ErrorLabels, Metrics, RouteLabels, status_class},
+    mirror,
     ratelimit::{RateLimiter, Reservation},
     request::{self, Api, Limits, LlmRequest},
-    retry::{self, Failure},
     runtime::{BackendRuntime, RouteRuntime, Runtime},
     scan::{self, Direction, Restore, stream::OutputGuard},
-    stream::{Relay, StreamEnd},
-    upstream::{self, Client},
-    usage::{self, Usage},
+    settle::{End, Origin, Settlement},
+    stream::Relay,
+    upstream::Client,
+    usage,
 };
-
-/// Largest upstream response body read into memory (non-streamed responses).
-const MAX_RESPONSE_BYTES: usize = 64 << 20;
-/// Largest upstream error body kept to pass on.
-const MAX_ERROR_BYTES: usize = 1 << 20;
 
 pub struct AppState {
     pub runtime: watch::Receiver<Arc<Runtime>>,
     pub client: Client,
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
+    /// Mirrored copies in flight, bounded so a slow canary never piles them up.
+    pub mirrors: Arc<tokio::sync::Semaphore>,
 }
 
 /// Serves one request; never fails: every error becomes a response here.
@@ -62,7 +55,7 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Pr
     }
 }
 
-async fn serve(state: &AppState, req: Request<Incoming>) -> Result<Response<ProxyBody>, ProxyError> {
+async fn serve(state: &Arc<AppState>, req: Request<Incoming>) -> Result<Response<ProxyBody>, ProxyError> {
     let started = Instant::now();
     // One snapshot of the config for the whole request: reloads never tear a request.
     let rt = state.runtime.borrow().clone();
@@ -71,165 +64,144 @@ async fn serve(state: &AppState, req: Request<Incoming>) -> Result<Response<Prox
     if req.api == Api::Models {
         return Ok(models(&rt));
     }
-    let route = rt.select(req.api, &req.model, &req.headers).ok_or_else(|| {
+    let route = select(&rt, &req)?;
+    let mut end = Settlement::new(state.metrics.clone(), Origin::Client, started);
+    end.reserve(admit(state, route, &req, started)?);
+    // Input scanners run before the cache: a cached answer never bypasses a policy.
+    let restore = scan_input(state, route, &mut req).await?;
+    let cache = cache_slot(route, &req, &restore);
+    if let Some(hit) = lookup(state, route, cache.as_ref(), started) {
+        return Ok(cached_response(hit, &route.cfg.route));
+    }
+    let cache_tag = cache.is_some().then_some("miss");
+    end.cache_in(cache);
+    let plan = balance::plan(route, req.api, started, &mut rand::rng());
+    mirror::maybe(state, route, &req, plan.first());
+    let (backend, committed) = failover::call(state, route, &req, &plan, &mut end).await?;
+    end.answered(committed.ttfb, matches!(committed.body, CommittedBody::Stream { .. }));
+    let mut resp = match committed.body {
+        CommittedBody::Full(body) => {
+            let answer = Answer { status: committed.status, body, restore: &restore };
+            respond_full(state, route, &backend, req.api, answer, end).await
+        }
+        CommittedBody::Stream { first, rest } => {
+            let relay = relay(state, route, &backend, req.api, first, rest, restore, end);
+            let mut resp = Response::new(ProxyBody::Stream(Box::new(relay)));
+            resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+            resp
+        }
+    };
+    *resp.status_mut() = committed.status;
+    copy_headers(&committed.headers, resp.headers_mut());
+    tag(resp.headers_mut(), &route.cfg.route, &backend.cfg.name, cache_tag);
+    Ok(resp)
+}
+
+/// The first route (most specific first) that takes the request.
+fn select<'a>(rt: &'a Runtime, req: &LlmRequest) -> Result<&'a Arc<RouteRuntime>, ProxyError> {
+    rt.select(req.api, &req.model, &req.headers).ok_or_else(|| {
         ProxyError::new(
             StatusCode::NOT_FOUND,
             "route_not_found",
             format!("no route takes model {:?} on {}; check the LLMRoute match rules", req.model, req.api.path()),
         )
-    })?;
+    })
+}
 
-    let reservation = match &route.limiter {
-        Some(limiter) => Some(admit(state, route, limiter, &req, started)?),
-        None => None,
-    };
-    let settle = |usage: &Usage, fallback_estimate: u64| {
-        if let Some((limiter, r)) = &reservation {
-            limiter.settle(r, usage.total().unwrap_or(fallback_estimate));
-        }
-    };
+/// Where this request's answer would be cached: not when the client bypasses the cache, nor
+/// when the answer is restored with this request's personal data.
+fn cache_slot(route: &RouteRuntime, req: &LlmRequest, restore: &Restore) -> Option<(Arc<Cache>, Key)> {
+    let c = route.cache.as_ref().filter(|_| !Cache::bypass(&req.headers) && restore.is_empty())?;
+    Some((c.clone(), Cache::key(&route.cfg.id, req.api.path(), &req.body)))
+}
 
-    // Input scanners run before the cache: a cached answer never bypasses a policy.
-    let restore = match scan_input(state, route, &mut req).await {
-        Ok(r) => r,
-        Err(e) => {
-            settle(&Usage { input: Some(0), output: Some(0) }, 0);
-            return Err(e);
-        }
-    };
-    // Answers restored with this request's personal data are not cached.
-    let cache = match &route.cache {
-        Some(c) if !Cache::bypass(&req.headers) && restore.is_empty() => {
-            Some((c.clone(), Cache::key(&route.cfg.id, req.api.path(), &req.body)))
-        }
-        _ => None,
-    };
-    if let Some((c, key)) = &cache {
-        let hit = c.get(key, started);
-        let result = if hit.is_some() { "hit" } else { "miss" };
-        state.metrics.cache.get_or_create(&CacheLabels { route: route.cfg.route.clone(), result }).inc();
-        if let Some(hit) = hit {
-            settle(&Usage { input: Some(0), output: Some(0) }, 0);
-            return Ok(cached_response(hit, &route.cfg.route));
-        }
+fn lookup(state: &AppState, route: &RouteRuntime, slot: Option<&(Arc<Cache>, Key)>, now: Instant) -> Option<Cached> {
+    let (c, key) = slot?;
+    let hit = c.get(key, now);
+    let result = if hit.is_some() { "hit" } else { "miss" };
+    state.metrics.cache.get_or_create(&CacheLabels { route: route.cfg.route.clone(), result }).inc();
+    hit
+}
+
+/// A whole answer and what output scanning needs to know about its request.
+pub struct Answer<'a> {
+    pub status: StatusCode,
+    pub body: Bytes,
+    pub restore: &'a Restore,
+}
+
+/// A complete answer: output scanners, then the response; `end` settles it.
+async fn respond_full(
+    state: &AppState,
+    route: &RouteRuntime,
+    backend: &BackendRuntime,
+    api: Api,
+    answer: Answer<'_>,
+    mut end: Settlement,
+) -> Response<ProxyBody> {
+    let (body, blocked) = judge_full(state, route, backend, api, &answer).await;
+    let usage = if answer.status.is_success() { usage::from_json(&body) } else { usage::Usage::default() };
+    let cacheable = answer.status.is_success() && blocked.is_none();
+    let record = cacheable.then(|| body.clone());
+    end.end(End { class: status_class(answer.status.as_u16()), broken: false, usage, record });
+    let mut resp = Response::new(ProxyBody::full(body));
+    if let Some(b) = blocked
+        && let Ok(v) = HeaderValue::from_str(&format!("{}/{}", b.policy, b.scanner))
+    {
+        resp.headers_mut().insert("x-bulwark-blocked", v);
     }
+    resp
+}
 
-    let cache_tag = cache.is_some().then_some("miss");
-    let (backend, committed) = match call(state, route, &req, started).await {
-        Ok(ok) => ok,
-        Err(e) => {
-            settle(&Usage::default(), 0);
-            return Err(e);
+/// The output scanners of the route's policy over a whole successful answer, if it has any.
+pub async fn judge_full(
+    state: &AppState,
+    route: &RouteRuntime,
+    backend: &BackendRuntime,
+    api: Api,
+    answer: &Answer<'_>,
+) -> (Bytes, Option<scan::Blocked>) {
+    match &route.policy {
+        Some(policy) if answer.status.is_success() && (!policy.output.is_empty() || !answer.restore.is_empty()) => {
+            scan_output(state, route, backend, policy, api, answer.body.clone(), answer.restore).await
         }
-    };
-    let model = route.model_label(&backend, &req.model);
-    let labels = BackendLabels { route: route.cfg.route.clone(), backend: backend.cfg.name.clone(), model };
-    state.metrics.time_to_first_token.get_or_create(&labels).observe(committed.ttfb.as_secs_f64());
-    state.metrics.outcomes.first_token(&labels.route, &labels.backend, committed.ttfb);
+        _ => (answer.body.clone(), None),
+    }
+}
 
-    match committed.body {
-        CommittedBody::Full(mut body) => {
-            let status = committed.status;
-            let mut blocked = None;
-            if status.is_success()
-                && let Some(policy) = &route.policy
-                && (!policy.output.is_empty() || !restore.is_empty())
-            {
-                (body, blocked) = scan_output(state, route, policy, req.api, body, &restore).await;
-            }
-            let usage = if status.is_success() { usage::from_json(&body) } else { Usage::default() };
-            record(&state.metrics, &labels, status_class(status.as_u16()), started, &usage);
-            state.metrics.outcomes.answered(
-                &labels.route,
-                &labels.backend,
-                status_class(status.as_u16()),
-                started.elapsed(),
+/// A stream relayed as it arrives, through the output guard when the policy scans output.
+#[allow(clippy::too_many_arguments)]
+pub fn relay(
+    state: &AppState,
+    route: &RouteRuntime,
+    backend: &BackendRuntime,
+    api: Api,
+    first: Bytes,
+    rest: Incoming,
+    restore: Restore,
+    end: Settlement,
+) -> Relay {
+    let relay = Relay::new(first, rest, api.flavor(), route.cfg.timeouts.idle.as_std(), end);
+    match &route.policy {
+        Some(policy) if !policy.output.is_empty() || !restore.is_empty() => {
+            let guard = OutputGuard::new(
+                policy.clone(),
+                restore,
+                api.flavor(),
+                state.metrics.clone(),
+                route.cfg.route.clone(),
+                backend.cfg.name.clone(),
             );
-            settle(&usage, 0);
-            if status.is_success()
-                && blocked.is_none()
-                && let Some((c, key)) = cache
-            {
-                c.insert(
-                    key,
-                    Cached { body: body.clone(), stream: false, backend: backend.cfg.name.clone() },
-                    Instant::now(),
-                );
-            }
-            let mut resp = Response::new(ProxyBody::full(body));
-            *resp.status_mut() = status;
-            copy_headers(&committed.headers, resp.headers_mut());
-            if blocked.is_some() {
-                resp.headers_mut().remove(header::CONTENT_LENGTH);
-            }
-            tag(resp.headers_mut(), &route.cfg.route, &backend.cfg.name, cache_tag);
-            if let Some(b) = blocked
-                && let Ok(v) = HeaderValue::from_str(&format!("{}/{}", b.policy, b.scanner))
-            {
-                resp.headers_mut().insert("x-bulwark-blocked", v);
-            }
-            Ok(resp)
+            relay.with_guard(guard)
         }
-        CommittedBody::Stream { first, rest } => {
-            let metrics = state.metrics.clone();
-            let estimate = reservation.as_ref().map_or(0, |(_, r)| r.tokens);
-            let reservation = reservation.clone();
-            let cache_slot = cache.clone();
-            let backend_name = backend.cfg.name.clone();
-            let on_end = Box::new(move |end: StreamEnd| {
-                let mut usage = end.tracker.usage;
-                if usage.output.is_none() {
-                    usage.output = Some(end.tracker.content_events);
-                }
-                let class = if end.error.is_some() {
-                    "5xx"
-                } else if end.cancelled {
-                    "cancelled"
-                } else {
-                    "2xx"
-                };
-                record(&metrics, &labels, class, started, &usage);
-                let outcome = if end.error.is_some() { "stream" } else { class };
-                metrics.outcomes.answered(&labels.route, &labels.backend, outcome, started.elapsed());
-                if end.error.is_some() {
-                    let l = CircuitLabels { route: labels.route.clone(), backend: labels.backend.clone() };
-                    metrics.stream_errors.get_or_create(&l).inc();
-                }
-                if let Some((limiter, r)) = &reservation {
-                    limiter.settle(r, usage.total().unwrap_or(estimate));
-                }
-                if let (Some((c, key)), Some(body)) = (cache_slot, end.recorded) {
-                    c.insert(key, Cached { body, stream: true, backend: backend_name }, Instant::now());
-                }
-            });
-            let record_limit = cache.as_ref().map(|(c, _)| c.max_entry_bytes());
-            let mut relay =
-                Relay::new(first, rest, req.api.flavor(), route.cfg.timeouts.idle.as_std(), record_limit, on_end);
-            if let Some(policy) = &route.policy
-                && (!policy.output.is_empty() || !restore.is_empty())
-            {
-                let guard = OutputGuard::new(
-                    policy.clone(),
-                    restore,
-                    req.api.flavor(),
-                    state.metrics.clone(),
-                    route.cfg.route.clone(),
-                );
-                relay = relay.with_guard(guard);
-            }
-            let mut resp = Response::new(ProxyBody::Stream(Box::new(relay)));
-            copy_headers(&committed.headers, resp.headers_mut());
-            resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-            tag(resp.headers_mut(), &route.cfg.route, &backend.cfg.name, cache_tag);
-            Ok(resp)
-        }
+        _ => relay,
     }
 }
 
 /// Runs the route's input scanners; rewrites the body when they redact.
 async fn scan_input(state: &AppState, route: &RouteRuntime, req: &mut LlmRequest) -> Result<Restore, ProxyError> {
     let Some(policy) = route.policy.as_ref().filter(|p| !p.input.is_empty()) else { return Ok(Restore::default()) };
-    let ctx = scan::Ctx { metrics: &state.metrics, route: &route.cfg.route };
+    let ctx = scan::Ctx { metrics: &state.metrics, route: &route.cfg.route, backend: None };
     let mut texts = scan::text::request_texts(req.api, &mut req.body);
     match scan::run_async(policy, Direction::Input, &mut texts, &ctx).await {
         Ok(restore) => {
@@ -250,13 +222,14 @@ async fn scan_input(state: &AppState, route: &RouteRuntime, req: &mut LlmRequest
 async fn scan_output(
     state: &AppState,
     route: &RouteRuntime,
+    backend: &BackendRuntime,
     policy: &scan::PolicyRuntime,
     api: Api,
     body: Bytes,
     restore: &Restore,
 ) -> (Bytes, Option<scan::Blocked>) {
     let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&body) else { return (body, None) };
-    let ctx = scan::Ctx { metrics: &state.metrics, route: &route.cfg.route };
+    let ctx = scan::Ctx { metrics: &state.metrics, route: &route.cfg.route, backend: Some(&backend.cfg.name) };
     let mut texts = scan::text::response_texts(api, &mut v);
     let blocked = match scan::run_async(policy, Direction::Output, &mut texts, &ctx).await {
         Ok(_) => {
@@ -297,16 +270,17 @@ fn content_filtered(api: Api, v: &mut serde_json::Value) {
     }
 }
 
+/// Takes the request's share of the route's rate limit, or refuses it with `retry-after`.
 fn admit(
     state: &AppState,
     route: &RouteRuntime,
-    limiter: &Arc<RateLimiter>,
     req: &LlmRequest,
     now: Instant,
-) -> Result<(Arc<RateLimiter>, Reservation), ProxyError> {
+) -> Result<Option<(Arc<RateLimiter>, Reservation)>, ProxyError> {
+    let Some(limiter) = &route.limiter else { return Ok(None) };
     let estimate = (req.prompt_chars() as u64).div_ceil(4) + req.max_output_tokens().unwrap_or(0);
     match limiter.acquire(limiter.key(&req.headers), estimate, now) {
-        Ok(r) => Ok((limiter.clone(), r)),
+        Ok(r) => Ok(Some((limiter.clone(), r))),
         Err(wait) => {
             state.metrics.rate_limited.get_or_create(&RouteLabels { route: route.cfg.route.clone() }).inc();
             let secs = wait.as_secs_f64().ceil() as u64;
@@ -316,227 +290,6 @@ fn admit(
             ))
         }
     }
-}
-
-fn record(metrics: &Metrics, labels: &BackendLabels, class: &'static str, started: Instant, usage: &Usage) {
-    let l = RequestLabels {
-        route: labels.route.clone(),
-        backend: labels.backend.clone(),
-        model: labels.model.clone(),
-        status_class: class,
-    };
-    metrics.requests.get_or_create(&l).inc();
-    metrics.duration.get_or_create(labels).observe(started.elapsed().as_secs_f64());
-    for (kind, n) in [("input", usage.input), ("output", usage.output)] {
-        if let Some(n) = n {
-            let t = TokenLabels {
-                route: labels.route.clone(),
-                backend: labels.backend.clone(),
-                model: labels.model.clone(),
-                gen_ai_token_type: kind,
-            };
-            metrics.token_usage.get_or_create(&t).observe(n as f64);
-        }
-    }
-}
-
-struct Committed {
-    status: StatusCode,
-    headers: HeaderMap,
-    ttfb: Duration,
-    body: CommittedBody,
-}
-
-enum CommittedBody {
-    Full(Bytes),
-    Stream { first: Bytes, rest: Incoming },
-}
-
-/// Tries the plan's backends in order, retrying each per policy, until one commits.
-async fn call(
-    state: &AppState,
-    route: &RouteRuntime,
-    req: &LlmRequest,
-    started: Instant,
-) -> Result<(Arc<BackendRuntime>, Committed), ProxyError> {
-    let t = &route.cfg.timeouts;
-    let deadline = started + t.request.as_std();
-    let plan = balance::plan(route, req.api, started, &mut rand::rng());
-    if plan.is_empty() {
-        return Err(ProxyError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no_backend_available",
-            format!(
-                "no backend of route {} can take {} now: every circuit is open or none speaks this API",
-                route.cfg.route,
-                req.api.path()
-            ),
-        ));
-    }
-    let policy = route.cfg.retry.clone().unwrap_or(RetryPolicy { attempts: 0, ..RetryPolicy::default() });
-    let mut failures: Vec<(String, u32, Failure)> = vec![];
-    for (i, backend) in plan.iter().enumerate() {
-        let labels = CircuitLabels { route: route.cfg.route.clone(), backend: backend.cfg.name.clone() };
-        if i > 0 {
-            state.metrics.fallbacks.get_or_create(&labels).inc();
-        }
-        let mut tries = 0;
-        loop {
-            let now = Instant::now();
-            if !backend.circuit.try_acquire(now) {
-                failures.push((backend.cfg.name.clone(), tries, Failure::CircuitOpen));
-                break;
-            }
-            tries += 1;
-            let first_deadline = deadline.min(now + t.first_token.as_std());
-            let result = attempt(state, backend, req, first_deadline, deadline).await;
-            match result {
-                Ok(c) => {
-                    if let Some(s) = backend.circuit.success() {
-                        state.metrics.circuit_state.get_or_create(&labels).set(s.gauge());
-                    }
-                    return Ok((backend.clone(), c));
-                }
-                Err(f) => {
-                    state.metrics.outcomes.attempt_failed(&route.cfg.route, &backend.cfg.name, &f);
-                    if f.is_backend_fault() {
-                        if let Some(s) = backend.circuit.failure(Instant::now()) {
-                            tracing::warn!(route = %route.cfg.route, backend = %backend.cfg.name, "circuit opened");
-                            state.metrics.circuit_state.get_or_create(&labels).set(s.gauge());
-                        }
-                    } else {
-                        backend.circuit.release();
-                    }
-                    tracing::info!(route = %route.cfg.route, backend = %backend.cfg.name, attempt = tries, "upstream attempt failed: {}", f.describe());
-                    if tries <= policy.attempts && retry::should_retry(&policy, &f) {
-                        let ra = match &f {
-                            Failure::Status { retry_after, .. } => *retry_after,
-                            _ => None,
-                        };
-                        let wait = retry::backoff(&policy, tries, ra, &mut rand::rng());
-                        if Instant::now() + wait < deadline {
-                            state.metrics.retries.get_or_create(&labels).inc();
-                            tokio::time::sleep(wait).await;
-                            continue;
-                        }
-                    }
-                    failures.push((backend.cfg.name.clone(), tries, f));
-                    break;
-                }
-            }
-        }
-        if Instant::now() >= deadline {
-            break;
-        }
-    }
-    Err(give_up(&route.cfg.route, failures, Instant::now() >= deadline))
-}
-
-/// One try on one backend: sends, waits for the head and (for streams) the first chunk.
-async fn attempt(
-    state: &AppState,
-    backend: &BackendRuntime,
-    req: &LlmRequest,
-    first_deadline: Instant,
-    deadline: Instant,
-) -> Result<Committed, Failure> {
-    let sent = Instant::now();
-    let upstream_req = upstream::build(backend, req, sent)?;
-    let resp = match timeout_at(first_deadline, state.client.request(upstream_req)).await {
-        Err(_) => return Err(Failure::Timeout),
-        Ok(Err(e)) if e.is_connect() => return Err(Failure::Connect(error_chain(&e))),
-        Ok(Err(e)) => return Err(Failure::Reset(error_chain(&e))),
-        Ok(Ok(r)) => r,
-    };
-    let (parts, mut body) = resp.into_parts();
-    let status = parts.status;
-    if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
-        // Drain the error body so the connection can go back to the pool.
-        let _ = timeout_at(deadline, Limited::new(body, MAX_ERROR_BYTES).collect()).await;
-        return Err(Failure::Status { status, retry_after: retry::retry_after(&parts.headers) });
-    }
-    let is_sse = parts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("text/event-stream"));
-    if req.stream && status.is_success() && is_sse {
-        loop {
-            match timeout_at(first_deadline, body.frame()).await {
-                Err(_) => return Err(Failure::Timeout),
-                Ok(None) => return Err(Failure::Reset("the stream ended before its first chunk".into())),
-                Ok(Some(Err(e))) => return Err(Failure::Reset(error_chain(&e))),
-                Ok(Some(Ok(frame))) => {
-                    if let Ok(data) = frame.into_data()
-                        && !data.is_empty()
-                    {
-                        return Ok(Committed {
-                            status,
-                            headers: parts.headers,
-                            ttfb: sent.elapsed(),
-                            body: CommittedBody::Stream { first: data, rest: body },
-                        });
-                    }
-                }
-            }
-        }
-    }
-    let ttfb = sent.elapsed();
-    let bytes = match timeout_at(deadline, Limited::new(body, MAX_RESPONSE_BYTES).collect()).await {
-        Err(_) => return Err(Failure::Timeout),
-        Ok(Err(e)) => return Err(Failure::Reset(e.to_string())),
-        Ok(Ok(c)) => c.to_bytes(),
-    };
-    Ok(Committed { status, headers: parts.headers, ttfb, body: CommittedBody::Full(bytes) })
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
-    }
-    s
-}
-
-/// The error for a request no backend could serve, naming each backend's outcome.
-fn give_up(route: &str, failures: Vec<(String, u32, Failure)>, timed_out: bool) -> ProxyError {
-    let summary = failures
-        .iter()
-        .map(|(name, tries, f)| {
-            let tries = if *tries > 1 { format!(" after {tries} attempts") } else { String::new() };
-            format!("{name}: {}{tries}", f.describe())
-        })
-        .collect::<Vec<_>>()
-        .join("; ");
-    let message = format!("route {route}: no backend answered: {summary}");
-    let all = |p: fn(&Failure) -> bool| !failures.is_empty() && failures.iter().all(|(_, _, f)| p(f));
-    if all(|f| matches!(f, Failure::Status { status, .. } if *status == StatusCode::TOO_MANY_REQUESTS)) {
-        let wait = failures
-            .iter()
-            .filter_map(|(_, _, f)| match f {
-                Failure::Status { retry_after, .. } => *retry_after,
-                _ => None,
-            })
-            .max()
-            .map_or(1, |d| d.as_secs_f64().ceil() as u64);
-        return ProxyError {
-            retry_after: Some(wait.max(1)),
-            ..ProxyError::new(StatusCode::TOO_MANY_REQUESTS, "upstream_rate_limited", message)
-        };
-    }
-    if all(|f| matches!(f, Failure::CircuitOpen)) {
-        return ProxyError::new(StatusCode::SERVICE_UNAVAILABLE, "circuit_open", message);
-    }
-    if timed_out || failures.last().is_some_and(|(_, _, f)| matches!(f, Failure::Timeout)) {
-        return ProxyError::new(StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", message);
-    }
-    if failures.iter().all(|(_, _, f)| matches!(f, Failure::Credentials(_) | Failure::CircuitOpen)) {
-        return ProxyError::new(StatusCode::INTERNAL_SERVER_ERROR, "credentials_unavailable", message);
-    }
-    ProxyError::new(StatusCode::BAD_GATEWAY, "upstream_unavailable", message)
 }
 
 /// Upstream response headers worth passing on to the client.

@@ -19,7 +19,7 @@ use crate::{
 /// Everything one request needs, immutable once built; swapped whole on reload.
 pub struct Runtime {
     pub config: Arc<SidecarConfig>,
-    pub routes: Vec<RouteRuntime>,
+    pub routes: Vec<Arc<RouteRuntime>>,
 }
 
 pub struct RouteRuntime {
@@ -31,6 +31,8 @@ pub struct RouteRuntime {
     pub limiter: Option<Arc<RateLimiter>>,
     pub cache: Option<Arc<Cache>>,
     pub policy: Option<Arc<PolicyRuntime>>,
+    /// Mirrored copies: to this backend, this percent of requests.
+    pub mirror: Option<(Arc<BackendRuntime>, u32)>,
 }
 
 pub struct BackendRuntime {
@@ -145,6 +147,7 @@ impl Runtime {
             };
             let backends = r.backends.iter().map(&mut backend).collect::<Result<Vec<_>, _>>()?;
             let fallback = r.fallback.iter().map(&mut backend).collect::<Result<Vec<_>, _>>()?;
+            let mirror = r.mirror.as_ref().map(|m| Ok::<_, String>((backend(&m.backend)?, m.percent))).transpose()?;
             let limiter = r.rate_limit.as_ref().map(|rl| {
                 let (rpm, tpm) = (rl.requests_per_minute, rl.tokens_per_minute);
                 let header = rl.key.as_ref().and_then(|k| k.header.as_deref());
@@ -173,7 +176,7 @@ impl Runtime {
                 ),
                 None => None,
             };
-            routes.push(RouteRuntime {
+            routes.push(Arc::new(RouteRuntime {
                 cfg: r.clone(),
                 models,
                 exact_models,
@@ -182,7 +185,8 @@ impl Runtime {
                 limiter,
                 cache,
                 policy,
-            });
+                mirror,
+            }));
         }
         // Drop state of routes that are gone, so memory follows the config.
         let ids: std::collections::HashSet<&str> = config.routes.iter().map(|r| r.id.as_str()).collect();
@@ -193,7 +197,7 @@ impl Runtime {
     }
 
     /// The first route (most specific first) that takes this request.
-    pub fn select(&self, api: Api, model: &str, headers: &http::HeaderMap) -> Option<&RouteRuntime> {
+    pub fn select(&self, api: Api, model: &str, headers: &http::HeaderMap) -> Option<&Arc<RouteRuntime>> {
         self.routes.iter().find(|r| r.matches(api, model, headers))
     }
 }

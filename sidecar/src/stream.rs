@@ -1,7 +1,8 @@
 //! Relays a streamed upstream response to the client frame by frame, as it arrives. Watches
 //! the SSE for usage and the end marker; passes text through the output guard when a policy
 //! scans output; enforces the idle timeout; when the upstream breaks after the first byte,
-//! sends an explicit error event and aborts instead of ending cleanly.
+//! sends an explicit error event and aborts instead of ending cleanly. However the stream
+//! ends, it hands its usage and outcome to the request's settlement once.
 
 use std::{
     pin::Pin,
@@ -19,24 +20,9 @@ use crate::{
     body::BoxError,
     error::{Flavor, ProxyError},
     scan::stream::OutputGuard,
-    usage::SseTracker,
+    settle::{End, Settlement},
+    usage::{SseTracker, Usage},
 };
-
-/// How a relayed stream ended, handed to the `on_end` callback exactly once.
-#[derive(Debug)]
-pub struct StreamEnd {
-    pub tracker: SseTracker,
-    /// `None` when the stream completed; otherwise the error the client was sent.
-    pub error: Option<ProxyError>,
-    /// The client went away before the end.
-    pub cancelled: bool,
-    /// The whole stream as sent, when it completed and was small enough to record.
-    pub recorded: Option<Bytes>,
-    /// The output guard stopped the stream.
-    pub blocked: bool,
-}
-
-pub type OnEnd = Box<dyn FnOnce(StreamEnd) + Send>;
 
 enum State {
     Streaming,
@@ -57,22 +43,17 @@ pub struct Relay {
     tracker: SseTracker,
     record: Option<(Vec<u8>, usize)>,
     state: State,
-    on_end: Option<OnEnd>,
+    /// Settles the request when the stream ends, or when the relay is dropped before.
+    end: Option<Settlement>,
     guard: Option<Box<OutputGuard>>,
     blocked: bool,
 }
 
 impl Relay {
-    /// `first` is the chunk already read when the stream was committed to a backend.
-    /// `record_limit` turns on recording (for the cache) up to that many bytes.
-    pub fn new(
-        first: Bytes,
-        inner: Incoming,
-        flavor: Flavor,
-        idle: Duration,
-        record_limit: Option<usize>,
-        on_end: OnEnd,
-    ) -> Self {
+    /// `first` is the chunk already read when the stream was committed to a backend. The
+    /// stream is recorded for the cache when `end` has a cache slot.
+    pub fn new(first: Bytes, inner: Incoming, flavor: Flavor, idle: Duration, end: Settlement) -> Self {
+        let record_limit = end.cache_limit();
         Self {
             first: Some(first),
             inner,
@@ -82,7 +63,7 @@ impl Relay {
             tracker: SseTracker::default(),
             record: record_limit.map(|l| (Vec::new(), l)),
             state: State::Streaming,
-            on_end: Some(on_end),
+            end: Some(end),
             guard: None,
             blocked: false,
         }
@@ -108,7 +89,7 @@ impl Relay {
                     self.blocked = true;
                     self.record = None;
                     self.state = State::Done;
-                    self.finish(None);
+                    self.finish(false);
                     events
                 }
             },
@@ -127,24 +108,27 @@ impl Relay {
         }
     }
 
-    fn finish(&mut self, error: Option<ProxyError>) {
-        if let Some(f) = self.on_end.take() {
-            let recorded =
-                if error.is_none() && !self.blocked { self.record.take().map(|(b, _)| Bytes::from(b)) } else { None };
-            f(StreamEnd {
-                tracker: std::mem::take(&mut self.tracker),
-                error,
-                cancelled: false,
-                recorded,
-                blocked: self.blocked,
-            });
+    /// Usage as the stream reported it; without a report, the text events stand for tokens.
+    fn usage(&self) -> Usage {
+        let mut usage = self.tracker.usage;
+        if usage.output.is_none() {
+            usage.output = Some(self.tracker.content_events);
+        }
+        usage
+    }
+
+    /// The stream ended: completed (`broken` false) or broken after its first byte.
+    fn finish(&mut self, broken: bool) {
+        if let Some(mut end) = self.end.take() {
+            let record = if broken || self.blocked { None } else { self.record.take().map(|(b, _)| Bytes::from(b)) };
+            end.end(End { class: "2xx", broken, usage: self.usage(), record });
         }
     }
 
     fn fail(&mut self, code: &'static str, message: String) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let err = ProxyError::new(StatusCode::BAD_GATEWAY, code, message);
         let event = err.sse_event(self.flavor);
-        self.finish(Some(err));
+        self.finish(true);
         self.state = State::Aborting(Box::pin(tokio::time::sleep(FLUSH_GRACE)));
         Poll::Ready(Some(Ok(Frame::data(event))))
     }
@@ -214,21 +198,16 @@ impl Relay {
             None => Bytes::new(),
         };
         self.keep(&rest);
-        self.finish(None);
+        self.finish(false);
         (!rest.is_empty()).then(|| Ok(Frame::data(rest)))
     }
 }
 
 impl Drop for Relay {
+    /// The client went away before the end.
     fn drop(&mut self) {
-        if let Some(f) = self.on_end.take() {
-            f(StreamEnd {
-                tracker: std::mem::take(&mut self.tracker),
-                error: None,
-                cancelled: true,
-                recorded: None,
-                blocked: false,
-            });
+        if let Some(mut end) = self.end.take() {
+            end.end(End::cancelled(self.usage()));
         }
     }
 }

@@ -357,6 +357,39 @@ async fn token_rate_limits_settle_on_real_usage() {
 }
 
 #[tokio::test]
+async fn a_buffered_request_its_client_abandons_is_settled_once() {
+    let mock = MockProvider::start().await;
+    mock.script([Behavior::Delay(Duration::from_millis(600))]);
+    // Estimated at 3 + 100 tokens: two such requests do not fit in 150.
+    let env = Env::start(&route(&format!(
+        "  rules:\n  - backends: [{{name: a, url: '{}'}}]\n    rateLimit: {{tokensPerMinute: 150}}\n",
+        mock.url()
+    )))
+    .await;
+    let body = json!({"model": "m", "max_tokens": 100, "messages": [{"role": "user", "content": "hello there"}]});
+    let gave_up = tokio::time::timeout(Duration::from_millis(150), env.client.post("/v1/chat/completions", &body, &[]));
+    assert!(gave_up.await.is_err(), "the client gives up before the backend answers");
+    let cancelled = r#"status_class="cancelled""#;
+    for _ in 0..100 {
+        if metric(&env.metrics().await, "bulwark_requests_total", &[cancelled]) > 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let m = env.metrics().await;
+    assert_eq!(metric(&m, "bulwark_requests_total", &[cancelled, r#"backend="a""#]), 1.0, "{m}");
+    assert_eq!(metric(&m, "bulwark_requests_total", &[]), 1.0, "counted once");
+    let report = env.sidecar.metrics.outcomes.report("v");
+    let a = &report.backends[0];
+    assert_eq!((a.backend.as_str(), a.requests, a.error_count()), ("a", 1, 0), "sent to a, not its fault");
+    assert_eq!(a.latency.count(), 0, "an answer that never completed has no latency");
+    // The backend may have spent the tokens: the estimate stays charged.
+    let r = env.client.post("/v1/chat/completions", &body, &[]).await.unwrap();
+    assert_eq!(r.status, 429, "{}", r.text());
+    env.shutdown().await;
+}
+
+#[tokio::test]
 async fn identical_requests_are_served_from_the_cache() {
     let mock = MockProvider::start().await;
     let env = Env::start(&route(&format!(

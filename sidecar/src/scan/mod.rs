@@ -284,6 +284,8 @@ impl PolicyRuntime {
 pub struct Ctx<'a> {
     pub metrics: &'a Metrics,
     pub route: &'a str,
+    /// The backend that wrote the text, for output scanning.
+    pub backend: Option<&'a str>,
 }
 
 impl Ctx<'_> {
@@ -300,6 +302,9 @@ impl Ctx<'_> {
         move |outcome| {
             if outcome == "block" {
                 self.metrics.outcomes.scanner_block(self.route);
+                if let (Direction::Output, Some(backend)) = (d, self.backend) {
+                    self.metrics.outcomes.output_blocked(self.route, backend);
+                }
             }
             let v = VerdictLabels { policy: policy.name.clone(), scanner: s.name, direction: d.as_str(), outcome };
             self.metrics.scanner_verdicts.get_or_create(&v).inc();
@@ -600,7 +605,7 @@ mod tests {
         let metrics = Metrics::new();
         let mut owned: Vec<String> = texts.iter().map(|t| t.to_string()).collect();
         let mut refs: Vec<&mut String> = owned.iter_mut().collect();
-        let r = run(p, d, &mut refs, &Ctx { metrics: &metrics, route: "r" });
+        let r = run(p, d, &mut refs, &Ctx { metrics: &metrics, route: "r", backend: None });
         (r, owned)
     }
 
@@ -628,7 +633,7 @@ mod tests {
     #[tokio::test]
     async fn unavailable_scanners_follow_on_scanner_error() {
         let metrics = Metrics::new();
-        let ctx = Ctx { metrics: &metrics, route: "r" };
+        let ctx = Ctx { metrics: &metrics, route: "r", backend: None };
         let mut text = "hello".to_owned();
         let closed = policy("input:\n- {type: promptInjection, threshold: 0.5}");
         let r = run_async(&closed, Direction::Input, &mut [&mut text], &ctx).await;

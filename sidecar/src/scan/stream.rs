@@ -16,6 +16,8 @@ pub struct OutputGuard {
     flavor: Flavor,
     metrics: Arc<Metrics>,
     route: String,
+    /// The backend whose answer this is: its output blocks judge it in a rollout.
+    backend: String,
     /// Bytes of an event not complete yet.
     partial: Vec<u8>,
     /// Scanned text not yet released to the client.
@@ -66,6 +68,7 @@ impl OutputGuard {
         flavor: Flavor,
         metrics: Arc<Metrics>,
         route: String,
+        backend: String,
     ) -> Self {
         // Hold back enough to restore a placeholder split across chunks, too.
         let window = policy.window.max(restore.longest() + 1);
@@ -76,6 +79,7 @@ impl OutputGuard {
             flavor,
             metrics,
             route,
+            backend,
             partial: vec![],
             held: String::new(),
             template: None,
@@ -107,7 +111,7 @@ impl OutputGuard {
     /// Runs the whole-document scanners once, over everything released.
     fn judge_whole(&mut self) -> Result<(), Blocked> {
         if let Some(mut full) = self.full.take() {
-            let ctx = Ctx { metrics: &self.metrics, route: &self.route };
+            let ctx = Ctx { metrics: &self.metrics, route: &self.route, backend: Some(&self.backend) };
             run_with(&self.policy, Direction::Output, &mut [&mut full], &ctx, Pass::Whole)?;
         }
         Ok(())
@@ -150,7 +154,7 @@ impl OutputGuard {
         if self.held.is_empty() {
             return Ok(());
         }
-        let ctx = Ctx { metrics: &self.metrics, route: &self.route };
+        let ctx = Ctx { metrics: &self.metrics, route: &self.route, backend: Some(&self.backend) };
         let held_from = {
             let mut texts = [&mut self.held];
             // Whole-document scanners judge the complete answer in `judge_whole`, never a window.
@@ -238,7 +242,7 @@ mod tests {
     fn guard(yaml: &str, restore: Restore, flavor: Flavor) -> OutputGuard {
         let spec: ScannerPolicySpec = serde_yaml::from_str(yaml).unwrap();
         let policy = Arc::new(PolicyRuntime::build("p", &spec, &super::super::model::ModelHub::default()).unwrap());
-        OutputGuard::new(policy, restore, flavor, Arc::new(Metrics::new()), "r".into())
+        OutputGuard::new(policy, restore, flavor, Arc::new(Metrics::new()), "r".into(), "b".into())
     }
 
     fn openai_events(pieces: &[&str]) -> Vec<String> {

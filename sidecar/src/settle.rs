@@ -1,0 +1,171 @@
+//! The end of a request, settled exactly once however it ends: answered, failed, streamed to the
+//! end, broken after the first byte, or abandoned by the client. Metrics, the outcome report,
+//! the rate-limit settlement and the cache insert happen in `Drop`, and nowhere else.
+
+use std::{sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use tokio::time::Instant;
+
+use crate::{
+    cache::{Cache, Cached, Key},
+    metrics::{BackendLabels, CircuitLabels, Metrics, RequestLabels, TokenLabels},
+    ratelimit::{RateLimiter, Reservation},
+    usage::Usage,
+};
+
+/// Whose request this is: the client's, or a mirrored copy whose answer nobody sees.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    Client,
+    Mirror,
+}
+
+/// How an answered request ended.
+#[derive(Debug)]
+pub struct End {
+    /// The status class (`2xx`, `4xx`, `5xx`), or `cancelled` when the client went away.
+    pub class: &'static str,
+    /// The stream broke after its first byte (the client got an error event).
+    pub broken: bool,
+    pub usage: Usage,
+    /// The answer as sent, when it may be cached.
+    pub record: Option<Bytes>,
+}
+
+impl End {
+    pub fn cancelled(usage: Usage) -> Self {
+        Self { class: "cancelled", broken: false, usage, record: None }
+    }
+}
+
+enum Stage {
+    /// Nothing reached a backend yet, or every attempt failed: no tokens were spent.
+    Local,
+    /// An attempt is on its way to this backend.
+    Sent(BackendLabels),
+    /// This backend answered, streamed or not; `None` until the answer ends.
+    Answered { labels: BackendLabels, stream: bool, end: Option<End> },
+}
+
+pub struct Settlement {
+    metrics: Arc<Metrics>,
+    origin: Origin,
+    started: Instant,
+    reservation: Option<(Arc<RateLimiter>, Reservation)>,
+    cache: Option<(Arc<Cache>, Key)>,
+    stage: Stage,
+}
+
+impl Settlement {
+    pub fn new(metrics: Arc<Metrics>, origin: Origin, started: Instant) -> Self {
+        Self { metrics, origin, started, reservation: None, cache: None, stage: Stage::Local }
+    }
+
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// Tokens charged to the client's budget up front, settled with the real usage at the end.
+    pub fn reserve(&mut self, reservation: Option<(Arc<RateLimiter>, Reservation)>) {
+        self.reservation = reservation;
+    }
+
+    /// Where a successful answer is cached.
+    pub fn cache_in(&mut self, slot: Option<(Arc<Cache>, Key)>) {
+        self.cache = slot;
+    }
+
+    /// The largest answer worth recording for the cache, when one is configured.
+    pub fn cache_limit(&self) -> Option<usize> {
+        self.cache.as_ref().map(|(c, _)| c.max_entry_bytes())
+    }
+
+    /// An attempt goes out to a backend.
+    pub fn sent(&mut self, labels: BackendLabels) {
+        self.stage = Stage::Sent(labels);
+    }
+
+    /// The attempt failed; the failure was counted where it happened.
+    pub fn attempt_failed(&mut self) {
+        self.stage = Stage::Local;
+    }
+
+    /// The backend in flight answered: its first byte arrived after `ttfb`.
+    pub fn answered(&mut self, ttfb: Duration, stream: bool) {
+        let Stage::Sent(labels) = std::mem::replace(&mut self.stage, Stage::Local) else { return };
+        if self.origin == Origin::Client {
+            self.metrics.time_to_first_token.get_or_create(&labels).observe(ttfb.as_secs_f64());
+        }
+        self.metrics.outcomes.first_token(&labels.route, &labels.backend, ttfb);
+        self.stage = Stage::Answered { labels, stream, end: None };
+    }
+
+    /// How the answer ended.
+    pub fn end(&mut self, end: End) {
+        if let Stage::Answered { end: slot, .. } = &mut self.stage {
+            *slot = Some(end);
+        }
+    }
+
+    fn settle_tokens(&self, tokens: u64) {
+        if let Some((limiter, r)) = &self.reservation {
+            limiter.settle(r, tokens);
+        }
+    }
+
+    fn record(&self, labels: &BackendLabels, end: &End) {
+        let m = &self.metrics;
+        let outcome = if end.broken { "stream" } else { end.class };
+        m.outcomes.answered(&labels.route, &labels.backend, outcome, self.started.elapsed());
+        let class = if end.broken { "5xx" } else { end.class };
+        if self.origin == Origin::Mirror {
+            let l = RequestLabels { status_class: class, ..request_labels(labels) };
+            m.mirrored.get_or_create(&l).inc();
+            return;
+        }
+        m.requests.get_or_create(&RequestLabels { status_class: class, ..request_labels(labels) }).inc();
+        m.duration.get_or_create(labels).observe(self.started.elapsed().as_secs_f64());
+        for (kind, n) in [("input", end.usage.input), ("output", end.usage.output)] {
+            if let Some(n) = n {
+                let t = TokenLabels {
+                    route: labels.route.clone(),
+                    backend: labels.backend.clone(),
+                    model: labels.model.clone(),
+                    gen_ai_token_type: kind,
+                };
+                m.token_usage.get_or_create(&t).observe(n as f64);
+            }
+        }
+        if end.broken {
+            let l = CircuitLabels { route: labels.route.clone(), backend: labels.backend.clone() };
+            m.stream_errors.get_or_create(&l).inc();
+        }
+    }
+}
+
+fn request_labels(l: &BackendLabels) -> RequestLabels {
+    RequestLabels { route: l.route.clone(), backend: l.backend.clone(), model: l.model.clone(), status_class: "" }
+}
+
+impl Drop for Settlement {
+    fn drop(&mut self) {
+        let estimate = self.reservation.as_ref().map_or(0, |(_, r)| r.tokens);
+        match std::mem::replace(&mut self.stage, Stage::Local) {
+            Stage::Local => self.settle_tokens(0),
+            // The client went away while the backend worked on it: it may have spent the tokens.
+            Stage::Sent(labels) => {
+                self.record(&labels, &End::cancelled(Usage::default()));
+                self.settle_tokens(estimate);
+            }
+            Stage::Answered { labels, stream, end } => {
+                let end = end.unwrap_or_else(|| End::cancelled(Usage::default()));
+                self.record(&labels, &end);
+                self.settle_tokens(end.usage.total().unwrap_or(estimate));
+                if let (Some((cache, key)), Some(body)) = (self.cache.take(), end.record) {
+                    cache.insert(key, Cached { body, stream, backend: labels.backend }, Instant::now());
+                }
+            }
+        }
+    }
+}
