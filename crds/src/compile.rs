@@ -7,8 +7,9 @@ use sha2::{Digest, Sha256};
 
 use crate::{
     LLMRoute, ModelRollout, ScannerPolicy,
-    config::{BackendConfig, CredentialSource, ResolvedTimeouts, Route, SidecarConfig},
+    config::{BackendConfig, CredentialSource, Mirror, ResolvedTimeouts, Route, SidecarConfig},
     manifest::Resources,
+    rollout::machine,
     route::{Backend, RouteMatch},
     selector,
     status::reasons,
@@ -154,7 +155,8 @@ pub fn compile(res: &Resources, workload: Option<&Workload>, opts: &CompileOptio
 
         let defined: BTreeMap<&str, &Backend> = route.spec.all_backends().map(|b| (b.name.as_str(), b)).collect();
 
-        // A rollout sets the stable/canary split in every rule that serves the stable backend.
+        // A rollout sets the stable/canary split in every rule that serves the stable backend,
+        // and while it runs, its step's mirror and preview.
         let rollout = rollouts.get(&(ns.clone(), name.clone())).copied();
         let mut split = None;
         if let Some(r) = rollout {
@@ -164,37 +166,39 @@ pub fn compile(res: &Resources, workload: Option<&Workload>, opts: &CompileOptio
                 .filter(|b| !defined.contains_key(b.as_str()))
                 .collect();
             if missing.is_empty() {
-                let w = r.status.as_ref().and_then(|s| s.canary_weight).unwrap_or(0).min(100);
-                split = Some((r.spec.stable.backend.as_str(), r.spec.canary.backend.as_str(), w));
-                rollouts_used.insert((ns.clone(), rname));
+                let traffic = machine::traffic(&r.spec, r.status.as_ref());
+                split = Some((r.spec.stable.backend.as_str(), r.spec.canary.backend.as_str(), traffic));
             } else {
                 let msg = format!("backend {:?} is not defined in LLMRoute {name:?}", missing[0]);
                 rejected.push(reject("ModelRollout", &ns, &rname, reasons::BACKEND_NOT_FOUND, msg));
-                rollouts_used.insert((ns.clone(), rname));
             }
+            rollouts_used.insert((ns.clone(), rname));
         }
 
         for (i, rule) in route.spec.rules.iter().enumerate() {
             taken.insert((ns.clone(), match_key(&rule.matches)), name.clone());
             let to_config = |b: &Backend| backend_config(b, opts);
             let mut backends: Vec<BackendConfig> = rule.backends.iter().map(to_config).collect();
-            if let Some((stable, canary, w)) = split
-                && backends.iter().any(|b| b.name == stable)
+            let mut mirror = None;
+            let mut preview = None;
+            if let Some((stable, canary, traffic)) = &split
+                && backends.iter().any(|b| b.name == *stable)
+                && let Some(c) = defined.get(canary)
             {
-                if !backends.iter().any(|b| b.name == canary)
-                    && let Some(c) = defined.get(canary)
-                {
+                if !backends.iter().any(|b| b.name == *canary) {
                     backends.push(to_config(c));
                 }
                 for b in &mut backends {
-                    if b.name == stable {
-                        b.weight = 100 - w;
-                    } else if b.name == canary {
-                        b.weight = w;
+                    if b.name == *stable {
+                        b.weight = 100 - traffic.canary_weight;
+                    } else if b.name == *canary {
+                        b.weight = traffic.canary_weight;
                     }
                 }
+                mirror = traffic.mirror.map(|percent| Mirror { backend: to_config(c), percent: percent.min(100) });
+                preview = traffic.preview.clone().map(|header| (header, to_config(c)));
             }
-            let fallback =
+            let fallback: Vec<BackendConfig> =
                 rule.fallback.iter().filter_map(|f| defined.get(f.backend.as_str()).map(|b| to_config(b))).collect();
             let scanner_policy = rule.scanner_policy_ref.as_ref().map(|p| format!("{ns}/{}", p.name));
             if let Some(p) = &scanner_policy {
@@ -202,8 +206,9 @@ pub fn compile(res: &Resources, workload: Option<&Workload>, opts: &CompileOptio
             }
             let defaults = ResolvedTimeouts::default();
             let t = rule.timeouts.clone().unwrap_or_default();
-            routes.push(Route {
-                id: format!("{ns}/{name}/{}", rule.name.clone().unwrap_or_else(|| i.to_string())),
+            let id = format!("{ns}/{name}/{}", rule.name.clone().unwrap_or_else(|| i.to_string()));
+            let compiled = Route {
+                id,
                 route: format!("{ns}/{name}"),
                 matches: rule.matches.clone(),
                 backends,
@@ -218,8 +223,17 @@ pub fn compile(res: &Resources, workload: Option<&Workload>, opts: &CompileOptio
                 rate_limit: rule.rate_limit.clone(),
                 cache: rule.cache.as_ref().and_then(|c| c.exact.clone()),
                 scanner_policy,
-                mirror: None,
-            });
+                mirror,
+            };
+            // A blueGreen preview: the same rule, for requests with the preview header, on the canary.
+            if let Some(((header, value), canary)) = preview {
+                let mut matches = compiled.matches.clone();
+                matches.headers.insert(header, value);
+                let backends = vec![BackendConfig { weight: 1, ..canary }];
+                let id = format!("{}~preview", compiled.id);
+                routes.push(Route { id, matches, backends, mirror: None, ..compiled.clone() });
+            }
+            routes.push(compiled);
         }
     }
     for (key, r) in &rollouts {

@@ -61,12 +61,6 @@ pub struct BackendOutcome {
     pub output_blocks: u64,
 }
 
-impl BackendOutcome {
-    pub fn error_count(&self) -> u64 {
-        self.errors.values().sum()
-    }
-}
-
 /// Requests of one route that were not a backend's doing.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -122,21 +116,53 @@ impl Histogram {
         self.sum += other.sum;
     }
 
-    /// The upper bound of the bucket holding quantile `q`, or `None` when empty.
+    /// Quantile `q` (0 to 1), interpolated linearly within its bucket as Prometheus'
+    /// `histogram_quantile` does; `None` when empty. In the +Inf bucket it is the highest bound.
     pub fn quantile(&self, q: f64) -> Option<f64> {
         let total = self.count();
         if total == 0 {
             return None;
         }
-        let rank = (q * total as f64).ceil().max(1.0) as u64;
-        let mut seen = 0;
-        for (i, c) in self.counts.iter().enumerate() {
-            seen += c;
-            if seen >= rank {
-                return Some(LATENCY_BOUNDS.get(i).copied().unwrap_or(f64::INFINITY));
+        let rank = q.clamp(0.0, 1.0) * total as f64;
+        let mut below = 0u64;
+        for (i, &c) in self.counts.iter().enumerate() {
+            if c > 0 && (below + c) as f64 >= rank {
+                let Some(&upper) = LATENCY_BOUNDS.get(i) else { return LATENCY_BOUNDS.last().copied() };
+                let lower = if i == 0 { 0.0 } else { LATENCY_BOUNDS[i - 1] };
+                return Some(lower + (upper - lower) * ((rank - below as f64) / c as f64).clamp(0.0, 1.0));
             }
+            below += c;
         }
-        None
+        LATENCY_BOUNDS.last().copied()
+    }
+}
+
+impl BackendOutcome {
+    pub fn error_count(&self) -> u64 {
+        self.errors.values().sum()
+    }
+
+    /// What happened between `earlier` and `self`, two cumulative counts of the same backend;
+    /// `self` whole when the counters went back (a restart).
+    pub fn since(&self, earlier: &BackendOutcome) -> BackendOutcome {
+        if self.requests < earlier.requests {
+            return self.clone();
+        }
+        let errors = self
+            .errors
+            .iter()
+            .map(|(class, n)| (class.clone(), n.saturating_sub(earlier.errors.get(class).copied().unwrap_or(0))))
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        BackendOutcome {
+            route: self.route.clone(),
+            backend: self.backend.clone(),
+            requests: self.requests - earlier.requests,
+            errors,
+            latency: self.latency.since(&earlier.latency),
+            first_token: self.first_token.since(&earlier.first_token),
+            output_blocks: self.output_blocks.saturating_sub(earlier.output_blocks),
+        }
     }
 }
 
@@ -155,12 +181,17 @@ mod tests {
         b.observe(0.3);
         let d = b.since(&a);
         assert_eq!(d.count(), 1);
-        assert_eq!(d.quantile(0.5), Some(0.5));
+        assert_eq!(d.quantile(0.5), Some(0.375), "halfway into (0.25, 0.5]");
         assert_eq!(a.since(&b), a, "a reset counter counts from zero");
         let mut sum = a.clone();
         sum.add(&d);
         assert_eq!(sum.counts, b.counts);
-        assert_eq!(a.quantile(0.5), Some(0.025));
+        assert_eq!(a.quantile(0.5), Some(0.025), "the top of (0.01, 0.025], which holds the 2nd of 4");
+        assert_eq!(a.quantile(1.0), Some(120.0), "+Inf reads as the highest bound");
         assert_eq!(Histogram::default().quantile(0.9), None);
+        let mut even = Histogram::default();
+        (0..100).for_each(|i| even.observe(1.0 + f64::from(i) * 0.015));
+        let p95 = even.quantile(0.95).unwrap();
+        assert!((2.2..2.5).contains(&p95), "{p95}: within (1, 2.5], interpolated");
     }
 }

@@ -178,6 +178,7 @@ pub struct ScannerPolicyStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// Sidecars whose routes use this policy, and how many run the current config.
     #[serde(default, skip_serializing_if = "Option::is_none")]

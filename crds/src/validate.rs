@@ -7,7 +7,7 @@ use globset::Glob;
 
 use crate::{
     policy::{Action, ScannerPolicySpec, ScannerType},
-    rollout::ModelRolloutSpec,
+    rollout::{ModelRolloutSpec, Strategy},
     route::{Backend, Credentials, LLMRouteSpec, Provider},
     selector,
 };
@@ -302,23 +302,55 @@ pub fn model_rollout(spec: &ModelRolloutSpec) -> Vec<FieldError> {
     if spec.stable.backend == spec.canary.backend {
         e.add("spec.canary.backend", "stable and canary must be different backends");
     }
-    if spec.steps.is_empty() {
-        e.add("spec.steps", "a rollout needs at least one step");
+    match spec.strategy {
+        Strategy::Canary if spec.steps.is_empty() => e.add("spec.steps", "a canary rollout needs at least one step"),
+        Strategy::Canary if spec.preview.is_some() => {
+            e.add("spec.preview", "applies to the blueGreen strategy only; use steps for a canary")
+        }
+        Strategy::BlueGreen if !spec.steps.is_empty() => {
+            e.add("spec.steps", "a blueGreen rollout takes no steps: it previews (see preview), then switches at once")
+        }
+        _ => {}
     }
     for (i, s) in spec.steps.iter().enumerate() {
         if s.weight > 100 {
             e.add(format!("spec.steps[{i}].weight"), "is a percentage: 0 to 100");
         }
+        if s.mirror.is_some_and(|m| m > 100) {
+            e.add(format!("spec.steps[{i}].mirror"), "is a percentage: 0 to 100");
+        }
+    }
+    if let Some(p) = &spec.preview {
+        if p.header.parse::<http::HeaderName>().is_err() {
+            e.add("spec.preview.header", format!("{:?} is not a valid header name", p.header));
+        }
+        if p.mirror.is_some_and(|m| m > 100) {
+            e.add("spec.preview.mirror", "is a percentage: 0 to 100");
+        }
     }
     let a = &spec.analysis;
-    if !(0.0..=1.0).contains(&a.max_error_rate) {
-        e.add("spec.analysis.maxErrorRate", "must be between 0 and 1");
+    let rates = [
+        ("maxErrorRate", Some(a.max_error_rate)),
+        ("maxErrorRateIncrease", a.max_error_rate_increase),
+        ("maxBlockRate", a.max_block_rate),
+        ("maxBlockRateIncrease", a.max_block_rate_increase),
+    ];
+    for (field, value) in rates {
+        if value.is_some_and(|v| !(0.0..=1.0).contains(&v)) {
+            e.add(format!("spec.analysis.{field}"), "must be between 0 and 1");
+        }
     }
     if a.interval.0.is_zero() || a.window < a.interval {
         e.add(
             "spec.analysis.window",
             format!("({}) must be at least the interval ({}), which must be above 0s", a.window, a.interval),
         );
+    }
+    if a.failure_limit == 0 {
+        e.add("spec.analysis.failureLimit", "must be at least 1");
+    }
+    if a.min_requests == 0 {
+        e.add("spec.analysis.minRequests", "must be at least 1: a verdict needs requests");
     }
     if let Some(ms) = &spec.model_server {
         if ms.image.is_empty() {

@@ -212,6 +212,47 @@ fn invalid_policies_and_rollouts_are_rejected_with_exact_errors() {
             "spec.steps[0].weight: is a percentage: 0 to 100",
         ),
         (
+            "canary without steps",
+            rollout("  stable: {backend: a}\n  canary: {backend: b}"),
+            "spec.steps: a canary rollout needs at least one step",
+        ),
+        (
+            "blue-green with steps",
+            rollout("  stable: {backend: a}\n  canary: {backend: b}\n  strategy: blueGreen\n  steps: [{weight: 10}]"),
+            "spec.steps: a blueGreen rollout takes no steps: it previews (see preview), then switches at once",
+        ),
+        (
+            "preview on a canary",
+            rollout("  stable: {backend: a}\n  canary: {backend: b}\n  steps: [{weight: 10}]\n  preview: {pause: 1m}"),
+            "spec.preview: applies to the blueGreen strategy only; use steps for a canary",
+        ),
+        (
+            "bad preview header",
+            rollout(
+                "  stable: {backend: a}\n  canary: {backend: b}\n  strategy: blueGreen\n  preview: {header: 'x preview'}",
+            ),
+            "spec.preview.header: \"x preview\" is not a valid header name",
+        ),
+        (
+            "mirror over 100",
+            rollout("  stable: {backend: a}\n  canary: {backend: b}\n  steps: [{weight: 0, mirror: 150}]"),
+            "spec.steps[0].mirror: is a percentage: 0 to 100",
+        ),
+        (
+            "rate out of range",
+            rollout(
+                "  stable: {backend: a}\n  canary: {backend: b}\n  steps: [{weight: 10}]\n  analysis: {maxBlockRate: 2}",
+            ),
+            "spec.analysis.maxBlockRate: must be between 0 and 1",
+        ),
+        (
+            "no failures allowed",
+            rollout(
+                "  stable: {backend: a}\n  canary: {backend: b}\n  steps: [{weight: 10}]\n  analysis: {failureLimit: 0}",
+            ),
+            "spec.analysis.failureLimit: must be at least 1",
+        ),
+        (
             "no route",
             rollout("  stable: {backend: a}\n  canary: {backend: b}\n  steps: [{weight: 10}]"),
             "no valid LLMRoute \"chat\" in namespace \"default\"",
@@ -365,6 +406,61 @@ status: {phase: Progressing, currentStep: 0, canaryWeight: 25}
     let out = standalone(&missing);
     assert_eq!(out.rejected[0].message, "backend \"nope\" is not defined in LLMRoute \"chat\"");
     assert_eq!(out.config.routes[0].backends.len(), 1, "the route keeps serving unchanged");
+}
+
+#[test]
+fn a_running_step_mirrors_and_a_blue_green_preview_routes_by_header() {
+    let route = r#"
+apiVersion: bulwark.dev/v1alpha1
+kind: LLMRoute
+metadata: {name: chat}
+spec:
+  backends: [{name: canary, url: 'http://canary'}]
+  rules: [{match: {models: [m]}, backends: [{name: stable, url: 'http://stable'}]}]
+---
+"#;
+    let canary = format!(
+        "{route}apiVersion: bulwark.dev/v1alpha1\nkind: ModelRollout\nmetadata: {{name: up}}\nspec:\n  routeRef: {{name: chat}}\n  stable: {{backend: stable}}\n  canary: {{backend: canary}}\n  steps: [{{weight: 0, mirror: 20, pause: 1m}}, {{weight: 100}}]\nstatus: {{phase: Progressing, currentStep: 0, canaryWeight: 0}}\n"
+    );
+    let out = standalone(&canary);
+    assert!(out.rejected.is_empty(), "{:?}", out.rejected);
+    let r = &out.config.routes[0];
+    let m = r.mirror.as_ref().expect("the step mirrors");
+    assert_eq!((m.backend.name.as_str(), m.percent), ("canary", 20));
+    assert_eq!(
+        r.backends.iter().map(|b| (b.name.as_str(), b.weight)).collect::<Vec<_>>(),
+        [("stable", 100), ("canary", 0)]
+    );
+    let rolled_back = canary.replace("phase: Progressing", "phase: RolledBack");
+    assert_eq!(standalone(&rolled_back).config.routes[0].mirror, None, "a stopped rollout mirrors nothing");
+
+    let blue_green = format!(
+        "{route}apiVersion: bulwark.dev/v1alpha1\nkind: ModelRollout\nmetadata: {{name: up}}\nspec:\n  routeRef: {{name: chat}}\n  stable: {{backend: stable}}\n  canary: {{backend: canary}}\n  strategy: blueGreen\nstatus: {{phase: Progressing, currentStep: 0, canaryWeight: 0}}\n"
+    );
+    let out = standalone(&blue_green);
+    let summary: Vec<_> = out
+        .config
+        .routes
+        .iter()
+        .map(|r| {
+            (
+                r.id.as_str(),
+                r.matches.headers.clone(),
+                r.backends.iter().map(|b| (b.name.clone(), b.weight)).collect::<Vec<_>>(),
+            )
+        })
+        .collect();
+    let preview = [("x-bulwark-preview".to_owned(), "true".to_owned())].into();
+    assert_eq!(
+        summary,
+        [
+            ("default/chat/0~preview", preview, vec![("canary".to_owned(), 1)]),
+            ("default/chat/0", Default::default(), vec![("stable".to_owned(), 100), ("canary".to_owned(), 0)]),
+        ],
+        "the preview rule is more specific, so it is tried first"
+    );
+    let switched = blue_green.replace("currentStep: 0, canaryWeight: 0", "currentStep: 1, canaryWeight: 100");
+    assert_eq!(standalone(&switched).config.routes.len(), 1, "after the switch there is no preview");
 }
 
 #[test]
