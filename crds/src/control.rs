@@ -33,6 +33,11 @@ pub struct Report {
     pub instance: String,
     /// The config version the sidecar runs.
     pub version: String,
+    /// Reports of this instance delivered before this one. An operator that has not seen the
+    /// instance yet (it restarted, or took over) counts a first report with `delivered > 0` as
+    /// a baseline only: another operator already counted what it holds.
+    #[serde(default)]
+    pub delivered: u64,
     #[serde(default)]
     pub backends: Vec<BackendOutcome>,
     #[serde(default)]

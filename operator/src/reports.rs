@@ -35,6 +35,11 @@ impl Aggregator {
     pub fn ingest(&mut self, ns: &str, pod: &str, report: Report) {
         let key = (ns.to_owned(), pod.to_owned());
         let prev = self.last.get(&key).filter(|p| p.instance == report.instance);
+        if prev.is_none() && report.delivered > 0 {
+            // Another operator (before a restart or a failover) counted what this report holds.
+            self.last.insert(key, report);
+            return;
+        }
         for b in &report.backends {
             // Routes are `namespace/name`; a sidecar cannot report on another namespace's routes.
             if !b.route.starts_with(&format!("{ns}/")) {
@@ -162,7 +167,7 @@ mod tests {
         let mut b = BackendOutcome { route: "a/r".into(), backend: "x".into(), requests, ..Default::default() };
         b.errors.insert("5xx".into(), errors);
         (0..requests).for_each(|_| b.latency.observe(0.2));
-        Report { instance: instance.into(), version: "v".into(), backends: vec![b], routes: vec![] }
+        Report { instance: instance.into(), version: "v".into(), delivered: 0, backends: vec![b], routes: vec![] }
     }
 
     #[test]
@@ -176,6 +181,10 @@ mod tests {
         assert_eq!((t.requests, t.errors["5xx"], t.latency.count()), (23, 2, 23));
         agg.ingest("b", "intruder", report("k", 100, 100));
         assert_eq!(agg.backends[&("a/r".to_owned(), "x".to_owned())].requests, 23, "other namespaces' routes");
+        // A sidecar that reported to an operator before this one: only what it sees from now on.
+        agg.ingest("a", "p3", Report { delivered: 4, ..report("m1", 40, 40) });
+        agg.ingest("a", "p3", Report { delivered: 5, ..report("m1", 42, 40) });
+        assert_eq!(agg.backends[&("a/r".to_owned(), "x".to_owned())].requests, 25, "a baseline, then 2 more");
     }
 
     #[test]

@@ -205,8 +205,9 @@ impl Link {
                 anyhow::ensure!(resp.status().is_success(), "operator answered {}", resp.status());
                 Ok(())
             };
-            if let Err(e) = sent.await {
-                tracing::debug!("report not delivered: {e:#}");
+            match sent.await {
+                Ok(()) => metrics.outcomes.delivered(),
+                Err(e) => tracing::debug!("report not delivered: {e:#}"),
             }
         }
     }

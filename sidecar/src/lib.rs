@@ -20,6 +20,7 @@ pub mod proxy;
 pub mod ratelimit;
 pub mod request;
 pub mod retry;
+pub mod rollouts;
 pub mod runtime;
 pub mod scan;
 pub mod settle;
@@ -35,7 +36,9 @@ use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 
 pub use source::Source;
 
-use crate::{admin::AdminState, metrics::Metrics, proxy::AppState, request::Limits, runtime::Shared};
+use crate::{
+    admin::AdminState, metrics::Metrics, proxy::AppState, request::Limits, rollouts::Rollouts, runtime::Shared,
+};
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:15080";
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:15090";
@@ -51,6 +54,8 @@ pub struct Options {
     pub models: scan::model::ModelSettings,
     /// Take configs from the operator's stream (the source is then the fallback copy).
     pub operator: Option<control::OperatorLink>,
+    /// Where the standalone rollout driver keeps its state across restarts.
+    pub state_dir: Option<PathBuf>,
 }
 
 impl Options {
@@ -64,6 +69,7 @@ impl Options {
             upstream_ca: None,
             models: scan::model::ModelSettings { threads: 1, ..Default::default() },
             operator: None,
+            state_dir: None,
         }
     }
 }
@@ -83,12 +89,21 @@ impl Sidecar {
     pub async fn start(opts: Options) -> anyhow::Result<Self> {
         let shared = Arc::new(Shared::with_models(opts.models.clone()));
         let metrics = Arc::new(Metrics::new());
-        let loaded = opts
-            .source
-            .read()
-            .and_then(|snapshot| Ok((snapshot.fingerprint(), source::build(&opts.source, &snapshot, &shared)?)));
+        // Standalone on a directory, the sidecar drives the rollouts in it itself.
+        let rollouts = match (&opts.source, &opts.operator) {
+            (Source::Manifests { .. }, None) => Some(Arc::new(Rollouts::new(opts.state_dir.clone(), metrics.clone())?)),
+            _ => None,
+        };
+        let loaded = opts.source.read().and_then(|snapshot| {
+            Ok((snapshot.fingerprint(), source::build(&opts.source, &snapshot, &shared, rollouts.as_deref())?))
+        });
         let (fingerprint, initial) = match loaded {
-            Ok((fp, rt)) => (Some(fp), rt),
+            Ok((fp, (rt, prepared))) => {
+                if let (Some(r), Some(p)) = (&rollouts, prepared) {
+                    r.commit(p);
+                }
+                (Some(fp), rt)
+            }
             // With an operator, a missing or bad local copy only means waiting for the stream.
             Err(e) if opts.operator.is_some() => {
                 tracing::warn!("no usable local config copy, waiting for the operator: {e}");
@@ -115,22 +130,24 @@ impl Sidecar {
             limits: opts.limits,
             mirrors: Arc::new(tokio::sync::Semaphore::new(mirror::MAX_IN_FLIGHT)),
         });
-        let admin = Arc::new(AdminState { runtime: rx.clone(), metrics: metrics.clone() });
+        let admin = Arc::new(AdminState { runtime: rx.clone(), metrics: metrics.clone(), rollouts: rollouts.clone() });
         let link = opts.operator.map(control::Link::new).transpose()?;
+        let reloader = source::Reloader {
+            source: opts.source,
+            shared: shared.clone(),
+            tx: tx.clone(),
+            metrics: metrics.clone(),
+            stand_aside: link.as_ref().map(|l| l.connected.clone()),
+            rollouts: rollouts.clone(),
+        };
         let mut tasks = vec![
             tokio::spawn(listener::serve(proxy_listener, app, proxy::handle, shutdown_rx.clone())),
             tokio::spawn(listener::serve(admin_listener, admin, admin::handle, shutdown_rx.clone())),
-            tokio::spawn(source::watch(
-                opts.source,
-                fingerprint,
-                opts.reload_interval,
-                shared.clone(),
-                tx.clone(),
-                metrics.clone(),
-                link.as_ref().map(|l| l.connected.clone()),
-                shutdown_rx.clone(),
-            )),
+            tokio::spawn(reloader.run(fingerprint, opts.reload_interval, shutdown_rx.clone())),
         ];
+        if let Some(r) = rollouts {
+            tasks.push(tokio::spawn(rollouts::drive(r, metrics.clone(), shutdown_rx.clone())));
+        }
         if let Some(link) = link {
             tasks.push(tokio::spawn(link.clone().report(rx.clone(), metrics.clone(), shutdown_rx.clone())));
             tasks.push(tokio::spawn(link.stream(shared, tx, metrics.clone(), shutdown_rx)));

@@ -1,5 +1,6 @@
-//! `bulwark-sidecar`: runs the proxy standalone on a directory of resources (`--manifests`)
-//! or on a compiled config (`--config`). These flag spellings are stable.
+//! `bulwark-sidecar`: runs the proxy standalone on a directory of resources (`--manifests`,
+//! where it also drives the rollouts), on a compiled config (`--config`), or on the operator's
+//! stream (`--operator`). These flag spellings are stable.
 
 use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
@@ -60,6 +61,10 @@ struct Cli {
     /// Largest request body accepted, in bytes.
     #[arg(long, default_value_t = 32 << 20)]
     max_body_bytes: usize,
+    /// With --manifests: where the rollouts this sidecar drives keep their state, so that a
+    /// restart resumes them (in the same step) instead of starting over.
+    #[arg(long, value_name = "DIR", requires = "manifests")]
+    state_dir: Option<PathBuf>,
     /// How often the config source is checked for changes.
     #[arg(long, default_value = "1s")]
     reload_interval: Dur,
@@ -135,6 +140,7 @@ fn main() -> ExitCode {
     opts.limits.max_body_bytes = cli.max_body_bytes;
     opts.reload_interval = cli.reload_interval.as_std().max(Duration::from_millis(50));
     opts.upstream_ca = cli.upstream_ca;
+    opts.state_dir = cli.state_dir;
     opts.models.models_dir = cli.models_dir;
     opts.models.onnxruntime = cli.onnxruntime;
     opts.models.threads = cli.model_threads.max(1);

@@ -53,6 +53,17 @@ pub struct CircuitLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RolloutLabels {
+    pub rollout: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RolloutPhaseLabels {
+    pub rollout: String,
+    pub phase: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
     pub code: &'static str,
 }
@@ -115,6 +126,8 @@ pub struct Metrics {
     pub scanner_verdicts: Family<VerdictLabels, Counter>,
     pub mirrored: Family<RequestLabels, Counter>,
     pub mirror_skipped: Family<CircuitLabels, Counter>,
+    pub rollout_canary_weight: Family<RolloutLabels, Gauge>,
+    pub rollout_phase: Family<RolloutPhaseLabels, Gauge>,
     /// What the sidecar reports to the operator.
     pub outcomes: crate::outcomes::Outcomes,
 }
@@ -205,10 +218,24 @@ impl Metrics {
             "Requests not mirrored because too many mirrored copies were in flight",
             mirror_skipped.clone(),
         );
+        let rollout_canary_weight = Family::default();
+        registry.register(
+            "bulwark_rollout_canary_weight",
+            "Percent of the route's traffic a rollout gives its canary now (standalone driver)",
+            rollout_canary_weight.clone(),
+        );
+        let rollout_phase = Family::default();
+        registry.register(
+            "bulwark_rollout_phase",
+            "1 for the phase a rollout is in, 0 for the others (standalone driver)",
+            rollout_phase.clone(),
+        );
         Self {
             registry,
             mirrored,
             mirror_skipped,
+            rollout_canary_weight,
+            rollout_phase,
             scanner_duration,
             scanner_verdicts,
             requests,
@@ -238,6 +265,23 @@ impl Metrics {
     pub fn reload(&self, ok: bool) {
         let result = if ok { "success" } else { "error" };
         self.reloads.get_or_create(&ReloadLabels { result }).inc();
+    }
+
+    /// A rollout's phase and canary weight, as the standalone driver holds them.
+    pub fn rollout(&self, rollout: &str, phase: bulwark_api::rollout::RolloutPhase, weight: u32) {
+        self.rollout_canary_weight.get_or_create(&RolloutLabels { rollout: rollout.to_owned() }).set(i64::from(weight));
+        for p in bulwark_api::rollout::RolloutPhase::ALL {
+            let labels = RolloutPhaseLabels { rollout: rollout.to_owned(), phase: p.as_str() };
+            self.rollout_phase.get_or_create(&labels).set(i64::from(p == phase));
+        }
+    }
+
+    /// A rollout that is gone from the directory.
+    pub fn forget_rollout(&self, rollout: &str) {
+        self.rollout_canary_weight.remove(&RolloutLabels { rollout: rollout.to_owned() });
+        for p in bulwark_api::rollout::RolloutPhase::ALL {
+            self.rollout_phase.remove(&RolloutPhaseLabels { rollout: rollout.to_owned(), phase: p.as_str() });
+        }
     }
 
     pub fn set_version(&self, version: &str) {

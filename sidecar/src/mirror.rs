@@ -10,9 +10,10 @@ use tokio::time::Instant;
 
 use crate::{
     failover::{self, CommittedBody},
-    metrics::{CircuitLabels, status_class},
+    metrics::{CircuitLabels, RequestLabels, status_class},
     proxy::{self, Answer, AppState},
     request::LlmRequest,
+    retry::Failure,
     runtime::{BackendRuntime, RouteRuntime},
     scan::Restore,
     settle::{End, Origin, Settlement},
@@ -62,6 +63,18 @@ async fn copy(state: &AppState, route: &RouteRuntime, backend: &BackendRuntime, 
         Err(f) => {
             end.attempt_failed();
             state.metrics.outcomes.attempt_failed(&route.cfg.route, &backend.cfg.name, &f);
+            let class = match &f {
+                Failure::Status { status, .. } => status_class(status.as_u16()),
+                _ => "error",
+            };
+            let labels = failover::labels(route, backend, req);
+            let l = RequestLabels {
+                route: labels.route,
+                backend: labels.backend,
+                model: labels.model,
+                status_class: class,
+            };
+            state.metrics.mirrored.get_or_create(&l).inc();
             return;
         }
     };

@@ -12,6 +12,7 @@ use crate::retry::Failure;
 pub struct Outcomes {
     instance: String,
     inner: Mutex<Inner>,
+    delivered: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Default)]
@@ -22,7 +23,11 @@ struct Inner {
 
 impl Default for Outcomes {
     fn default() -> Self {
-        Self { instance: format!("{:016x}", rand::random::<u64>()), inner: Mutex::default() }
+        Self {
+            instance: format!("{:016x}", rand::random::<u64>()),
+            inner: Mutex::default(),
+            delivered: Default::default(),
+        }
     }
 }
 
@@ -85,6 +90,16 @@ impl Outcomes {
         *self.inner.lock().blocks.entry(route.to_owned()).or_default() += 1;
     }
 
+    /// What one backend of one route has seen so far.
+    pub fn total(&self, route: &str, backend: &str) -> Option<BackendOutcome> {
+        self.inner.lock().backends.get(&(route.to_owned(), backend.to_owned())).cloned()
+    }
+
+    /// The operator took a report.
+    pub fn delivered(&self) {
+        self.delivered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Everything counted so far, for the config version the sidecar runs.
     pub fn report(&self, version: &str) -> Report {
         let inner = self.inner.lock();
@@ -93,7 +108,13 @@ impl Outcomes {
         let mut routes: Vec<RouteOutcome> =
             inner.blocks.iter().map(|(route, n)| RouteOutcome { route: route.clone(), scanner_blocks: *n }).collect();
         routes.sort_by(|a, b| a.route.cmp(&b.route));
-        Report { instance: self.instance.clone(), version: version.to_owned(), backends, routes }
+        Report {
+            instance: self.instance.clone(),
+            version: version.to_owned(),
+            delivered: self.delivered.load(std::sync::atomic::Ordering::Relaxed),
+            backends,
+            routes,
+        }
     }
 }
 

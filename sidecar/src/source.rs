@@ -17,6 +17,7 @@ use tokio::sync::watch;
 
 use crate::{
     metrics::Metrics,
+    rollouts::{Prepared, Rollouts},
     runtime::{Runtime, Shared},
 };
 
@@ -63,19 +64,25 @@ impl Source {
     }
 
     /// Compiles what was read. Any invalid document or resource fails the whole load, so a
-    /// typo never silently removes a route that was serving.
-    pub fn load(&self, snapshot: &Snapshot) -> Result<SidecarConfig, String> {
+    /// typo never silently removes a route that was serving. With a rollout driver, rollouts
+    /// are compiled with the driver's status; what the driver will hold once the load is
+    /// accepted comes back with the config.
+    pub fn load(
+        &self,
+        snapshot: &Snapshot,
+        rollouts: Option<&Rollouts>,
+    ) -> Result<(SidecarConfig, Option<Prepared>), String> {
         let text = |(path, bytes): &(PathBuf, Vec<u8>)| {
             std::str::from_utf8(bytes).map_err(|e| format!("{}: {e}", path.display())).map(str::to_owned)
         };
         match self {
-            Self::None => Ok(SidecarConfig::default()),
+            Self::None => Ok((SidecarConfig::default(), None)),
             Self::File(path) => {
                 let text = snapshot.files.first().map(text).transpose()?.unwrap_or_default();
                 let mut config: SidecarConfig = serde_yaml::from_str(&text)
                     .map_err(|e| format!("{}: not a valid sidecar config: {e}", path.display()))?;
                 config.version = bulwark_api::compile::version_of(&config);
-                Ok(config)
+                Ok((config, None))
             }
             Self::Manifests { dir, workload, options } => {
                 let mut resources = manifest::Resources::default();
@@ -88,9 +95,10 @@ impl Source {
                 if resources.is_empty() && problems.is_empty() {
                     return Err(format!("{}: no LLMRoute, ScannerPolicy or ModelRollout found", dir.display()));
                 }
+                let prepared = rollouts.map(|r| r.prepare(&mut resources, k8s_openapi::jiff::Timestamp::now()));
                 let compiled = compile(&resources, workload.as_ref(), options);
                 problems.extend(compiled.rejected.iter().map(ToString::to_string));
-                if problems.is_empty() { Ok(compiled.config) } else { Err(problems.join("\n")) }
+                if problems.is_empty() { Ok((compiled.config, prepared)) } else { Err(problems.join("\n")) }
             }
         }
     }
@@ -131,77 +139,116 @@ fn collect_yaml(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
 }
 
 /// Builds a runtime from what was read, or says exactly why not.
-pub fn build(source: &Source, snapshot: &Snapshot, shared: &Shared) -> Result<Runtime, String> {
-    Runtime::build(source.load(snapshot)?, shared)
+pub fn build(
+    source: &Source,
+    snapshot: &Snapshot,
+    shared: &Shared,
+    rollouts: Option<&Rollouts>,
+) -> Result<(Runtime, Option<Prepared>), String> {
+    let (config, prepared) = source.load(snapshot, rollouts)?;
+    Ok((Runtime::build(config, shared)?, prepared))
 }
 
-/// Polls the source and swaps in each new good config until `shutdown` fires. `loaded` is
-/// the fingerprint of what the current config was built from. While `stand_aside` is true (the
-/// operator stream is open and newer than any file), changes are noted but not applied.
-#[allow(clippy::too_many_arguments)]
-pub async fn watch(
-    source: Source,
-    loaded: Option<[u8; 32]>,
-    every: Duration,
-    shared: Arc<Shared>,
-    tx: watch::Sender<Arc<Runtime>>,
-    metrics: Arc<Metrics>,
-    stand_aside: Option<Arc<AtomicBool>>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    if matches!(source, Source::None) {
-        return;
+/// Keeps the served config current with its source: polls it, swaps in each new good config,
+/// and with a rollout driver compiles again whenever a rollout moves traffic.
+pub struct Reloader {
+    pub source: Source,
+    pub shared: Arc<Shared>,
+    pub tx: watch::Sender<Arc<Runtime>>,
+    pub metrics: Arc<Metrics>,
+    /// While true (the operator stream is open and newer than any file), changes are noted but
+    /// not applied.
+    pub stand_aside: Option<Arc<AtomicBool>>,
+    pub rollouts: Option<Arc<Rollouts>>,
+}
+
+impl Reloader {
+    fn aside(&self) -> bool {
+        self.stand_aside.as_ref().is_some_and(|s| s.load(Ordering::SeqCst))
     }
-    let mut last = loaded;
-    let mut interval = tokio::time::interval(every);
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = interval.tick() => {}
-            _ = shutdown.changed() => return,
+
+    /// Runs until `shutdown` fires. `loaded` is the fingerprint of what the current config was
+    /// built from.
+    pub async fn run(self, loaded: Option<[u8; 32]>, every: Duration, mut shutdown: watch::Receiver<bool>) {
+        if matches!(self.source, Source::None) {
+            return;
         }
-        let snapshot = match source.read() {
-            Ok(s) => s,
-            Err(e) => {
-                if last.is_some() {
-                    tracing::error!("config source unreadable, keeping version {}: {e}", tx.borrow().config.version);
-                    metrics.reload(false);
-                    last = None;
+        let mut last = loaded;
+        let mut interval = tokio::time::interval(every);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let moved = async {
+                match &self.rollouts {
+                    Some(r) => r.changed.notified().await,
+                    None => std::future::pending().await,
                 }
+            };
+            let force = tokio::select! {
+                _ = interval.tick() => false,
+                _ = moved => true,
+                _ = shutdown.changed() => return,
+            };
+            let snapshot = match self.source.read() {
+                Ok(s) => s,
+                Err(e) => {
+                    if last.is_some() {
+                        let version = self.tx.borrow().config.version.clone();
+                        tracing::error!("config source unreadable, keeping version {version}: {e}");
+                        self.metrics.reload(false);
+                        last = None;
+                    }
+                    continue;
+                }
+            };
+            let fp = snapshot.fingerprint();
+            if last == Some(fp) && !force {
                 continue;
             }
-        };
-        let fp = snapshot.fingerprint();
-        if last == Some(fp) {
-            continue;
-        }
-        last = Some(fp);
-        if stand_aside.as_ref().is_some_and(|s| s.load(Ordering::SeqCst)) {
-            continue;
-        }
-        match build(&source, &snapshot, &shared) {
-            Ok(rt) => {
-                let version = rt.config.version.clone();
-                let old = tx.borrow().config.version.clone();
-                // Checked again at the swap: the stream may have opened while this built.
-                let swapped = tx.send_if_modified(|current| {
-                    let aside = stand_aside.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
-                    if aside || current.config.version == version {
-                        return false;
-                    }
-                    *current = Arc::new(rt);
-                    true
-                });
-                if swapped {
-                    metrics.set_version(&version);
-                    tracing::info!(version = %version, previous = %old, "config reloaded");
+            last = Some(fp);
+            if self.aside() {
+                continue;
+            }
+            match build(&self.source, &snapshot, &self.shared, self.rollouts.as_deref()) {
+                Ok((rt, prepared)) => self.swap(rt, prepared, force),
+                Err(e) => {
+                    self.metrics.reload(false);
+                    let version = self.tx.borrow().config.version.clone();
+                    tracing::error!("new config rejected, still serving version {version}:\n{e}");
                 }
-                metrics.reload(true);
             }
-            Err(e) => {
-                metrics.reload(false);
-                tracing::error!("new config rejected, still serving version {}:\n{e}", tx.borrow().config.version);
+        }
+    }
+
+    /// Swaps in a new runtime (when its version differs) and commits what the driver prepared.
+    fn swap(&self, rt: Runtime, prepared: Option<Prepared>, rollout_moved: bool) {
+        let version = rt.config.version.clone();
+        let old = self.tx.borrow().config.version.clone();
+        // Checked again at the swap: the stream may have opened while this built.
+        let mut aside = false;
+        let swapped = self.tx.send_if_modified(|current| {
+            aside = self.aside();
+            if aside || current.config.version == version {
+                return false;
             }
+            *current = Arc::new(rt);
+            true
+        });
+        if aside {
+            return;
+        }
+        if let (Some(r), Some(p)) = (&self.rollouts, prepared) {
+            r.commit(p);
+        }
+        if swapped {
+            self.metrics.set_version(&version);
+            if rollout_moved {
+                tracing::info!(version = %version, previous = %old, "config compiled again: a rollout moved traffic");
+            } else {
+                tracing::info!(version = %version, previous = %old, "config reloaded");
+            }
+        }
+        if !rollout_moved {
+            self.metrics.reload(true);
         }
     }
 }

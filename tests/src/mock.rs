@@ -68,6 +68,8 @@ impl Behavior {
 
 #[derive(Clone, Debug)]
 pub struct Recorded {
+    /// When the call arrived.
+    pub at: tokio::time::Instant,
     pub path: String,
     pub headers: HeaderMap,
     pub body: Value,
@@ -75,6 +77,8 @@ pub struct Recorded {
 
 pub struct MockState {
     script: Mutex<VecDeque<Behavior>>,
+    /// What a call does when neither the script nor an `x-mock` header says.
+    default: Mutex<Behavior>,
     calls: AtomicUsize,
     recorded: Mutex<Vec<Recorded>>,
     /// Content chunks per streamed response.
@@ -103,6 +107,7 @@ impl MockProvider {
         let addr = listener.local_addr().unwrap_or(addr);
         let state = Arc::new(MockState {
             script: Mutex::new(VecDeque::new()),
+            default: Mutex::new(Behavior::Ok),
             calls: AtomicUsize::new(0),
             recorded: Mutex::new(vec![]),
             chunks,
@@ -135,6 +140,11 @@ impl MockProvider {
     /// Queues behaviours for the next calls, in order.
     pub fn script(&self, behaviors: impl IntoIterator<Item = Behavior>) {
         self.state.script.lock().extend(behaviors);
+    }
+
+    /// What every later call does unless scripted otherwise (a canary that starts failing).
+    pub fn set_default(&self, behavior: Behavior) {
+        *self.state.default.lock() = behavior;
     }
 
     pub fn calls(&self) -> usize {
@@ -177,14 +187,15 @@ async fn serve(st: Arc<MockState>, req: Request<Incoming>) -> Response<MockBody>
     let (parts, body) = req.into_parts();
     let bytes = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
     let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-    st.recorded.lock().push(Recorded { path: path.clone(), headers: parts.headers.clone(), body: body.clone() });
+    let at = tokio::time::Instant::now();
+    st.recorded.lock().push(Recorded { at, path: path.clone(), headers: parts.headers.clone(), body: body.clone() });
     let behavior = parts
         .headers
         .get("x-mock")
         .and_then(|v| v.to_str().ok())
         .and_then(Behavior::parse)
         .or_else(|| st.script.lock().pop_front())
-        .unwrap_or(Behavior::Ok);
+        .unwrap_or_else(|| st.default.lock().clone());
     let anthropic = path.ends_with("/messages");
     match behavior {
         Behavior::Status(code, retry_after) => {

@@ -1,0 +1,310 @@
+//! The standalone rollout driver: with `--manifests`, the sidecar drives each ModelRollout of the
+//! directory itself, from its own outcome counters, with the state machine the operator uses
+//! (`bulwark_api::rollout::run`). Its state is served at `GET /rollouts`, as metrics, and kept
+//! in `--state-dir` across restarts. It never runs with a compiled config or the operator.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use bulwark_api::{
+    compile::ns_name,
+    manifest::Resources,
+    rollout::{
+        ControlRequest, Controls, ModelRolloutSpec, ModelRolloutStatus, RolloutPhase,
+        machine::{self, Transition},
+        run::Run,
+    },
+};
+use k8s_openapi::jiff::Timestamp;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::sync::{Notify, watch};
+
+use crate::{metrics::Metrics, outcomes::Outcomes};
+
+/// `namespace`, `name`.
+type Key = (String, String);
+
+/// How often the driver looks at the counters: well below any analysis interval.
+const TICK: Duration = Duration::from_millis(200);
+const STATE_FILE: &str = "rollouts.json";
+
+#[derive(Clone, Debug)]
+struct Driven {
+    spec: ModelRolloutSpec,
+    /// Standalone resources have no server-side generation: it counts spec changes.
+    generation: i64,
+    spec_hash: String,
+    run: Run,
+    controls: Controls,
+}
+
+/// One rollout as `--state-dir` keeps it.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+#[serde(rename_all = "camelCase")]
+struct Saved {
+    namespace: String,
+    name: String,
+    generation: i64,
+    spec_hash: String,
+    status: ModelRolloutStatus,
+}
+
+pub struct Rollouts {
+    driven: Mutex<BTreeMap<Key, Driven>>,
+    /// What `--state-dir` held at start, for rollouts not driven yet.
+    saved: Mutex<BTreeMap<Key, Saved>>,
+    state_dir: Option<PathBuf>,
+    metrics: Arc<Metrics>,
+    /// Wakes the config source: a rollout moved traffic, so the config is compiled again.
+    pub changed: Notify,
+}
+
+/// What one load of the directory does to the driven rollouts; committed only when the load is
+/// accepted, so a refused change leaves them as they were.
+pub struct Prepared {
+    next: BTreeMap<Key, Driven>,
+    transitions: Vec<(Key, Transition)>,
+}
+
+fn spec_hash(spec: &ModelRolloutSpec) -> String {
+    let bytes = serde_json::to_vec(spec).unwrap_or_default();
+    Sha256::digest(&bytes).iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+fn log(key: &Key, t: &Transition) {
+    let (ns, name) = key;
+    match t.phase {
+        RolloutPhase::RolledBack | RolloutPhase::Aborted | RolloutPhase::Failed => {
+            tracing::warn!(rollout = %format!("{ns}/{name}"), phase = t.phase.as_str(), reason = t.reason, "{}", t.message)
+        }
+        _ => {
+            tracing::info!(rollout = %format!("{ns}/{name}"), phase = t.phase.as_str(), reason = t.reason, "{}", t.message)
+        }
+    }
+}
+
+impl Rollouts {
+    /// A driver; with `state_dir`, what it held before a restart is resumed.
+    pub fn new(state_dir: Option<PathBuf>, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+        let mut saved = BTreeMap::new();
+        if let Some(dir) = &state_dir {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| anyhow::anyhow!("--state-dir {}: cannot create it: {e}", dir.display()))?;
+            let path = dir.join(STATE_FILE);
+            match std::fs::read(&path) {
+                Ok(bytes) => {
+                    let list: Vec<Saved> = serde_json::from_slice(&bytes)
+                        .map_err(|e| anyhow::anyhow!("{}: not a rollout state file: {e}", path.display()))?;
+                    saved = list.into_iter().map(|s| ((s.namespace.clone(), s.name.clone()), s)).collect();
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => anyhow::bail!("{}: {e}", path.display()),
+            }
+        }
+        Ok(Self { driven: Mutex::default(), saved: Mutex::new(saved), state_dir, metrics, changed: Notify::new() })
+    }
+
+    /// Sets each rollout's status (and generation) in `resources` to the driver's, and works
+    /// out what the driver will hold once this load is accepted: a rollout it drives already
+    /// goes on, a changed spec starts over, a new one resumes what `--state-dir` held or starts.
+    pub fn prepare(&self, resources: &mut Resources, now: Timestamp) -> Prepared {
+        let driven = self.driven.lock();
+        let saved = self.saved.lock();
+        let mut next = BTreeMap::new();
+        let mut transitions = vec![];
+        for r in &mut resources.rollouts {
+            let key = ns_name(&r.metadata);
+            let hash = spec_hash(&r.spec);
+            let d = match (driven.get(&key), saved.get(&key)) {
+                (Some(d), _) if d.spec_hash == hash => d.clone(),
+                (Some(d), _) => self.begin(&key, &r.spec, d.generation + 1, hash, None, now, &mut transitions),
+                (None, Some(s)) if s.spec_hash == hash => {
+                    self.begin(&key, &r.spec, s.generation, hash, Some(&s.status), now, &mut transitions)
+                }
+                (None, Some(s)) => self.begin(&key, &r.spec, s.generation + 1, hash, None, now, &mut transitions),
+                (None, None) => self.begin(&key, &r.spec, 1, hash, None, now, &mut transitions),
+            };
+            r.metadata.generation = Some(d.generation);
+            r.status = Some(d.run.status.clone());
+            next.insert(key, d);
+        }
+        Prepared { next, transitions }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn begin(
+        &self,
+        key: &Key,
+        spec: &ModelRolloutSpec,
+        generation: i64,
+        spec_hash: String,
+        written: Option<&ModelRolloutStatus>,
+        now: Timestamp,
+        transitions: &mut Vec<(Key, Transition)>,
+    ) -> Driven {
+        let (run, t) = Run::resume(spec, generation, written, now);
+        transitions.extend(t.map(|t| (key.clone(), t)));
+        Driven { spec: spec.clone(), generation, spec_hash, run, controls: Controls::default() }
+    }
+
+    /// The load was accepted: the driver holds what it prepared.
+    pub fn commit(&self, p: Prepared) {
+        for (key, t) in &p.transitions {
+            log(key, t);
+        }
+        let gone: Vec<Key> = {
+            let mut driven = self.driven.lock();
+            let gone = driven.keys().filter(|k| !p.next.contains_key(*k)).cloned().collect();
+            let mut next = p.next;
+            // A rollout that went on unchanged may have ticked since it was prepared: keep that.
+            for (key, d) in next.iter_mut() {
+                if let Some(current) = driven.remove(key)
+                    && current.spec_hash == d.spec_hash
+                    && current.generation == d.generation
+                {
+                    *d = current;
+                }
+            }
+            *driven = next;
+            gone
+        };
+        self.saved.lock().clear();
+        for (ns, name) in gone {
+            self.metrics.forget_rollout(&format!("{ns}/{name}"));
+        }
+        self.publish();
+        self.save();
+    }
+
+    /// One look at the counters; true when some rollout moved traffic.
+    pub fn tick(&self, outcomes: &Outcomes, now: Timestamp) -> bool {
+        let mut moved = false;
+        let mut changed = false;
+        {
+            let mut driven = self.driven.lock();
+            for (key, d) in driven.iter_mut() {
+                let route = format!("{}/{}", key.0, d.spec.route_ref.name);
+                let total = |backend: &str| outcomes.total(&route, backend).unwrap_or_default();
+                d.run.record(now, &total(&d.spec.canary.backend), &total(&d.spec.stable.backend));
+                let before = d.run.status.clone();
+                let t = d.run.tick(&d.spec, d.generation, now, Some(&d.controls));
+                if let Some(t) = &t {
+                    log(key, t);
+                }
+                moved |= machine::traffic(&d.spec, Some(&before)) != machine::traffic(&d.spec, Some(&d.run.status));
+                changed |= before != d.run.status;
+            }
+        }
+        if changed {
+            self.publish();
+            self.save();
+        }
+        moved
+    }
+
+    /// A user's control: `promote` (with `full`), `pause`, `resume`, `abort`, `retry`.
+    pub fn control(&self, ns: &str, name: &str, action: &str, full: bool) -> Result<String, String> {
+        let mut driven = self.driven.lock();
+        let d = driven.get_mut(&(ns.to_owned(), name.to_owned())).ok_or_else(|| format!("no rollout {ns}/{name}"))?;
+        let s = &d.run.status;
+        let request = ControlRequest {
+            generation: d.generation,
+            attempt: s.attempt.unwrap_or(1),
+            step: s.current_step.unwrap_or(0),
+            full,
+        };
+        match action {
+            "promote" => d.controls.promote = Some(request),
+            "pause" => d.controls.paused = Some(true),
+            "resume" => d.controls.paused = None,
+            "abort" => d.controls.abort = Some(request),
+            "retry" => d.controls.retry = Some(request),
+            other => return Err(format!("unknown action {other:?}; use promote, pause, resume, abort or retry")),
+        }
+        Ok(format!("{action} requested for rollout {ns}/{name}"))
+    }
+
+    /// Every driven rollout and its state, for `GET /rollouts`.
+    pub fn list(&self) -> Vec<serde_json::Value> {
+        self.driven
+            .lock()
+            .iter()
+            .map(|((ns, name), d)| {
+                let mut entry = serde_json::json!({
+                    "namespace": ns,
+                    "name": name,
+                    "route": d.spec.route_ref.name,
+                    "stable": d.spec.stable.backend,
+                    "canary": d.spec.canary.backend,
+                    "generation": d.generation,
+                    "steps": machine::steps(&d.spec).len(),
+                });
+                if let (Some(e), Ok(serde_json::Value::Object(status))) =
+                    (entry.as_object_mut(), serde_json::to_value(&d.run.status))
+                {
+                    e.extend(status);
+                }
+                entry
+            })
+            .collect()
+    }
+
+    /// The rollout metrics, as the driver holds them now.
+    fn publish(&self) {
+        for ((ns, name), d) in self.driven.lock().iter() {
+            let s = &d.run.status;
+            self.metrics.rollout(
+                &format!("{ns}/{name}"),
+                s.phase.unwrap_or(RolloutPhase::Pending),
+                s.canary_weight.unwrap_or(0),
+            );
+        }
+    }
+
+    /// Writes the state to `--state-dir` (a new file renamed over the old: never half written).
+    fn save(&self) {
+        let Some(dir) = &self.state_dir else { return };
+        let list: Vec<Saved> = self
+            .driven
+            .lock()
+            .iter()
+            .map(|((ns, name), d)| Saved {
+                namespace: ns.clone(),
+                name: name.clone(),
+                generation: d.generation,
+                spec_hash: d.spec_hash.clone(),
+                status: d.run.status.clone(),
+            })
+            .collect();
+        if let Err(e) = write_atomically(&dir.join(STATE_FILE), &serde_json::to_vec_pretty(&list).unwrap_or_default()) {
+            tracing::warn!("rollout state not saved in {}: {e}", dir.display());
+        }
+    }
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Ticks the driver until shutdown; a tick that moves traffic wakes the config source.
+pub async fn drive(rollouts: Arc<Rollouts>, metrics: Arc<Metrics>, mut shutdown: watch::Receiver<bool>) {
+    let mut every = tokio::time::interval(TICK);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        if rollouts.tick(&metrics.outcomes, Timestamp::now()) {
+            rollouts.changed.notify_one();
+        }
+    }
+}
