@@ -1,7 +1,8 @@
 //! Field ownership (`metadata.managedFields`) and server-side apply.
 //!
-//! Fields are tracked at the granularity of object keys; lists are atomic (owned and replaced
-//! whole), which is what CRDs get unless their schema marks lists as maps or sets.
+//! Fields are tracked at the granularity of object keys. Lists are atomic (owned and replaced
+//! whole), unless the schema marks them `x-kubernetes-list-type: map`: their items are then
+//! merged and owned one by one, by key, as `k:{"type":"Ready"}` names them in `fieldsV1`.
 
 use std::collections::BTreeMap;
 
@@ -55,17 +56,20 @@ impl FieldSet {
         }
     }
 
-    /// Reads `fieldsV1`. Entries for list items (`k:`, `v:`, `i:`) make their list owned whole.
+    /// Reads `fieldsV1`. Items of list maps (`k:`) are kept by key; entries for items of other
+    /// lists (`v:`, `i:`) make their list owned whole.
     pub fn from_fields_v1(value: &Value) -> Self {
         let Value::Object(map) = value else { return Self::default() };
         Self(
             map.iter()
                 .filter_map(|(key, child)| {
+                    if key.starts_with("k:") {
+                        return Some((key.clone(), Self::from_fields_v1(child)));
+                    }
                     let name = key.strip_prefix("f:")?;
-                    let keyed_items = child.as_object().is_some_and(|c| {
-                        c.keys().any(|k| k.starts_with("k:") || k.starts_with("v:") || k.starts_with("i:"))
-                    });
-                    let child = if keyed_items { Self::default() } else { Self::from_fields_v1(child) };
+                    let other_items =
+                        child.as_object().is_some_and(|c| c.keys().any(|k| k.starts_with("v:") || k.starts_with("i:")));
+                    let child = if other_items { Self::default() } else { Self::from_fields_v1(child) };
                     Some((name.to_string(), child))
                 })
                 .collect(),
@@ -73,7 +77,23 @@ impl FieldSet {
     }
 
     pub fn to_fields_v1(&self) -> Value {
-        Value::Object(self.0.iter().map(|(k, child)| (format!("f:{k}"), child.to_fields_v1())).collect())
+        Value::Object(
+            self.0
+                .iter()
+                .map(|(k, child)| {
+                    if k.starts_with("k:") {
+                        // An item: `.` stands for the item itself, as the API server writes it.
+                        let mut fields = child.to_fields_v1();
+                        if let Value::Object(m) = &mut fields {
+                            m.insert(".".into(), json!({}));
+                        }
+                        (k.clone(), fields)
+                    } else {
+                        (format!("f:{k}"), child.to_fields_v1())
+                    }
+                })
+                .collect(),
+        )
     }
 
     pub fn is_empty(&self) -> bool {
@@ -128,6 +148,66 @@ impl FieldSet {
                 self.0.remove(head);
             }
         }
+    }
+}
+
+/// A list whose items are keyed (`x-kubernetes-list-type: map`): where it is, and the keys.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ListMap {
+    pub path: Vec<String>,
+    pub keys: Vec<String>,
+}
+
+fn lookup_mut<'v>(value: &'v mut Value, path: &[String]) -> Option<&'v mut Value> {
+    path.iter().try_fold(value, |v, key| v.get_mut(key))
+}
+
+/// `k:{"type":"Ready"}`: an item's name in `fieldsV1`.
+fn item_key(item: &Value, keys: &[String]) -> String {
+    let fields: Map<String, Value> =
+        keys.iter().map(|k| (k.clone(), item.get(k).cloned().unwrap_or(Value::Null))).collect();
+    format!("k:{}", Value::Object(fields))
+}
+
+/// The order of a list map's items, by key, in each list map of `value`.
+type Orders = Vec<Vec<String>>;
+
+/// Turns each list map of `value` into an object of its items by key, so that ownership and
+/// merging work item by item; returns the items' order, for [`unkeyed`].
+fn keyed(value: &mut Value, maps: &[ListMap]) -> Orders {
+    maps.iter()
+        .map(|m| {
+            let Some(slot) = lookup_mut(value, &m.path) else { return Vec::new() };
+            let Value::Array(items) = slot else { return Vec::new() };
+            let mut order = Vec::new();
+            let mut by_key = Map::new();
+            for item in items.drain(..) {
+                let key = item_key(&item, &m.keys);
+                order.push(key.clone());
+                by_key.insert(key, item);
+            }
+            *slot = Value::Object(by_key);
+            order
+        })
+        .collect()
+}
+
+/// Turns keyed list maps back into lists: items in the order of `first` (the live object),
+/// then of `then` (what was applied), then any others.
+fn unkeyed(value: &mut Value, maps: &[ListMap], first: &Orders, then: &Orders) {
+    for (i, m) in maps.iter().enumerate() {
+        let Some(slot) = lookup_mut(value, &m.path) else { continue };
+        let Value::Object(by_key) = slot else { continue };
+        let mut by_key = std::mem::take(by_key);
+        let mut items = Vec::new();
+        let order = first.get(i).into_iter().flatten().chain(then.get(i).into_iter().flatten());
+        for key in order {
+            if let Some(item) = by_key.remove(key) {
+                items.push(item);
+            }
+        }
+        items.extend(by_key.into_iter().map(|(_, v)| v));
+        *slot = Value::Array(items);
     }
 }
 
@@ -197,6 +277,8 @@ pub struct Writer<'a> {
     pub subresource: &'a str,
     pub api_version: &'a str,
     pub now: &'a str,
+    /// The type's list maps, merged item by item.
+    pub maps: &'a [ListMap],
 }
 
 /// The fields an update added or changed, and those it removed.
@@ -252,8 +334,13 @@ pub fn track_update(old: Option<&Value>, new: &mut Value, writer: &Writer<'_>) {
         }
         v
     };
+    let keyed_copy = |v: &Value| {
+        let mut v = strip(v);
+        keyed(&mut v, writer.maps);
+        v
+    };
     let (mut changed, mut removed) = (Vec::new(), Vec::new());
-    diff(old.map(strip).as_ref(), Some(&strip(new)), &mut Vec::new(), &mut changed, &mut removed);
+    diff(old.map(keyed_copy).as_ref(), Some(&keyed_copy(new)), &mut Vec::new(), &mut changed, &mut removed);
     if changed.is_empty() && removed.is_empty() {
         if reset {
             crate::meta::meta_mut(new).remove("managedFields");
@@ -334,6 +421,10 @@ fn merge_applied(target: &mut Value, applied: &Value) {
 /// Returns the resulting object with its managed fields, or the conflicts with other managers
 /// when `force` is not set.
 pub fn apply(live: Option<&Value>, config: &Value, force: bool, writer: &Writer<'_>) -> Result<Value, Vec<Cause>> {
+    let (mut live_keyed, mut config) = (live.cloned(), config.clone());
+    let live_order = live_keyed.as_mut().map(|v| keyed(v, writer.maps)).unwrap_or_default();
+    let config_order = keyed(&mut config, writer.maps);
+    let (live, config) = (live_keyed.as_ref(), &config);
     let applied = FieldSet::of_object(config);
     let mut entries = live.map(entries).unwrap_or_default();
     let mine = entries.iter().position(|e| e.is(writer.manager, "Apply", writer.subresource));
@@ -377,6 +468,7 @@ pub fn apply(live: Option<&Value>, config: &Value, force: bool, writer: &Writer<
         }
     }
     merge_applied(&mut result, config);
+    unkeyed(&mut result, writer.maps, &live_order, &config_order);
     let entry = Entry {
         manager: writer.manager.to_string(),
         operation: "Apply".into(),
@@ -398,7 +490,7 @@ mod tests {
     use super::*;
 
     fn writer<'a>(manager: &'a str) -> Writer<'a> {
-        Writer { manager, subresource: "", api_version: "v1", now: "2024-01-01T00:00:00Z" }
+        Writer { manager, subresource: "", api_version: "v1", now: "2024-01-01T00:00:00Z", maps: &[] }
     }
 
     fn managers(obj: &Value) -> Vec<(String, String)> {
@@ -439,5 +531,51 @@ mod tests {
         let forced = apply(Some(&obj), &rival, true, &writer("two")).unwrap();
         assert_eq!(forced["data"], json!({"a": "1", "c": "4"}));
         assert_eq!(managers(&forced), vec![("one".into(), "Apply".into()), ("two".into(), "Apply".into())]);
+    }
+
+    #[test]
+    fn list_map_items_are_owned_and_merged_by_key() {
+        let maps = [ListMap { path: vec!["status".into(), "conditions".into()], keys: vec!["type".into()] }];
+        let by = |manager| Writer { maps: &maps, subresource: "status", ..writer(manager) };
+        let cond = |t: &str, s: &str| json!({"type": t, "status": s});
+        let base = json!({"apiVersion": "x/v1", "kind": "R", "metadata": {"name": "a"}});
+        let with = |conds: Vec<Value>| {
+            let mut v = base.clone();
+            v["status"] = json!({"conditions": conds});
+            v
+        };
+        let obj =
+            apply(Some(&base), &with(vec![cond("Ready", "True"), cond("Accepted", "True")]), false, &by("op")).unwrap();
+        let obj = apply(Some(&obj), &with(vec![cond("Progressing", "True")]), false, &by("driver")).unwrap();
+        assert_eq!(
+            obj["status"]["conditions"],
+            json!([cond("Ready", "True"), cond("Accepted", "True"), cond("Progressing", "True")]),
+            "each writer's items stand side by side, in order"
+        );
+        let fields = &obj["metadata"]["managedFields"][1]["fieldsV1"];
+        assert_eq!(
+            fields,
+            &json!({"f:status": {"f:conditions": {"k:{\"type\":\"Progressing\"}": {".": {}, "f:status": {}, "f:type": {}}}}})
+        );
+        // A writer that stops applying an item removes it, and only its own.
+        let obj = apply(Some(&obj), &with(vec![cond("Ready", "False")]), false, &by("op")).unwrap();
+        assert_eq!(obj["status"]["conditions"], json!([cond("Ready", "False"), cond("Progressing", "True")]));
+        // Another writer changing an owned item is a conflict.
+        let err = apply(Some(&obj), &with(vec![cond("Ready", "True")]), false, &by("driver")).unwrap_err();
+        assert_eq!(err[0].field, ".status.conditions.k:{\"type\":\"Ready\"}.status");
+        // A merge patch (an update) of one item takes only that item.
+        let mut edited = obj.clone();
+        edited["status"]["conditions"][1]["status"] = json!("False");
+        track_update(Some(&obj), &mut edited, &by("kubectl"));
+        let kubectl = entries(&edited).into_iter().find(|e| e.manager == "kubectl").unwrap();
+        assert_eq!(
+            kubectl.fields.leaves(),
+            vec![vec![
+                "status".to_owned(),
+                "conditions".into(),
+                "k:{\"type\":\"Progressing\"}".into(),
+                "status".into()
+            ]]
+        );
     }
 }

@@ -19,6 +19,7 @@ use crate::error::Cause;
 pub struct Schema {
     raw: Value,
     validator: jsonschema::Validator,
+    list_maps: Vec<crate::apply::ListMap>,
 }
 
 impl std::fmt::Debug for Schema {
@@ -35,7 +36,15 @@ impl Schema {
             .should_validate_formats(false)
             .build(&to_json_schema(raw))
             .map_err(|e| e.to_string())?;
-        Ok(Self { raw: raw.clone(), validator })
+        let mut list_maps = Vec::new();
+        collect_list_maps(raw, &mut Vec::new(), &mut list_maps);
+        Ok(Self { raw: raw.clone(), validator, list_maps })
+    }
+
+    /// The lists the schema declares `x-kubernetes-list-type: map`, whose items server-side
+    /// apply merges by key (reached through object properties).
+    pub fn list_maps(&self) -> &[crate::apply::ListMap] {
+        &self.list_maps
     }
 
     /// The schema as the CRD states it.
@@ -285,6 +294,23 @@ fn describe(kind: &ValidationErrorKind, path: &str, instance: &Value) -> Cause {
             Cause::new("FieldValueDuplicate", path, format!("Duplicate value: {shown}"))
         }
         other => invalid(format!("{other:?}")),
+    }
+}
+
+fn collect_list_maps(node: &Value, path: &mut Vec<String>, out: &mut Vec<crate::apply::ListMap>) {
+    if node.get("x-kubernetes-list-type").and_then(Value::as_str) == Some("map") {
+        let keys = node.get("x-kubernetes-list-map-keys").and_then(Value::as_array).into_iter().flatten();
+        let keys: Vec<String> = keys.filter_map(Value::as_str).map(str::to_owned).collect();
+        if !keys.is_empty() {
+            out.push(crate::apply::ListMap { path: path.clone(), keys });
+        }
+    }
+    if let Some(props) = node.get("properties").and_then(Value::as_object) {
+        for (name, child) in props {
+            path.push(name.clone());
+            collect_list_maps(child, path, out);
+            path.pop();
+        }
     }
 }
 

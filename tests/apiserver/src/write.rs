@@ -92,7 +92,8 @@ impl<'a> Write<'a> {
     }
 
     fn writer<'w>(&'w self, api_version: &'w str, now: &'w str) -> Writer<'w> {
-        Writer { manager: self.manager(), subresource: if self.status { "status" } else { "" }, api_version, now }
+        let maps = self.rt.schema.as_ref().map_or(&[][..], |s| s.list_maps());
+        Writer { manager: self.manager(), subresource: if self.status { "status" } else { "" }, api_version, now, maps }
     }
 }
 
