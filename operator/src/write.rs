@@ -338,11 +338,20 @@ impl Writer {
     /// Writes one resource's status, then an Event for each changed condition; true once written.
     async fn write_status(&self, t: &Target, previous: &[Condition], status: &Written) -> bool {
         let (generation, conds, sidecars) = status;
-        let patch = json!({"status": {"observedGeneration": generation, "conditions": conds, "sidecars": sidecars}});
+        let (c, ns, name) = (&self.client, t.namespace.as_str(), t.name.as_str());
         let result = match t.kind {
-            Kind::Route => self.patch_status::<LLMRoute>(&t.namespace, &t.name, &patch).await,
-            Kind::Policy => self.patch_status::<ScannerPolicy>(&t.namespace, &t.name, &patch).await,
-            Kind::Rollout => self.patch_status::<ModelRollout>(&t.namespace, &t.name, &patch).await,
+            Kind::Route | Kind::Policy => {
+                let fields = json!({"observedGeneration": generation, "conditions": conds, "sidecars": sidecars});
+                match t.kind {
+                    Kind::Route => apply_status::<LLMRoute>(c, ns, name, FIELD_MANAGER, fields).await,
+                    _ => apply_status::<ScannerPolicy>(c, ns, name, FIELD_MANAGER, fields).await,
+                }
+            }
+            // A rollout's observedGeneration is its driver's: the generation its steps follow.
+            Kind::Rollout => {
+                let fields = json!({"conditions": conds, "sidecars": sidecars});
+                apply_status::<ModelRollout>(c, ns, name, FIELD_MANAGER, fields).await
+            }
             Kind::Pod | Kind::Secret => Ok(()),
         };
         match result {
@@ -360,18 +369,6 @@ impl Writer {
                 false
             }
         }
-    }
-
-    /// A merge patch of the status subresource.
-    async fn patch_status<K>(&self, ns: &str, name: &str, patch: &serde_json::Value) -> kube::Result<()>
-    where
-        K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-            + Clone
-            + serde::de::DeserializeOwned
-            + std::fmt::Debug,
-    {
-        let api: Api<K> = Api::namespaced(self.client.clone(), ns);
-        api.patch_status(name, &PatchParams::default(), &Patch::Merge(patch)).await.map(|_| ())
     }
 
     /// An Event for each condition whose status or reason changed.
@@ -400,6 +397,27 @@ impl Writer {
             }
         }
     }
+}
+
+/// Applies `status` to the status subresource of `K` `ns/name` as `manager` (server-side apply,
+/// forced): the fields it names are that writer's, and every other writer's fields, conditions
+/// of other types among them, stay as they are.
+pub async fn apply_status<K>(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    manager: &str,
+    status: serde_json::Value,
+) -> kube::Result<()>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    let body = json!({"apiVersion": K::api_version(&()), "kind": K::kind(&()), "status": status});
+    api.patch_status(name, &PatchParams::apply(manager).force(), &Patch::Apply(&body)).await.map(|_| ())
 }
 
 /// Writes while this replica leads: after each compile, when sidecars report a new version,
