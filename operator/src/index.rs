@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use bulwark_api::compile::ns_name;
 use bulwark_api::{
     CompileOptions, LLMRoute, ModelRollout, Rejection, Resources, ScannerPolicy, SidecarConfig, Workload, compile,
+    rollout::{ModelRolloutStatus, machine},
     selector,
 };
 use sha2::{Digest, Sha256};
@@ -84,6 +85,9 @@ pub struct Index {
     pods: BTreeMap<(String, String), Pod>,
     /// Names of the Secrets that exist, when they are watched; `None` checks nothing.
     secrets: Option<BTreeSet<Key>>,
+    /// The rollout driver's status of the rollouts it drives (leader only): compiled in place of
+    /// the watched status, which lags behind its writes.
+    driven: BTreeMap<Key, ModelRolloutStatus>,
     options: CompileOptions,
 }
 
@@ -183,13 +187,32 @@ impl Index {
     }
     pub fn apply_rollout(&mut self, r: ModelRollout) -> bool {
         let key = ns_name(&r.metadata);
-        let weight = |r: &ModelRollout| r.status.as_ref().map(|s| s.canary_weight);
-        let changed = self.rollouts.get(&key).is_none_or(|o| o.spec != r.spec || weight(o) != weight(&r));
+        let traffic = |r: &ModelRollout| machine::traffic(&r.spec, r.status.as_ref());
+        let changed = self.rollouts.get(&key).is_none_or(|o| o.spec != r.spec || traffic(o) != traffic(&r));
         self.rollouts.insert(key, r);
         changed
     }
     pub fn delete_rollout(&mut self, ns: &str, name: &str) {
-        self.rollouts.remove(&(ns.into(), name.into()));
+        let key = (ns.to_owned(), name.to_owned());
+        self.rollouts.remove(&key);
+        self.driven.remove(&key);
+    }
+
+    /// The driver's status of a rollout; true when the traffic it sets changed.
+    pub fn drive(&mut self, ns: &str, name: &str, status: ModelRolloutStatus) -> bool {
+        let key = (ns.to_owned(), name.to_owned());
+        let Some(r) = self.rollouts.get(&key) else { return false };
+        let before = machine::traffic(&r.spec, self.driven.get(&key).or(r.status.as_ref()));
+        let changed = before != machine::traffic(&r.spec, Some(&status));
+        self.driven.insert(key, status);
+        changed
+    }
+
+    /// This replica no longer drives rollouts: compile from the watched status again.
+    pub fn undrive(&mut self) -> bool {
+        let had = !self.driven.is_empty();
+        self.driven.clear();
+        had
     }
     /// Stores a bare sidecar pod (its own workload) with its labels.
     pub fn apply_pod(&mut self, ns: &str, name: &str, labels: BTreeMap<String, String>) -> bool {
@@ -239,6 +262,9 @@ impl Index {
     pub fn rollouts(&self) -> impl Iterator<Item = &ModelRollout> {
         self.rollouts.values()
     }
+    pub fn rollout(&self, ns: &str, name: &str) -> Option<&ModelRollout> {
+        self.rollouts.get(&(ns.into(), name.into()))
+    }
     /// A sidecar reported the config version it runs; true when that changed.
     pub fn report(&mut self, ns: &str, pod: &str, version: &str) -> bool {
         match self.pods.get_mut(&(ns.into(), pod.into())) {
@@ -260,7 +286,18 @@ impl Index {
         Resources {
             routes: self.routes.iter().filter(|(k, _)| in_ns(k)).map(|(_, v)| v.clone()).collect(),
             policies: self.policies.iter().filter(|(k, _)| in_ns(k)).map(|(_, v)| v.clone()).collect(),
-            rollouts: self.rollouts.iter().filter(|(k, _)| in_ns(k)).map(|(_, v)| v.clone()).collect(),
+            rollouts: self
+                .rollouts
+                .iter()
+                .filter(|(k, _)| in_ns(k))
+                .map(|(k, v)| {
+                    let mut r = v.clone();
+                    if let Some(driven) = self.driven.get(k) {
+                        r.status = Some(driven.clone());
+                    }
+                    r
+                })
+                .collect(),
         }
     }
 

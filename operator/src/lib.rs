@@ -1,8 +1,9 @@
 //! Bulwark's control plane. The data flow: `watch` feeds the `index`; `reconcile` compiles one
 //! config per group of pods and hands it to `distribute` (the config stream to sidecars) at once
 //! and to `write` (ConfigMaps, status, Events; leader only, see `leader`). Sidecars prove who
-//! they are through `auth` and send outcome reports that `reports` aggregates. `health` serves
-//! `/metrics`, `/healthz` and `/readyz`.
+//! they are through `auth` and send outcome reports that `reports` aggregates; on the leader,
+//! `rollouts` drives every ModelRollout on them and feeds its weights back to the compiler.
+//! `health` serves `/metrics`, `/healthz` and `/readyz`.
 
 pub mod auth;
 pub mod distribute;
@@ -13,6 +14,7 @@ pub mod leader;
 pub mod metrics;
 pub mod reconcile;
 pub mod reports;
+pub mod rollouts;
 pub mod server;
 pub mod status;
 pub mod tls;
@@ -213,6 +215,8 @@ impl Operator {
             tasks.push(tokio::spawn(inject::serve(listener, tls, state.clone(), injection, rx.clone())));
         }
         let writer = write::Writer::new(client.clone(), state.clone(), s.namespace.clone(), ca, &s.identity);
+        let driver = rollouts::run(state.clone(), client.clone(), compiled_rx.clone(), s.identity.clone(), rx.clone());
+        tasks.push(tokio::spawn(driver));
         tasks.push(tokio::spawn(write::run(writer, compiled_rx, s.resync, rx.clone())));
         match s.leader.clone() {
             Some(l) => tasks.push(tokio::spawn(leader::run(client, l, state.clone(), rx))),

@@ -23,6 +23,26 @@ pub struct WriteLabels {
     pub result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RolloutLabels {
+    pub namespace: String,
+    pub rollout: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RolloutPhaseLabels {
+    pub namespace: String,
+    pub rollout: String,
+    pub phase: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VerdictLabels {
+    pub namespace: String,
+    pub rollout: String,
+    pub verdict: &'static str,
+}
+
 pub struct Metrics {
     pub registry: parking_lot::Mutex<Registry>,
     pub reconciles: Family<ResultLabels, Counter>,
@@ -36,6 +56,10 @@ pub struct Metrics {
     pub leader: Gauge,
     pub groups: Gauge,
     pub admissions: Family<ResultLabels, Counter>,
+    pub rollout_canary_weight: Family<RolloutLabels, Gauge>,
+    pub rollout_phase: Family<RolloutPhaseLabels, Gauge>,
+    pub rollout_analyses: Family<VerdictLabels, Counter>,
+    pub rollout_rollbacks: Family<RolloutLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -91,8 +115,32 @@ impl Metrics {
             "Pod admission reviews answered by the injection webhook: injected, unchanged, invalid",
             admissions.clone(),
         );
+        let rollout_canary_weight = Family::default();
+        r.register(
+            "bulwark_rollout_canary_weight",
+            "Percent of the route's traffic a rollout gives its canary now",
+            rollout_canary_weight.clone(),
+        );
+        let rollout_phase = Family::default();
+        r.register("bulwark_rollout_phase", "1 for the phase a rollout is in, 0 for the others", rollout_phase.clone());
+        let rollout_analyses = Family::default();
+        r.register(
+            "bulwark_rollout_analyses",
+            "Rollout analyses by verdict: Pass, Fail, Inconclusive, Error",
+            rollout_analyses.clone(),
+        );
+        let rollout_rollbacks = Family::default();
+        r.register(
+            "bulwark_rollout_rollbacks",
+            "Rollouts rolled back (or failed) because the canary's signals degraded",
+            rollout_rollbacks.clone(),
+        );
         Self {
             registry: parking_lot::Mutex::new(r),
+            rollout_canary_weight,
+            rollout_phase,
+            rollout_analyses,
+            rollout_rollbacks,
             reconciles,
             reconcile_duration,
             push_latency,
@@ -110,6 +158,25 @@ impl Metrics {
     pub fn write(&self, kind: &'static str, ok: bool) {
         let result = if ok { "success" } else { "error" };
         self.writes.get_or_create(&WriteLabels { kind, result }).inc();
+    }
+
+    /// A rollout's phase and weight as its driver holds them.
+    pub fn rollout(&self, ns: &str, name: &str, phase: bulwark_api::rollout::RolloutPhase, weight: u32) {
+        let l = RolloutLabels { namespace: ns.to_owned(), rollout: name.to_owned() };
+        self.rollout_canary_weight.get_or_create(&l).set(i64::from(weight));
+        for p in bulwark_api::rollout::RolloutPhase::ALL {
+            let l = RolloutPhaseLabels { namespace: ns.to_owned(), rollout: name.to_owned(), phase: p.as_str() };
+            self.rollout_phase.get_or_create(&l).set(i64::from(p == phase));
+        }
+    }
+
+    /// A rollout that is gone, or no longer driven here.
+    pub fn forget_rollout(&self, ns: &str, name: &str) {
+        self.rollout_canary_weight.remove(&RolloutLabels { namespace: ns.to_owned(), rollout: name.to_owned() });
+        for p in bulwark_api::rollout::RolloutPhase::ALL {
+            let l = RolloutPhaseLabels { namespace: ns.to_owned(), rollout: name.to_owned(), phase: p.as_str() };
+            self.rollout_phase.remove(&l);
+        }
     }
 
     pub fn encode(&self) -> String {

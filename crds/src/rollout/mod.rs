@@ -369,6 +369,17 @@ pub enum Verdict {
     Error,
 }
 
+impl Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pass => "Pass",
+            Self::Fail => "Fail",
+            Self::Inconclusive => "Inconclusive",
+            Self::Error => "Error",
+        }
+    }
+}
+
 /// One analysis: each signal against its threshold, over the window's requests.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
