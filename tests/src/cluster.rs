@@ -167,9 +167,15 @@ impl Cluster {
 
     pub fn kubectl_stdin(&self, args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
         use std::io::Write as _;
+        // The workspace's binaries come first on PATH, so `kubectl bulwark` finds the plugin.
+        let plugins = bin("kubectl-bulwark").ok().and_then(|p| p.parent().map(Path::to_path_buf)).unwrap_or_default();
+        let path = std::env::join_paths(
+            std::iter::once(plugins).chain(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())),
+        )?;
         let mut child = Command::new(&self.kubectl)
             .args(args)
             .env("KUBECONFIG", &self.kubeconfig)
+            .env("PATH", path)
             .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -4,21 +4,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::Duration,
-};
+use std::time::Duration;
 
 use bulwark_tests::{
     client::Client,
     cluster::{Proc, bin, eventually, free_port},
     harness::temp_dir,
     mock::{Behavior, MockProvider},
+    traffic::{Load, Seen, share},
 };
-use parking_lot::Mutex;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
@@ -46,6 +40,9 @@ fn rollout(spec: &str) -> String {
         "apiVersion: bulwark.dev/v1alpha1\nkind: ModelRollout\nmetadata: {{name: upgrade, namespace: team-a}}\nspec:\n  routeRef: {{name: chat}}\n  stable: {{backend: stable}}\n  canary: {{backend: canary}}\n{spec}"
     )
 }
+
+/// Between one client request and the next.
+const GAP: Duration = Duration::from_millis(10);
 
 const ANALYSIS: &str = "  analysis: {interval: 1s, window: 4s, minRequests: 5}\n";
 
@@ -102,45 +99,6 @@ impl Sidecar {
     }
 }
 
-/// One answer seen by the client: when, its status, and the backend that served it.
-type Seen = (Instant, u16, String);
-
-/// A client sending chat completions back to back until stopped.
-struct Load {
-    seen: Arc<Mutex<Vec<Seen>>>,
-    stop: Arc<AtomicBool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Load {
-    fn start(client: Client, headers: &'static [(&'static str, &'static str)]) -> Self {
-        let seen = Arc::new(Mutex::new(vec![]));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (s, halt) = (seen.clone(), stop.clone());
-        let task = tokio::spawn(async move {
-            let body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
-            while !halt.load(Ordering::SeqCst) {
-                if let Ok(r) = client.post("/v1/chat/completions", &body, headers).await {
-                    let backend = r.header("x-bulwark-backend").unwrap_or_default().to_owned();
-                    s.lock().push((Instant::now(), r.status.as_u16(), backend));
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        });
-        Self { seen, stop, task }
-    }
-
-    async fn stop(self) -> Vec<Seen> {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = self.task.await;
-        self.seen.lock().clone()
-    }
-
-    fn since(&self, t: Instant) -> Vec<Seen> {
-        self.seen.lock().iter().filter(|(at, ..)| *at > t).cloned().collect()
-    }
-}
-
 struct Setup {
     dir: std::path::PathBuf,
     state: std::path::PathBuf,
@@ -159,10 +117,6 @@ async fn setup(name: &str, rollout_spec: &str) -> Setup {
     Setup { dir, state, stable, canary }
 }
 
-fn share(seen: &[Seen], backend: &str) -> f64 {
-    seen.iter().filter(|(_, _, b)| b == backend).count() as f64 / seen.len().max(1) as f64
-}
-
 fn metric(text: &str, line_start: &str) -> Option<f64> {
     text.lines().find(|l| l.starts_with(line_start)).and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
@@ -177,7 +131,7 @@ async fn a_healthy_canary_completes_its_steps() {
     let first = sidecar.rollout().await;
     assert_eq!((first["namespace"].as_str(), first["name"].as_str()), (Some("team-a"), Some("upgrade")));
     assert_eq!((first["phase"].as_str(), first["canaryWeight"].as_u64()), (Some("Progressing"), Some(30)));
-    let load = Load::start(sidecar.client.clone(), &[]);
+    let load = Load::start(sidecar.client.clone(), &[], GAP);
     let t0 = Instant::now();
     sidecar.reaches("Progressing", Some(1), Duration::from_secs(15)).await;
     let step0 = load.since(t0);
@@ -208,7 +162,7 @@ async fn a_canary_that_starts_failing_at_step_two_is_rolled_back_within_the_boun
     let s = setup("bulwark-rollout-failing", &format!("{steps}{ANALYSIS}")).await;
     let sidecar = Sidecar::start(&s.dir, &s.state);
     sidecar.ready().await;
-    let load = Load::start(sidecar.client.clone(), &[]);
+    let load = Load::start(sidecar.client.clone(), &[], GAP);
     sidecar.reaches("Progressing", Some(1), Duration::from_secs(15)).await;
     let flipped = Instant::now();
     s.canary.set_default(Behavior::Status(500, None));
@@ -244,7 +198,7 @@ async fn a_mirrored_canary_is_judged_on_copies_no_client_sees() {
     s.canary.set_default(Behavior::Status(503, None));
     let sidecar = Sidecar::start(&s.dir, &s.state);
     sidecar.ready().await;
-    let load = Load::start(sidecar.client.clone(), &[]);
+    let load = Load::start(sidecar.client.clone(), &[], GAP);
     let rolled_back = sidecar.reaches("RolledBack", Some(0), Duration::from_secs(10)).await;
     let seen = load.stop().await;
     assert!(seen.iter().all(|(_, status, b)| *status == 200 && b == "stable"), "no client saw the canary");
@@ -260,7 +214,7 @@ async fn a_mirrored_canary_is_judged_on_copies_no_client_sees() {
     let s = setup("bulwark-rollout-mirror-ok", &format!("{steps}{ANALYSIS}")).await;
     let sidecar = Sidecar::start(&s.dir, &s.state);
     sidecar.ready().await;
-    let load = Load::start(sidecar.client.clone(), &[]);
+    let load = Load::start(sidecar.client.clone(), &[], GAP);
     let t0 = Instant::now();
     sidecar.reaches("Succeeded", Some(1), Duration::from_secs(15)).await;
     let during = load.since(t0);
@@ -278,8 +232,8 @@ async fn blue_green_previews_by_header_then_switches_at_once() {
     let s = setup("bulwark-rollout-bluegreen", &spec).await;
     let sidecar = Sidecar::start(&s.dir, &s.state);
     sidecar.ready().await;
-    let users = Load::start(sidecar.client.clone(), &[]);
-    let testers = Load::start(sidecar.client.clone(), &[("x-bulwark-preview", "true")]);
+    let users = Load::start(sidecar.client.clone(), &[], GAP);
+    let testers = Load::start(sidecar.client.clone(), &[("x-bulwark-preview", "true")], GAP);
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(share(&users.since(Instant::now() - Duration::from_secs(10)), "stable"), 1.0, "users see the stable");
     assert_eq!(
