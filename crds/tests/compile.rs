@@ -505,7 +505,8 @@ fn every_example_loads_and_compiles_cleanly() {
     while let Some(dir) = stack.pop() {
         for entry in std::fs::read_dir(dir).unwrap() {
             let path = entry.unwrap().path();
-            if path.is_dir() {
+            // Argo CD's Applications: checked against Argo CD's schema by scripts/argocd-check.sh.
+            if path.is_dir() && !path.ends_with("argocd") {
                 stack.push(path);
             } else if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
                 let (res, errors) = manifest::parse(&std::fs::read_to_string(&path).unwrap(), "default");

@@ -1,0 +1,13 @@
+-- Asks the Bulwark operator to start a rolled back, aborted or failed rollout over from its first step.
+if obj.status == nil then
+  obj.status = {}
+end
+if obj.status.controls == nil then
+  obj.status.controls = {}
+end
+local request = {}
+request.generation = obj.metadata.generation
+request.attempt = obj.status.attempt or 1
+request.step = obj.status.currentStep or 0
+obj.status.controls.retry = request
+return obj
