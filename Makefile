@@ -76,6 +76,11 @@ e2e: venv models
 crds:
 	$(CARGO) run -q -p bulwark-api --bin crdgen
 
+## A ModelRollout advancing, then rolling back by itself when its canary starts failing (no cluster, no key).
+demo-rollout:
+	$(CARGO) build --release -p bulwark-sidecar -p bulwark-tests --bins
+	BIN=target/release python3 scripts/demo_rollout.py
+
 bench: models
 	$(CARGO) build --release -p bulwark-sidecar -p bulwark-operator -p bulwark-tests --bins
 	ORT_DYLIB_PATH=$(ORT) BULWARK_MODELS_DIR=$(MODELS) target/release/bulwark-bench
