@@ -48,6 +48,8 @@ pub struct OperatorLink {
     pub report_interval: Duration,
 }
 
+/// The shortest time between a report and one sent early because of a failure.
+const EARLY_REPORT: Duration = Duration::from_millis(500);
 /// A longer silence than this (the operator sends keep-alives) means the stream is dead.
 const SILENCE: Duration = Duration::from_secs(45);
 /// The largest config line accepted.
@@ -188,12 +190,22 @@ impl Link {
     ) {
         let mut interval = tokio::time::interval(self.cfg.report_interval);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 _ = interval.tick() => {}
                 _ = self.applied.notified() => {}
+                // A failure is reported early (a rollout judges the canary on it), at most every
+                // EARLY_REPORT, so a failing backend does not turn into a stream of reports.
+                _ = metrics.outcomes.failed.notified() => {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(last + EARLY_REPORT) => {}
+                        _ = shutdown.changed() => return,
+                    }
+                }
                 _ = shutdown.changed() => return,
             }
+            last = tokio::time::Instant::now();
             if !self.connected.load(Ordering::SeqCst) {
                 continue;
             }

@@ -1,6 +1,7 @@
 //! Per-backend outcome counters the sidecar reports to the operator: attempts, failures by
-//! class, latency and time-to-first-token histograms, and scanner blocks per route. Counters
-//! are cumulative for the life of the process; the operator takes the differences.
+//! class, latency and time-to-first-token histograms, output blocks, and scanner blocks per
+//! route. Counters are cumulative for the life of the process; the operator takes the
+//! differences. A failure also wakes the report loop, so failures reach the operator early.
 
 use std::{collections::HashMap, time::Duration};
 
@@ -13,6 +14,9 @@ pub struct Outcomes {
     instance: String,
     inner: Mutex<Inner>,
     delivered: std::sync::atomic::AtomicU64,
+    /// Wakes the report loop on a backend failure, so that a failing canary is judged without
+    /// waiting for the next periodic report.
+    pub failed: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -27,6 +31,7 @@ impl Default for Outcomes {
             instance: format!("{:016x}", rand::random::<u64>()),
             inner: Mutex::default(),
             delivered: Default::default(),
+            failed: tokio::sync::Notify::new(),
         }
     }
 }
@@ -59,6 +64,7 @@ impl Outcomes {
             o.requests += 1;
             *o.errors.entry(class.to_owned()).or_default() += 1;
         });
+        self.failed.notify_one();
     }
 
     /// The first byte of an answer arrived.
@@ -70,15 +76,19 @@ impl Outcomes {
     /// broke after its first byte, or `cancelled` when the client went away (no latency then:
     /// the answer never completed).
     pub fn answered(&self, route: &str, backend: &str, class: &str, took: Duration) {
+        let failed = matches!(class, "4xx" | "5xx" | "stream");
         self.with(route, backend, |o| {
             o.requests += 1;
-            if matches!(class, "4xx" | "5xx" | "stream") {
+            if failed {
                 *o.errors.entry(class.to_owned()).or_default() += 1;
             }
             if class != "cancelled" {
                 o.latency.observe(took.as_secs_f64());
             }
         });
+        if failed {
+            self.failed.notify_one();
+        }
     }
 
     /// Output scanners blocked an answer of this backend.
@@ -140,5 +150,20 @@ mod tests {
         assert_eq!(b.errors.keys().map(String::as_str).collect::<Vec<_>>(), ["429", "stream", "timeout"]);
         assert_eq!((b.latency.count(), b.first_token.count()), (2, 1));
         assert_eq!(r.routes[0].scanner_blocks, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failure_wakes_the_report_loop_and_a_success_does_not() {
+        let o = Outcomes::default();
+        let woken = |o: &Outcomes| {
+            let n = o.failed.notified();
+            futures_util::FutureExt::now_or_never(n).is_some()
+        };
+        o.answered("a/r", "b", "2xx", Duration::from_millis(5));
+        assert!(!woken(&o));
+        o.attempt_failed("a/r", "b", &Failure::Timeout);
+        assert!(woken(&o));
+        o.answered("a/r", "b", "stream", Duration::from_millis(5));
+        assert!(woken(&o));
     }
 }

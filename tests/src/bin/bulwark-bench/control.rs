@@ -27,7 +27,7 @@ use tokio::time::Instant;
 const SIDECARS: usize = 100;
 const CHANGES: usize = 30;
 
-async fn cluster() -> anyhow::Result<(ApiServer, Client)> {
+pub(crate) async fn cluster() -> anyhow::Result<(ApiServer, Client)> {
     let api =
         ApiServer::start(ApiOptions { listen: ([127, 0, 0, 1], 0).into(), crd_dirs: vec![repo().join("crds/yaml")] })
             .await?;
@@ -35,14 +35,14 @@ async fn cluster() -> anyhow::Result<(ApiServer, Client)> {
     Ok((api, client))
 }
 
-async fn namespace(client: &Client, ns: &str) -> anyhow::Result<()> {
+pub(crate) async fn namespace(client: &Client, ns: &str) -> anyhow::Result<()> {
     let body: Namespace = serde_json::from_value(json!({"metadata": {"name": ns}}))?;
     Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &body).await?;
     Ok(())
 }
 
 /// A sidecar pod of Deployment `app` (through its ReplicaSet, as a cluster would create it).
-async fn pod(client: &Client, ns: &str, name: &str, app: &str) -> anyhow::Result<()> {
+pub(crate) async fn pod(client: &Client, ns: &str, name: &str, app: &str) -> anyhow::Result<()> {
     let owner = json!({"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": format!("{app}-6c8b9"),
         "uid": format!("rs-{ns}-{app}"), "controller": true});
     let body: Pod = serde_json::from_value(json!({
@@ -65,14 +65,14 @@ fn route(ns: &str, name: &str, app: Option<&str>, weight: u32) -> serde_json::Va
     json!({"apiVersion": "bulwark.dev/v1alpha1", "kind": "LLMRoute", "metadata": {"name": name, "namespace": ns}, "spec": spec})
 }
 
-async fn apply_route(client: &Client, ns: &str, body: &serde_json::Value) -> anyhow::Result<()> {
+pub(crate) async fn apply_route(client: &Client, ns: &str, body: &serde_json::Value) -> anyhow::Result<()> {
     let name = body["metadata"]["name"].as_str().unwrap_or_default().to_owned();
     let pp = PatchParams::apply("bulwark-bench").force();
     Api::<LLMRoute>::namespaced(client.clone(), ns).patch(&name, &pp, &Patch::Apply(body)).await?;
     Ok(())
 }
 
-async fn token(client: &Client, ns: &str, pod: &str, dir: &Path) -> anyhow::Result<std::path::PathBuf> {
+pub(crate) async fn token(client: &Client, ns: &str, pod: &str, dir: &Path) -> anyhow::Result<std::path::PathBuf> {
     let req = json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
         "spec": {"audiences": ["bulwark"], "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": pod}}});
     let out: serde_json::Value = Api::<ServiceAccount>::namespaced(client.clone(), ns)
@@ -83,7 +83,47 @@ async fn token(client: &Client, ns: &str, pod: &str, dir: &Path) -> anyhow::Resu
     Ok(path)
 }
 
-fn pct(sorted: &[f64], q: f64) -> f64 {
+/// The operator in this process, leading alone, its stream on TLS.
+pub(crate) async fn operator(client: &Client, certs: &bulwark_tests::cluster::Tls) -> anyhow::Result<Operator> {
+    let settings = Settings {
+        namespace: None,
+        stream_listen: ([127, 0, 0, 1], 0).into(),
+        metrics_listen: ([127, 0, 0, 1], 0).into(),
+        tls: Some((certs.cert.clone(), certs.key.clone())),
+        tls_ca: Some(certs.ca.clone()),
+        token_audience: "bulwark".into(),
+        compile: Default::default(),
+        leader: None,
+        identity: "bench".into(),
+        resync: Duration::from_secs(300),
+        webhook: None,
+    };
+    Operator::start(client.clone(), settings).await
+}
+
+/// A sidecar in this process for `pod`, on the operator's stream, reporting every `report`.
+pub(crate) async fn sidecar(
+    client: &Client,
+    op: &Operator,
+    certs: &bulwark_tests::cluster::Tls,
+    ns: &str,
+    pod: &str,
+    dir: &Path,
+    report: Duration,
+) -> anyhow::Result<Sidecar> {
+    let mut opts = Options::new(Source::None);
+    opts.listen = ([127, 0, 0, 1], 0).into();
+    opts.admin = ([127, 0, 0, 1], 0).into();
+    opts.operator = Some(OperatorLink {
+        url: format!("https://localhost:{}", op.stream_addr.port()),
+        ca: Some(bulwark_sidecar::upstream::Ca::File(certs.ca.clone())),
+        token_file: token(client, ns, pod, dir).await?,
+        report_interval: report,
+    });
+    Sidecar::start(opts).await
+}
+
+pub(crate) fn pct(sorted: &[f64], q: f64) -> f64 {
     sorted.get(((sorted.len() as f64 * q).ceil() as usize).saturating_sub(1)).copied().unwrap_or(f64::NAN)
 }
 
@@ -100,36 +140,12 @@ async fn propagation() -> anyhow::Result<()> {
         pod(&client, "bench", &format!("p-{i}"), "bot").await?;
     }
     let certs = tls(&dir)?;
-    let op = Operator::start(
-        client.clone(),
-        Settings {
-            namespace: None,
-            stream_listen: ([127, 0, 0, 1], 0).into(),
-            metrics_listen: ([127, 0, 0, 1], 0).into(),
-            tls: Some((certs.cert.clone(), certs.key.clone())),
-            tls_ca: Some(certs.ca.clone()),
-            token_audience: "bulwark".into(),
-            compile: Default::default(),
-            leader: None,
-            identity: "bench".into(),
-            resync: Duration::from_secs(300),
-            webhook: None,
-        },
-    )
-    .await?;
+    let op = operator(&client, &certs).await?;
     apply_route(&client, "bench", &route("bench", "chat", Some("bot"), 100)).await?;
     let mut sidecars = vec![];
     for i in 0..SIDECARS {
-        let mut opts = Options::new(Source::None);
-        opts.listen = ([127, 0, 0, 1], 0).into();
-        opts.admin = ([127, 0, 0, 1], 0).into();
-        opts.operator = Some(OperatorLink {
-            url: format!("https://localhost:{}", op.stream_addr.port()),
-            ca: Some(bulwark_sidecar::upstream::Ca::File(certs.ca.clone())),
-            token_file: token(&client, "bench", &format!("p-{i}"), &dir).await?,
-            report_interval: Duration::from_secs(5),
-        });
-        sidecars.push(Sidecar::start(opts).await?);
+        let pod = format!("p-{i}");
+        sidecars.push(sidecar(&client, &op, &certs, "bench", &pod, &dir, Duration::from_secs(5)).await?);
     }
     let mut rxs: Vec<_> = sidecars.iter().map(|s| s.runtime.clone()).collect();
     let deadline = Instant::now() + Duration::from_secs(30);

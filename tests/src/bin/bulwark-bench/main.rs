@@ -4,7 +4,7 @@
 //!   minimal hyper forwarding proxy (the floor), both over a direct call to the same upstream.
 //! * Throughput per core (requests / CPU seconds of the sidecar process) and RSS under load.
 //! * Streaming: added latency per chunk, from timestamps the upstream writes into each chunk.
-//! * Scanners (`scanners.rs`) and the control plane (`control.rs`).
+//! * Scanners (`scanners.rs`), the control plane (`control.rs`) and rollouts (`rollout.rs`).
 
 use std::{
     convert::Infallible,
@@ -48,6 +48,9 @@ struct Cli {
     /// Only the control-plane benchmarks (config propagation, scale).
     #[arg(long)]
     control_only: bool,
+    /// Only the rollout benchmarks (time to rollback, overhead of a rollout in progress).
+    #[arg(long)]
+    rollouts_only: bool,
 }
 
 #[derive(Subcommand)]
@@ -68,6 +71,7 @@ const STREAM_CHUNKS: usize = 300;
 type Body = BoxBody<Bytes, Infallible>;
 
 mod control;
+mod rollout;
 mod scanners;
 
 fn main() -> anyhow::Result<()> {
@@ -79,12 +83,16 @@ fn main() -> anyhow::Result<()> {
             if cli.control_only {
                 return control::bench(&cli.bin).await;
             }
+            if cli.rollouts_only {
+                return rollout::bench(&cli.bin, cli.rate).await;
+            }
             if !cli.scanners_only {
                 bench(cli.seconds, cli.rate, &cli.bin).await?;
             }
             scanners::bench(&cli.bin).await?;
             if !cli.scanners_only {
                 control::bench(&cli.bin).await?;
+                rollout::bench(&cli.bin, cli.rate).await?;
             }
             Ok(())
         }),
@@ -92,7 +100,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// The upstream: a fixed completion, or a stream whose chunks carry their send time.
-async fn upstream(epoch: Instant) -> anyhow::Result<SocketAddr> {
+pub(crate) async fn upstream(epoch: Instant) -> anyhow::Result<SocketAddr> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move {
@@ -219,19 +227,21 @@ pub(crate) async fn wait_ready(client: &Client<HttpConnector, Full<Bytes>>, url:
     anyhow::bail!("{url} did not become ready")
 }
 
-async fn start_sidecar(
+/// The bench route: retries, timeouts, a circuit breaker and a rate limit on one backend.
+fn bench_route(upstream: SocketAddr) -> String {
+    format!(
+        "apiVersion: bulwark.dev/v1alpha1\nkind: LLMRoute\nmetadata: {{name: bench}}\nspec:\n  rules:\n  - match: {{models: [\"bench*\"]}}\n    backends: [{{name: upstream, provider: openai-compatible, url: 'http://{upstream}/v1'}}]\n    retry: {{attempts: 2}}\n    timeouts: {{request: 30s, firstToken: 10s}}\n    circuitBreaker: {{consecutiveFailures: 5, cooldown: 10s}}\n    rateLimit: {{requestsPerMinute: 100000000, tokensPerMinute: 100000000000}}\n"
+    )
+}
+
+/// The `bulwark-sidecar` binary on a directory holding `yaml`; its LLM API URL.
+pub(crate) async fn start_sidecar(
     bin: &Path,
-    upstream: SocketAddr,
+    yaml: &str,
     client: &Client<HttpConnector, Full<Bytes>>,
 ) -> anyhow::Result<(Proc, String)> {
-    let dir = std::env::temp_dir().join(format!("bulwark-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    std::fs::write(
-        dir.join("bench.yaml"),
-        format!(
-            "apiVersion: bulwark.dev/v1alpha1\nkind: LLMRoute\nmetadata: {{name: bench}}\nspec:\n  rules:\n  - match: {{models: [\"bench*\"]}}\n    backends: [{{name: upstream, provider: openai-compatible, url: 'http://{upstream}/v1'}}]\n    retry: {{attempts: 2}}\n    timeouts: {{request: 30s, firstToken: 10s}}\n    circuitBreaker: {{consecutiveFailures: 5, cooldown: 10s}}\n    rateLimit: {{requestsPerMinute: 100000000, tokensPerMinute: 100000000000}}\n"
-        ),
-    )?;
+    let dir = bulwark_tests::harness::temp_dir("bulwark-bench")?;
+    std::fs::write(dir.join("bench.yaml"), yaml)?;
     let (port, admin) = (free_port()?, free_port()?);
     let child = Command::new(bin.join("bulwark-sidecar"))
         .args(["--manifests", &dir.display().to_string(), "--listen", &port.to_string(), "--admin", &admin.to_string()])
@@ -262,7 +272,12 @@ fn request(base: &str, body: &'static str) -> Request<Full<Bytes>> {
 }
 
 /// Open loop: one request every 1/rate s for `secs`, each timed from its send.
-async fn open_loop(client: &Client<HttpConnector, Full<Bytes>>, base: &str, rate: u64, secs: u64) -> Vec<u64> {
+pub(crate) async fn open_loop(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    base: &str,
+    rate: u64,
+    secs: u64,
+) -> Vec<u64> {
     let samples = Arc::new(Mutex::new(Vec::with_capacity((rate * secs) as usize)));
     let mut iv = tokio::time::interval(Duration::from_nanos(1_000_000_000 / rate));
     iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
@@ -288,7 +303,7 @@ async fn open_loop(client: &Client<HttpConnector, Full<Bytes>>, base: &str, rate
     v
 }
 
-fn pct(sorted: &[u64], p: f64) -> f64 {
+pub(crate) fn pct(sorted: &[u64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
@@ -374,7 +389,7 @@ async fn bench(secs: u64, rate: u64, bin: &Path) -> anyhow::Result<()> {
     http.set_nodelay(true);
     let client: Client<HttpConnector, Full<Bytes>> =
         Client::builder(TokioExecutor::new()).pool_max_idle_per_host(256).build(http);
-    let (sidecar, sidecar_url) = start_sidecar(bin, up, &client).await?;
+    let (sidecar, sidecar_url) = start_sidecar(bin, &bench_route(up), &client).await?;
     let (_floor, floor_url) = start_floor(bin, up).await?;
     let direct_url = format!("http://{up}");
     let targets = [("direct", direct_url.as_str()), ("floor", floor_url.as_str()), ("sidecar", sidecar_url.as_str())];
