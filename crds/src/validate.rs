@@ -349,6 +349,24 @@ pub fn model_rollout(spec: &ModelRolloutSpec) -> Vec<FieldError> {
     if a.failure_limit == 0 {
         e.add("spec.analysis.failureLimit", "must be at least 1");
     }
+    if let Some(p) = &a.prometheus {
+        if !(p.address.starts_with("http://") || p.address.starts_with("https://"))
+            || p.address.parse::<http::Uri>().is_err()
+        {
+            e.add("spec.analysis.prometheus.address", format!("{:?} is not an http(s) URL", p.address));
+        }
+        if p.queries.is_empty() {
+            e.add("spec.analysis.prometheus.queries", "name at least one signal to read from Prometheus");
+        }
+        for (signal, query) in &p.queries {
+            if !crate::rollout::PROMETHEUS_SIGNALS.contains(&signal.as_str()) {
+                let known = crate::rollout::PROMETHEUS_SIGNALS.join(", ");
+                e.add(format!("spec.analysis.prometheus.queries.{signal}"), format!("unknown signal; use {known}"));
+            } else if query.trim().is_empty() {
+                e.add(format!("spec.analysis.prometheus.queries.{signal}"), "must not be empty");
+            }
+        }
+    }
     if a.min_requests == 0 {
         e.add("spec.analysis.minRequests", "must be at least 1: a verdict needs requests");
     }

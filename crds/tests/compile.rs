@@ -253,6 +253,20 @@ fn invalid_policies_and_rollouts_are_rejected_with_exact_errors() {
             "spec.analysis.failureLimit: must be at least 1",
         ),
         (
+            "unknown prometheus signal",
+            rollout(
+                "  stable: {backend: a}\n  canary: {backend: b}\n  steps: [{weight: 10}]\n  analysis: {prometheus: {address: 'http://p:9090', queries: {errors: 'x'}}}",
+            ),
+            "spec.analysis.prometheus.queries.errors: unknown signal; use requests, errorRate, p95Latency, p95FirstToken, blockRate",
+        ),
+        (
+            "prometheus without http",
+            rollout(
+                "  stable: {backend: a}\n  canary: {backend: b}\n  steps: [{weight: 10}]\n  analysis: {prometheus: {address: 'p:9090', queries: {errorRate: 'x'}}}",
+            ),
+            "spec.analysis.prometheus.address: \"p:9090\" is not an http(s) URL",
+        ),
+        (
             "no route",
             rollout("  stable: {backend: a}\n  canary: {backend: b}\n  steps: [{weight: 10}]"),
             "no valid LLMRoute \"chat\" in namespace \"default\"",

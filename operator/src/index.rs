@@ -560,4 +560,32 @@ mod tests {
         ix.apply_pod("a", "py", labels("y"));
         assert!(ix.compile().1.is_empty(), "disjoint selectors: no conflict");
     }
+
+    #[test]
+    fn the_drivers_status_is_compiled_in_place_of_the_watched_one() {
+        let mut ix = Index::default();
+        let mut route = mk_route("a", "r", None, "m");
+        route.spec.rules[0].backends.push(serde_yaml::from_str("{name: c, url: 'http://c'}").unwrap());
+        ix.apply_route(route);
+        ix.apply_pod("a", "p", labels("x"));
+        let rollout: ModelRollout = serde_yaml::from_str(
+            "apiVersion: bulwark.dev/v1alpha1\nkind: ModelRollout\nmetadata: {name: up, namespace: a}\nspec: {routeRef: {name: r}, stable: {backend: b}, canary: {backend: c}, steps: [{weight: 10}, {weight: 100}]}\nstatus: {phase: Progressing, currentStep: 0, canaryWeight: 10}\n",
+        )
+        .unwrap();
+        assert!(ix.apply_rollout(rollout.clone()));
+        let weights = |ix: &Index| {
+            let (groups, _) = ix.compile();
+            groups[0].config.routes[0].backends.iter().map(|b| (b.name.clone(), b.weight)).collect::<Vec<_>>()
+        };
+        assert_eq!(weights(&ix), [("b".to_owned(), 90), ("c".to_owned(), 10)]);
+        let rolled_back: ModelRolloutStatus =
+            serde_yaml::from_str("{phase: RolledBack, currentStep: 0, canaryWeight: 0}").unwrap();
+        assert!(ix.drive("a", "up", rolled_back.clone()), "the traffic changed");
+        assert!(!ix.drive("a", "up", rolled_back), "and not again");
+        assert_eq!(weights(&ix), [("b".to_owned(), 100), ("c".to_owned(), 0)], "before the watch brings it back");
+        assert!(!ix.apply_rollout(rollout), "the same watched status is no change");
+        assert_eq!(weights(&ix)[1].1, 0, "the driver's status still wins");
+        assert!(ix.undrive());
+        assert_eq!(weights(&ix)[1].1, 10, "a replica that stops driving compiles what it watches");
+    }
 }

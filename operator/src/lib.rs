@@ -12,6 +12,7 @@ pub mod index;
 pub mod inject;
 pub mod leader;
 pub mod metrics;
+pub mod prometheus;
 pub mod reconcile;
 pub mod reports;
 pub mod rollouts;

@@ -11,7 +11,8 @@ use bulwark_api::{
     compile::ns_name,
     control::BackendOutcome,
     rollout::{
-        ModelRolloutStatus, RolloutPhase,
+        ModelRolloutSpec, ModelRolloutStatus, RolloutPhase,
+        analysis::{self, Measured},
         machine::{self, Transition},
         run::Run,
     },
@@ -24,7 +25,13 @@ use kube::{
 };
 use tokio::sync::watch;
 
-use crate::{State, reconcile::Compiled, write::apply_status};
+use crate::{
+    State,
+    metrics::{RolloutLabels, VerdictLabels},
+    prometheus,
+    reconcile::Compiled,
+    write::apply_status,
+};
 
 /// The field manager of the driver's status fields; the status writer's are `bulwark-operator`.
 pub const FIELD_MANAGER: &str = "bulwark-rollouts";
@@ -36,6 +43,8 @@ pub const CONDITION: &str = "Progressing";
 type Key = (String, String);
 
 struct Driven {
+    /// The object driven: a rollout deleted and created again under its name starts afresh.
+    uid: Option<String>,
     run: Run,
     /// The driver's fields as last applied, and their condition.
     written: Option<(ModelRolloutStatus, Condition)>,
@@ -60,6 +69,13 @@ pub async fn run(
     let reporter = Reporter { controller: FIELD_MANAGER.into(), instance: Some(identity) };
     let recorder = Recorder::new(client.clone(), reporter);
     let mut runs: HashMap<Key, Driven> = HashMap::new();
+    let prometheus = match prometheus::client() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("no HTTP client for Prometheus queries, rollouts are not driven: {e}");
+            return;
+        }
+    };
     let mut every = tokio::time::interval(TICK);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -78,7 +94,10 @@ pub async fn run(
         }
         // Nothing is driven before the first compile of a fully listed cluster.
         let Some(current) = compiled.borrow().clone() else { continue };
-        let writes = tick(&state, &current, &mut runs, Timestamp::now());
+        let (mut writes, pending) = tick(&state, &current, &mut runs, Timestamp::now());
+        if !pending.is_empty() {
+            writes.extend(conclude(&state, &prometheus, &mut runs, pending).await);
+        }
         for w in writes {
             let written = write(&client, &state, &w).await;
             if written && let Some(d) = runs.get_mut(&w.key) {
@@ -92,15 +111,31 @@ pub async fn run(
     }
 }
 
-/// One look at every rollout, under the index lock; returns the statuses to apply.
-fn tick(state: &State, compiled: &Compiled, runs: &mut HashMap<Key, Driven>, now: Timestamp) -> Vec<Write> {
+/// An analysis whose signals come in part from Prometheus: measured on the reports under the
+/// index lock, completed by queries outside it, then applied.
+struct Pending {
+    key: Key,
+    spec: ModelRolloutSpec,
+    at: Timestamp,
+    canary: Measured,
+    stable: Measured,
+}
+
+/// One look at every rollout, under the index lock: the statuses to apply, and the analyses
+/// that wait for Prometheus.
+fn tick(
+    state: &State,
+    compiled: &Compiled,
+    runs: &mut HashMap<Key, Driven>,
+    now: Timestamp,
+) -> (Vec<Write>, Vec<Pending>) {
     let rejected: HashMap<Key, &Rejection> = compiled
         .rejected
         .iter()
         .filter(|r| r.kind == "ModelRollout")
         .map(|r| ((r.namespace.clone(), r.name.clone()), r))
         .collect();
-    let mut writes = vec![];
+    let (mut writes, mut pending) = (vec![], vec![]);
     let mut moved = false;
     let mut index = state.index.lock();
     let reports = state.reports.lock();
@@ -115,7 +150,6 @@ fn tick(state: &State, compiled: &Compiled, runs: &mut HashMap<Key, Driven>, now
     for r in rollouts {
         let key = ns_name(&r.metadata);
         let generation = r.metadata.generation.unwrap_or(1);
-        let reference = r.object_ref(&());
         if let Some(why) = rejected.get(&key) {
             // It cannot run; a rollout that never started says why in its phase.
             runs.remove(&key);
@@ -123,15 +157,19 @@ fn tick(state: &State, compiled: &Compiled, runs: &mut HashMap<Key, Driven>, now
             if never_started {
                 let status = machine::pending(generation, &why.message);
                 let condition = condition(&status, None, now);
+                let reference = r.object_ref(&());
                 writes.push(Write { key, reference, status, condition, transitions: vec![] });
             }
             continue;
         }
         let mut transitions = vec![];
+        if runs.get(&key).is_some_and(|d| d.uid != r.metadata.uid) {
+            runs.remove(&key);
+        }
         let d = runs.entry(key.clone()).or_insert_with(|| {
             let (run, t) = Run::resume(&r.spec, generation, r.status.as_ref(), now);
             transitions.extend(t);
-            Driven { run, written: None }
+            Driven { uid: r.metadata.uid.clone(), run, written: None }
         });
         let route = format!("{}/{}", key.0, r.spec.route_ref.name);
         let total = |backend: &str| -> BackendOutcome {
@@ -140,32 +178,15 @@ fn tick(state: &State, compiled: &Compiled, runs: &mut HashMap<Key, Driven>, now
         d.run.record(now, &total(&r.spec.canary.backend), &total(&r.spec.stable.backend));
         let analysed = d.run.status.last_analysis.as_ref().map(|a| a.at.clone());
         let controls = r.status.as_ref().and_then(|s| s.controls.as_ref());
-        transitions.extend(d.run.tick(&r.spec, generation, now, controls));
-        let status = d.run.status.clone();
-        if let Some(a) = status.last_analysis.as_ref().filter(|a| Some(&a.at) != analysed.as_ref()) {
-            let l = crate::metrics::VerdictLabels {
-                namespace: key.0.clone(),
-                rollout: key.1.clone(),
-                verdict: a.verdict.as_str(),
-            };
-            state.metrics.rollout_analyses.get_or_create(&l).inc();
+        let asks_prometheus = r.spec.analysis.prometheus.is_some() && d.run.generation() == generation;
+        if asks_prometheus && d.run.due(&r.spec, now) {
+            let (canary, stable) = d.run.measure(&r.spec, now);
+            pending.push(Pending { key: key.clone(), spec: r.spec.clone(), at: now, canary, stable });
+            transitions.extend(d.run.apply(&r.spec, now, controls, None));
+        } else {
+            transitions.extend(d.run.tick(&r.spec, generation, now, controls));
         }
-        for t in &transitions {
-            if matches!(t.phase, RolloutPhase::RolledBack | RolloutPhase::Failed) {
-                let l = crate::metrics::RolloutLabels { namespace: key.0.clone(), rollout: key.1.clone() };
-                state.metrics.rollout_rollbacks.get_or_create(&l).inc();
-            }
-        }
-        let phase = status.phase.unwrap_or(RolloutPhase::Pending);
-        state.metrics.rollout(&key.0, &key.1, phase, status.canary_weight.unwrap_or(0));
-        moved |= index.drive(&key.0, &key.1, status.clone());
-        let previous = d.written.as_ref().map(|(_, c)| c);
-        let previous = previous.or_else(|| r.status.as_ref()?.conditions.iter().find(|c| c.type_ == CONDITION));
-        let condition = condition(&status, previous, now);
-        let unchanged = d.written.as_ref().is_some_and(|(s, c)| *s == status && *c == condition);
-        if !unchanged || !transitions.is_empty() {
-            writes.push(Write { key, reference, status, condition, transitions });
-        }
+        writes.extend(settle(state, &mut index, &r, d, transitions, analysed, now, &mut moved));
     }
     drop(reports);
     drop(index);
@@ -173,7 +194,83 @@ fn tick(state: &State, compiled: &Compiled, runs: &mut HashMap<Key, Driven>, now
         // The new weights are compiled and pushed to every sidecar at once.
         state.changed();
     }
+    (writes, pending)
+}
+
+/// Completes the analyses that waited for Prometheus and applies them.
+async fn conclude(
+    state: &State,
+    prometheus: &prometheus::HttpClient,
+    runs: &mut HashMap<Key, Driven>,
+    pending: Vec<Pending>,
+) -> Vec<Write> {
+    let measured = futures_util::future::join_all(pending.into_iter().map(|mut p| async move {
+        let result = prometheus::measure(prometheus, &p.spec, &p.key.0, &mut p.canary, &mut p.stable).await;
+        let at = machine::stamp(p.at);
+        let analysis = match result {
+            Ok(()) => analysis::judge_measured(&p.spec.analysis, &p.canary, &p.stable, at),
+            Err(why) => analysis::unreadable(at, why),
+        };
+        (p, analysis)
+    }))
+    .await;
+    let mut writes = vec![];
+    let mut moved = false;
+    let mut index = state.index.lock();
+    for (p, analysis) in measured {
+        let Some(r) = index.rollout(&p.key.0, &p.key.1).cloned() else { continue };
+        let Some(d) = runs.get_mut(&p.key) else { continue };
+        if r.spec != p.spec {
+            continue;
+        }
+        let analysed = d.run.status.last_analysis.as_ref().map(|a| a.at.clone());
+        let controls = r.status.as_ref().and_then(|s| s.controls.as_ref());
+        let transitions: Vec<Transition> = d.run.apply(&r.spec, p.at, controls, Some(analysis)).into_iter().collect();
+        writes.extend(settle(state, &mut index, &r, d, transitions, analysed, p.at, &mut moved));
+    }
+    drop(index);
+    if moved {
+        state.changed();
+    }
     writes
+}
+
+/// After a tick of one rollout: its metrics, its traffic handed to the index, and the status to
+/// write when it changed.
+#[allow(clippy::too_many_arguments)]
+fn settle(
+    state: &State,
+    index: &mut crate::index::Index,
+    r: &ModelRollout,
+    d: &mut Driven,
+    transitions: Vec<Transition>,
+    analysed: Option<String>,
+    now: Timestamp,
+    moved: &mut bool,
+) -> Option<Write> {
+    let key = ns_name(&r.metadata);
+    let status = d.run.status.clone();
+    if let Some(a) = status.last_analysis.as_ref().filter(|a| Some(&a.at) != analysed.as_ref()) {
+        let l = VerdictLabels { namespace: key.0.clone(), rollout: key.1.clone(), verdict: a.verdict.as_str() };
+        state.metrics.rollout_analyses.get_or_create(&l).inc();
+    }
+    for t in &transitions {
+        if matches!(t.phase, RolloutPhase::RolledBack | RolloutPhase::Failed) {
+            let l = RolloutLabels { namespace: key.0.clone(), rollout: key.1.clone() };
+            state.metrics.rollout_rollbacks.get_or_create(&l).inc();
+        }
+    }
+    let phase = status.phase.unwrap_or(RolloutPhase::Pending);
+    state.metrics.rollout(&key.0, &key.1, phase, status.canary_weight.unwrap_or(0));
+    *moved |= index.drive(&key.0, &key.1, status.clone());
+    let previous = d.written.as_ref().map(|(_, c)| c);
+    let previous = previous.or_else(|| r.status.as_ref()?.conditions.iter().find(|c| c.type_ == CONDITION));
+    let condition = condition(&status, previous, now);
+    let unchanged = d.written.as_ref().is_some_and(|(s, c)| *s == status && *c == condition);
+    if unchanged && transitions.is_empty() {
+        return None;
+    }
+    Some(Write { key, reference: r.object_ref(&()), status, condition, transitions })
 }
 
 /// The driver's `Progressing` condition; its transition time moves only when its status does.

@@ -113,7 +113,22 @@ impl Rollouts {
     /// Sets each rollout's status (and generation) in `resources` to the driver's, and works
     /// out what the driver will hold once this load is accepted: a rollout it drives already
     /// goes on, a changed spec starts over, a new one resumes what `--state-dir` held or starts.
-    pub fn prepare(&self, resources: &mut Resources, now: Timestamp) -> Prepared {
+    /// A rollout that reads its signals from Prometheus cannot be driven here: the load fails.
+    pub fn prepare(&self, resources: &mut Resources, now: Timestamp) -> Result<Prepared, String> {
+        let unsupported: Vec<String> = resources
+            .rollouts
+            .iter()
+            .filter(|r| r.spec.analysis.prometheus.is_some())
+            .map(|r| {
+                let (ns, name) = ns_name(&r.metadata);
+                format!(
+                    "ModelRollout {ns}/{name}: spec.analysis.prometheus is read by the operator; a standalone sidecar judges the canary on its own counters, so remove it here"
+                )
+            })
+            .collect();
+        if !unsupported.is_empty() {
+            return Err(unsupported.join("\n"));
+        }
         let driven = self.driven.lock();
         let saved = self.saved.lock();
         let mut next = BTreeMap::new();
@@ -134,7 +149,7 @@ impl Rollouts {
             r.status = Some(d.run.status.clone());
             next.insert(key, d);
         }
-        Prepared { next, transitions }
+        Ok(Prepared { next, transitions })
     }
 
     #[allow(clippy::too_many_arguments)]

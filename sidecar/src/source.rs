@@ -95,7 +95,8 @@ impl Source {
                 if resources.is_empty() && problems.is_empty() {
                     return Err(format!("{}: no LLMRoute, ScannerPolicy or ModelRollout found", dir.display()));
                 }
-                let prepared = rollouts.map(|r| r.prepare(&mut resources, k8s_openapi::jiff::Timestamp::now()));
+                let prepared =
+                    rollouts.map(|r| r.prepare(&mut resources, k8s_openapi::jiff::Timestamp::now())).transpose()?;
                 let compiled = compile(&resources, workload.as_ref(), options);
                 problems.extend(compiled.rejected.iter().map(ToString::to_string));
                 if problems.is_empty() { Ok((compiled.config, prepared)) } else { Err(problems.join("\n")) }

@@ -6,4 +6,5 @@ pub mod client;
 pub mod cluster;
 pub mod harness;
 pub mod mock;
+pub mod prometheus;
 pub mod traffic;

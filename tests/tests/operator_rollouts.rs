@@ -9,6 +9,7 @@ use bulwark_tests::{
     client::Client,
     cluster::{Cluster, OperatorProc, SidecarProc, eventually, free_port},
     mock::{Behavior, MockProvider},
+    prometheus::FakePrometheus,
     traffic::{Load, share},
 };
 use serde_json::Value;
@@ -256,6 +257,56 @@ async fn kubectl_bulwark_steers_a_rollout_and_a_restarted_operator_resumes_it() 
     assert_eq!(env.c.get(NS, "modelrollout/upgrade", "{.metadata.generation}")?, generation);
     for l in loads {
         assert!(l.stop().await.iter().all(|(_, status, _)| *status == 200));
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signals_from_prometheus_judge_the_canary_and_an_unreadable_one_fails_it() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let Some(env) = start("bulwark-operator-prometheus").await? else { return Ok(()) };
+    let prom = FakePrometheus::start().await?;
+    prom.set(r#"backend="canary""#, 0.01);
+    prom.set(r#"backend="stable""#, 0.0);
+    let loads = env.loads();
+    let query = r#"sum(rate(app_errors_total{namespace="$namespace",route="$route",backend="$backend"}[$window]))"#;
+    let with_prometheus = |address: &str| {
+        rollout("[{weight: 20, pause: 60s}, {weight: 100}]").replace(
+            "minRequests: 10}",
+            &format!("minRequests: 10, prometheus: {{address: \"{address}\", queries: {{errorRate: '{query}'}}}}}}"),
+        )
+    };
+    env.c.apply(&with_prometheus(&prom.url()))?;
+    let passing = eventually(Duration::from_secs(15), "an analysis on Prometheus' numbers", || async {
+        let s = env.status();
+        (s["lastAnalysis"]["verdict"] == "Pass").then_some(s)
+    })
+    .await?;
+    let error_rate = &passing["lastAnalysis"]["signals"][0];
+    assert_eq!((error_rate["name"].as_str(), error_rate["value"].as_f64()), (Some("errorRate"), Some(0.01)));
+    assert!(
+        prom.queries()
+            .iter()
+            .any(|q| q == r#"sum(rate(app_errors_total{namespace="shop",route="chat",backend="canary"}[6s]))"#),
+        "{:?}",
+        prom.queries()
+    );
+    // The sidecars see nothing wrong; Prometheus does, and that decides.
+    prom.set(r#"backend="canary""#, 0.4);
+    let back = env.reaches("RolledBack", 0, Duration::from_secs(10)).await?;
+    assert!(back["message"].as_str().unwrap().contains("errorRate 0.400 > 0.050"), "{back}");
+    env.weight_everywhere("canary", 0).await?;
+
+    // A Prometheus that does not answer: the signals cannot be read, and the canary gets nothing.
+    let dead = format!("http://127.0.0.1:{}", free_port()?);
+    env.c.apply(&with_prometheus(&dead))?;
+    let failed = env.reaches("Failed", 0, Duration::from_secs(15)).await?;
+    let message = failed["message"].as_str().unwrap();
+    assert!(message.contains("the signals could not be read: errorRate of the canary: "), "{message}");
+    assert_eq!(failed["lastAnalysis"]["verdict"], "Error");
+    env.weight_everywhere("canary", 0).await?;
+    for l in loads {
+        l.stop().await;
     }
     Ok(())
 }

@@ -277,3 +277,20 @@ async fn a_step_waits_for_a_promote_and_a_restart_resumes_where_it_was() {
     assert_eq!((again["canaryWeight"].as_u64(), again["generation"].as_u64()), (Some(10), Some(2)));
     let _ = s.stable.calls();
 }
+
+#[tokio::test]
+async fn a_standalone_sidecar_refuses_signals_it_cannot_read() {
+    let spec = "  steps: [{weight: 10}]\n  analysis:\n    prometheus: {address: 'http://prometheus:9090', queries: {errorRate: 'x'}}\n";
+    let yaml = format!("{}---\n{}", route_yaml_for_refusal(), rollout(spec));
+    let err = bulwark_tests::harness::Harness::start("bulwark-rollout-prometheus", &yaml, |_| {}).await.err().unwrap();
+    assert!(
+        err.to_string().contains(
+            "ModelRollout team-a/upgrade: spec.analysis.prometheus is read by the operator; a standalone sidecar judges the canary on its own counters, so remove it here"
+        ),
+        "{err}"
+    );
+}
+
+fn route_yaml_for_refusal() -> String {
+    "apiVersion: bulwark.dev/v1alpha1\nkind: LLMRoute\nmetadata: {name: chat, namespace: team-a}\nspec:\n  backends: [{name: canary, url: 'http://127.0.0.1:9/v1'}]\n  rules: [{backends: [{name: stable, url: 'http://127.0.0.1:9/v1'}]}]\n".to_owned()
+}

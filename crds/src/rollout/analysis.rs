@@ -21,7 +21,42 @@ fn rate(part: u64, whole: u64) -> Option<f64> {
     (whole > 0).then(|| part as f64 / whole as f64)
 }
 
-/// How one signal is measured on an outcome.
+/// What one backend showed in a window, signal by signal: from the sidecars' reports
+/// ([`Measured::of`]), or from Prometheus queries ([`Measured::set`]).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Measured {
+    pub requests: u64,
+    pub error_rate: Option<f64>,
+    pub p95_latency: Option<f64>,
+    pub p95_first_token: Option<f64>,
+    pub block_rate: Option<f64>,
+}
+
+impl Measured {
+    pub fn of(a: &Analysis, o: &BackendOutcome) -> Self {
+        Self {
+            requests: o.requests,
+            error_rate: rate(errors(a, o), o.requests),
+            p95_latency: o.latency.quantile(0.95),
+            p95_first_token: o.first_token.quantile(0.95),
+            block_rate: rate(o.output_blocks, o.requests),
+        }
+    }
+
+    /// Sets a signal by the name a Prometheus query gives it (`requests`, `errorRate`, ...).
+    pub fn set(&mut self, signal: &str, value: f64) {
+        match signal {
+            "requests" => self.requests = value.max(0.0).round() as u64,
+            "errorRate" => self.error_rate = Some(value),
+            "p95Latency" => self.p95_latency = Some(value),
+            "p95FirstToken" => self.p95_first_token = Some(value),
+            "blockRate" => self.block_rate = Some(value),
+            _ => {}
+        }
+    }
+}
+
+/// How one signal is read off what was measured.
 #[derive(Clone, Copy)]
 enum Measure {
     ErrorRate,
@@ -31,12 +66,12 @@ enum Measure {
 }
 
 impl Measure {
-    fn of(self, a: &Analysis, o: &BackendOutcome) -> Option<f64> {
+    fn of(self, m: &Measured) -> Option<f64> {
         match self {
-            Self::ErrorRate => rate(errors(a, o), o.requests),
-            Self::P95Latency => o.latency.quantile(0.95),
-            Self::P95FirstToken => o.first_token.quantile(0.95),
-            Self::BlockRate => rate(o.output_blocks, o.requests),
+            Self::ErrorRate => m.error_rate,
+            Self::P95Latency => m.p95_latency,
+            Self::P95FirstToken => m.p95_first_token,
+            Self::BlockRate => m.block_rate,
         }
     }
 
@@ -52,6 +87,11 @@ impl Measure {
 /// Judges the canary's outcomes of the window (`canary`) against the thresholds, and against
 /// the stable's outcomes of the same window where a threshold is relative.
 pub fn judge(a: &Analysis, canary: &BackendOutcome, stable: &BackendOutcome, at: String) -> AnalysisResult {
+    judge_measured(a, &Measured::of(a, canary), &Measured::of(a, stable), at)
+}
+
+/// [`judge`], on signals measured already.
+pub fn judge_measured(a: &Analysis, canary: &Measured, stable: &Measured, at: String) -> AnalysisResult {
     let secs = |d: Option<crate::Duration>| d.map(|d| d.as_std().as_secs_f64());
     let wanted: [(&str, Measure, Option<f64>, bool); 8] = [
         ("errorRate", Measure::ErrorRate, Some(a.max_error_rate), false),
@@ -70,8 +110,8 @@ pub fn judge(a: &Analysis, canary: &BackendOutcome, stable: &BackendOutcome, at:
     let mut unjudged = vec![];
     for (name, measure, threshold, relative) in wanted {
         let Some(threshold) = threshold else { continue };
-        let value = match (measure.of(a, canary), relative) {
-            (Some(c), true) => measure.of(a, stable).map(|s| c - s),
+        let value = match (measure.of(canary), relative) {
+            (Some(c), true) => measure.of(stable).map(|s| c - s),
             (v, _) => v,
         };
         let verdict = match value {

@@ -170,6 +170,32 @@ pub struct Analysis {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0.0, max = 1.0))]
     pub max_block_rate_increase: Option<f64>,
+    /// Signals read from a Prometheus the user runs, instead of from the sidecars' reports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prometheus: Option<PrometheusSignals>,
+}
+
+/// PromQL queries for some signals, run on the operator against the Prometheus HTTP API (for the
+/// canary, and for the stable where a threshold is relative). In each, `$backend` is the backend
+/// judged, `$route` and `$namespace` the route's, `$window` the analysis window in seconds
+/// (`120s`). The result must be one number (a scalar, or a vector of one sample).
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PrometheusSignals {
+    /// `http://prometheus.monitoring:9090`.
+    pub address: String,
+    /// By signal: `requests` (requests in the window, for minRequests), `errorRate`,
+    /// `p95Latency` and `p95FirstToken` (seconds), `blockRate`.
+    pub queries: BTreeMap<String, String>,
+    #[serde(default = "default_query_timeout")]
+    pub timeout: Duration,
+}
+
+/// The signals a Prometheus query may stand for.
+pub const PROMETHEUS_SIGNALS: [&str; 5] = ["requests", "errorRate", "p95Latency", "p95FirstToken", "blockRate"];
+
+fn default_query_timeout() -> Duration {
+    Duration::from_secs(5)
 }
 
 impl Default for Analysis {
@@ -188,6 +214,7 @@ impl Default for Analysis {
             max_p95_first_token_increase: None,
             max_block_rate: None,
             max_block_rate_increase: None,
+            prometheus: None,
         }
     }
 }

@@ -5,7 +5,8 @@
 use k8s_openapi::jiff::Timestamp;
 
 use super::{
-    AnalysisResult, Controls, ModelRolloutSpec, ModelRolloutStatus, analysis,
+    AnalysisResult, Controls, ModelRolloutSpec, ModelRolloutStatus,
+    analysis::{self, Measured},
     machine::{self, Tick, Transition},
     series::Series,
 };
@@ -47,10 +48,18 @@ impl Run {
         machine::analysis_due(spec, &self.status, now)
     }
 
+    /// The signals of the canary and of the stable in the window ending now, from the recorded
+    /// outcomes.
+    pub fn measure(&self, spec: &ModelRolloutSpec, now: Timestamp) -> (Measured, Measured) {
+        let from = machine::window_start(spec, &self.status, now);
+        let a = &spec.analysis;
+        (Measured::of(a, &self.canary.since(from)), Measured::of(a, &self.stable.since(from)))
+    }
+
     /// The analysis of the window ending now, from the recorded outcomes.
     pub fn judge(&self, spec: &ModelRolloutSpec, now: Timestamp) -> AnalysisResult {
-        let from = machine::window_start(spec, &self.status, now);
-        analysis::judge(&spec.analysis, &self.canary.since(from), &self.stable.since(from), machine::stamp(now))
+        let (canary, stable) = self.measure(spec, now);
+        analysis::judge_measured(&spec.analysis, &canary, &stable, machine::stamp(now))
     }
 
     /// One tick on the recorded outcomes: judges the window when an analysis is due, then
