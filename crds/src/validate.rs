@@ -312,6 +312,14 @@ pub fn model_rollout(spec: &ModelRolloutSpec) -> Vec<FieldError> {
         }
         _ => {}
     }
+    if let Some(last) = spec.steps.last().filter(|s| s.pause.is_some() || s.mirror.is_some()) {
+        let i = spec.steps.len() - 1;
+        let field = if last.pause.is_some() { "pause" } else { "mirror" };
+        e.add(
+            format!("spec.steps[{i}].{field}"),
+            "the last step completes the rollout at once, so it holds no pause and mirrors nothing; add a step after it",
+        );
+    }
     for (i, s) in spec.steps.iter().enumerate() {
         if s.weight > 100 {
             e.add(format!("spec.steps[{i}].weight"), "is a percentage: 0 to 100");

@@ -235,7 +235,9 @@ fn invalid_policies_and_rollouts_are_rejected_with_exact_errors() {
         ),
         (
             "mirror over 100",
-            rollout("  stable: {backend: a}\n  canary: {backend: b}\n  steps: [{weight: 0, mirror: 150}]"),
+            rollout(
+                "  stable: {backend: a}\n  canary: {backend: b}\n  steps: [{weight: 0, mirror: 150}, {weight: 100}]",
+            ),
             "spec.steps[0].mirror: is a percentage: 0 to 100",
         ),
         (
@@ -265,6 +267,13 @@ fn invalid_policies_and_rollouts_are_rejected_with_exact_errors() {
                 "  stable: {backend: a}\n  canary: {backend: b}\n  steps: [{weight: 10}]\n  analysis: {prometheus: {address: 'p:9090', queries: {errorRate: 'x'}}}",
             ),
             "spec.analysis.prometheus.address: \"p:9090\" is not an http(s) URL",
+        ),
+        (
+            "pause on the last step",
+            rollout(
+                "  stable: {backend: a}\n  canary: {backend: b}\n  steps: [{weight: 10, pause: 1m}, {weight: 100, pause: 1m}]",
+            ),
+            "spec.steps[1].pause: the last step completes the rollout at once, so it holds no pause and mirrors nothing; add a step after it",
         ),
         (
             "no route",

@@ -427,3 +427,14 @@ fn a_series_reads_any_window_and_never_counts_before_its_first_sample() {
     series.record(at(101), &total);
     assert_eq!(series.since(at(100)).requests, 0, "an unchanged count adds no sample and no requests");
 }
+
+#[test]
+fn a_step_shorter_than_the_interval_waits_for_an_analysis_of_its_own() {
+    let mut sim = Sim::new(&STEPS.replace("{weight: 25, pause: 30s}", "{weight: 25, pause: 1s}"));
+    sim.run(30, HEALTHY, HEALTHY);
+    assert_eq!(sim.at(), (Progressing, 1, 25), "the analysis at 30 s passed step 1");
+    sim.run(9, HEALTHY, HEALTHY);
+    assert_eq!(sim.at(), (Progressing, 1, 25), "its pause is over, but that analysis was step 1's");
+    sim.run(1, HEALTHY, HEALTHY);
+    assert_eq!(sim.at(), (Succeeded, 2, 100), "the analysis at 40 s is step 2's own");
+}

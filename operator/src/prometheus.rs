@@ -44,8 +44,9 @@ fn encode(q: &str) -> String {
         .collect()
 }
 
-/// The one number of a query answer: a scalar, or a vector of exactly one sample.
-pub fn number(answer: &Value) -> Result<f64, String> {
+/// The one number of a query answer: a scalar, or a vector of exactly one sample; `None` for
+/// an empty vector (no series yet: nothing to measure, which is no verdict rather than an error).
+pub fn number(answer: &Value) -> Result<Option<f64>, String> {
     if answer["status"] != "success" {
         let why = answer["error"].as_str().unwrap_or("no reason given");
         return Err(format!("Prometheus refused the query: {why}"));
@@ -55,7 +56,7 @@ pub fn number(answer: &Value) -> Result<f64, String> {
         Some("scalar") => &data["result"],
         Some("vector") => match data["result"].as_array().map(Vec::as_slice) {
             Some([one]) => &one["value"],
-            Some([]) => return Err("the query returned no sample".into()),
+            Some([]) => return Ok(None),
             Some(many) => return Err(format!("the query returned {} samples; it must return one", many.len())),
             None => return Err("the answer has no result".into()),
         },
@@ -63,11 +64,15 @@ pub fn number(answer: &Value) -> Result<f64, String> {
     };
     let text = sample.get(1).and_then(Value::as_str).ok_or("a sample without a value")?;
     let v: f64 = text.parse().map_err(|_| format!("{text:?} is not a number"))?;
-    if v.is_finite() { Ok(v) } else { Err(format!("the query returned {text}")) }
+    // 0/0 (no requests in the window) is NaN: nothing to measure either.
+    if v.is_nan() {
+        return Ok(None);
+    }
+    if v.is_finite() { Ok(Some(v)) } else { Err(format!("the query returned {text}")) }
 }
 
 /// Runs one instant query.
-pub async fn query(client: &HttpClient, p: &PrometheusSignals, promql: &str) -> Result<f64, String> {
+pub async fn query(client: &HttpClient, p: &PrometheusSignals, promql: &str) -> Result<Option<f64>, String> {
     let url = format!("{}/api/v1/query?query={}", p.address.trim_end_matches('/'), encode(promql));
     let uri: http::Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
     let req = http::Request::get(uri).body(Empty::new()).map_err(|e| e.to_string())?;
@@ -86,11 +91,13 @@ pub async fn query(client: &HttpClient, p: &PrometheusSignals, promql: &str) -> 
 }
 
 /// Replaces the signals the spec reads from Prometheus in `canary` (and in `stable` where a
-/// relative threshold needs them), or says which query failed.
+/// relative threshold needs them), or says which query failed. `window` is the analysis window
+/// as it is now: never longer than the attempt has run. The queries run at once.
 pub async fn measure(
     client: &HttpClient,
     spec: &ModelRolloutSpec,
     namespace: &str,
+    window: Duration,
     canary: &mut Measured,
     stable: &mut Measured,
 ) -> Result<(), String> {
@@ -101,14 +108,18 @@ pub async fn measure(
         || a.max_p95_first_token_increase.is_some()
         || a.max_block_rate_increase.is_some();
     let route = &spec.route_ref.name;
+    let mut asked = vec![];
     for (signal, q) in &p.queries {
-        let promql = |backend: &str| render(q, namespace, route, backend, a.window.as_std());
-        let v = query(client, p, &promql(&spec.canary.backend)).await;
-        canary.set(signal, v.map_err(|e| format!("{signal} of the canary: {e}"))?);
+        asked.push((signal.as_str(), true, render(q, namespace, route, &spec.canary.backend, window)));
         if relative || signal == "requests" {
-            let v = query(client, p, &promql(&spec.stable.backend)).await;
-            stable.set(signal, v.map_err(|e| format!("{signal} of the stable: {e}"))?);
+            asked.push((signal.as_str(), false, render(q, namespace, route, &spec.stable.backend, window)));
         }
+    }
+    let answers = futures_util::future::join_all(asked.iter().map(|(_, _, promql)| query(client, p, promql))).await;
+    for ((signal, of_canary, _), answer) in asked.into_iter().zip(answers) {
+        let whose = if of_canary { "canary" } else { "stable" };
+        let value = answer.map_err(|e| format!("{signal} of the {whose}: {e}"))?;
+        if of_canary { canary.set(signal, value) } else { stable.set(signal, value) }
     }
     Ok(())
 }
@@ -127,13 +138,14 @@ mod tests {
         );
         assert_eq!(encode(r#"a{b="c"} / 2"#), "a%7Bb%3D%22c%22%7D%20%2F%202");
         let vector = |result: Value| json!({"status": "success", "data": {"resultType": "vector", "result": result}});
-        assert_eq!(number(&vector(json!([{"metric": {}, "value": [1.0, "0.25"]}]))), Ok(0.25));
+        assert_eq!(number(&vector(json!([{"metric": {}, "value": [1.0, "0.25"]}]))), Ok(Some(0.25)));
         let scalar = json!({"status": "success", "data": {"resultType": "scalar", "result": [1.0, "3"]}});
-        assert_eq!(number(&scalar), Ok(3.0));
-        assert_eq!(number(&vector(json!([]))), Err("the query returned no sample".into()));
+        assert_eq!(number(&scalar), Ok(Some(3.0)));
+        assert_eq!(number(&vector(json!([]))), Ok(None), "no series yet: nothing to measure");
+        assert_eq!(number(&vector(json!([{"value": [1, "NaN"]}]))), Ok(None), "0/0: nothing to measure");
         let two = vector(json!([{"value": [1, "1"]}, {"value": [1, "2"]}]));
         assert_eq!(number(&two), Err("the query returned 2 samples; it must return one".into()));
-        assert_eq!(number(&vector(json!([{"value": [1, "NaN"]}]))), Err("the query returned NaN".into()));
+        assert_eq!(number(&vector(json!([{"value": [1, "+Inf"]}]))), Err("the query returned +Inf".into()));
         let refused = json!({"status": "error", "errorType": "bad_data", "error": "parse error at char 3"});
         assert_eq!(number(&refused), Err("Prometheus refused the query: parse error at char 3".into()));
     }

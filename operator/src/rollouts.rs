@@ -4,14 +4,18 @@
 //! driver's fields of the status with a field manager of its own, and publishes an Event per
 //! transition. A new leader resumes every rollout from its status; it never writes `spec`.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
 
 use bulwark_api::{
     ModelRollout, Rejection,
     compile::ns_name,
     control::BackendOutcome,
     rollout::{
-        ModelRolloutSpec, ModelRolloutStatus, RolloutPhase,
+        AnalysisResult, ModelRolloutSpec, ModelRolloutStatus, RolloutPhase,
         analysis::{self, Measured},
         machine::{self, Transition},
         run::Run,
@@ -23,7 +27,7 @@ use kube::{
     Client, Resource as _,
     runtime::events::{Event, EventType, Recorder, Reporter},
 };
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use crate::{
     State,
@@ -69,13 +73,12 @@ pub async fn run(
     let reporter = Reporter { controller: FIELD_MANAGER.into(), instance: Some(identity) };
     let recorder = Recorder::new(client.clone(), reporter);
     let mut runs: HashMap<Key, Driven> = HashMap::new();
-    let prometheus = match prometheus::client() {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!("no HTTP client for Prometheus queries, rollouts are not driven: {e}");
-            return;
-        }
-    };
+    let prometheus = prometheus::client()
+        .map_err(|e| tracing::error!("no HTTP client for Prometheus queries; such analyses will fail: {e}"))
+        .ok();
+    // Prometheus analyses run in tasks of their own, so a slow one never holds up the others.
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(Pending, AnalysisResult)>();
+    let mut asking: HashSet<Key> = HashSet::new();
     let mut every = tokio::time::interval(TICK);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -94,11 +97,28 @@ pub async fn run(
         }
         // Nothing is driven before the first compile of a fully listed cluster.
         let Some(current) = compiled.borrow().clone() else { continue };
-        let (mut writes, pending) = tick(&state, &current, &mut runs, Timestamp::now());
-        if !pending.is_empty() {
-            writes.extend(conclude(&state, &prometheus, &mut runs, pending).await);
+        let (mut writes, pending) = tick(&state, &current, &mut runs, &asking, Timestamp::now());
+        for p in pending {
+            asking.insert(p.key.clone());
+            let (client, done) = (prometheus.clone(), done_tx.clone());
+            tokio::spawn(async move {
+                let analysis = ask(client.as_ref(), &p).await;
+                let _ = done.send((p, analysis));
+            });
+        }
+        let mut answered = vec![];
+        while let Ok((p, analysis)) = done_rx.try_recv() {
+            asking.remove(&p.key);
+            answered.push((p, analysis));
+        }
+        if !answered.is_empty() {
+            writes.extend(conclude(&state, &mut runs, answered, Timestamp::now()));
         }
         for w in writes {
+            // A replica that lost the lease meanwhile writes nothing more.
+            if !state.is_leader() {
+                break;
+            }
             let written = write(&client, &state, &w).await;
             if written && let Some(d) = runs.get_mut(&w.key) {
                 d.written = Some((w.status.clone(), w.condition.clone()));
@@ -117,8 +137,23 @@ struct Pending {
     key: Key,
     spec: ModelRolloutSpec,
     at: Timestamp,
+    /// The window as it is now: never longer than the attempt has run.
+    window: std::time::Duration,
     canary: Measured,
     stable: Measured,
+}
+
+/// Completes a pending analysis with Prometheus' numbers; a query that fails makes it `Error`.
+async fn ask(client: Option<&prometheus::HttpClient>, p: &Pending) -> AnalysisResult {
+    let at = machine::stamp(p.at);
+    let Some(client) = client else {
+        return analysis::unreadable(at, "the operator has no HTTP client for Prometheus".into());
+    };
+    let (mut canary, mut stable) = (p.canary.clone(), p.stable.clone());
+    match prometheus::measure(client, &p.spec, &p.key.0, p.window, &mut canary, &mut stable).await {
+        Ok(()) => analysis::judge_measured(&p.spec.analysis, &canary, &stable, at),
+        Err(why) => analysis::unreadable(at, why),
+    }
 }
 
 /// One look at every rollout, under the index lock: the statuses to apply, and the analyses
@@ -127,6 +162,7 @@ fn tick(
     state: &State,
     compiled: &Compiled,
     runs: &mut HashMap<Key, Driven>,
+    asking: &HashSet<Key>,
     now: Timestamp,
 ) -> (Vec<Write>, Vec<Pending>) {
     let rejected: HashMap<Key, &Rejection> = compiled
@@ -179,9 +215,14 @@ fn tick(
         let analysed = d.run.status.last_analysis.as_ref().map(|a| a.at.clone());
         let controls = r.status.as_ref().and_then(|s| s.controls.as_ref());
         let asks_prometheus = r.spec.analysis.prometheus.is_some() && d.run.generation() == generation;
-        if asks_prometheus && d.run.due(&r.spec, now) {
-            let (canary, stable) = d.run.measure(&r.spec, now);
-            pending.push(Pending { key: key.clone(), spec: r.spec.clone(), at: now, canary, stable });
+        if asks_prometheus {
+            // Judged once Prometheus answers; meanwhile time and controls still move it.
+            if d.run.due(&r.spec, now) && !asking.contains(&key) {
+                let (canary, stable) = d.run.measure(&r.spec, now);
+                let from = machine::window_start(&r.spec, &d.run.status, now);
+                let window = now.duration_since(from).unsigned_abs();
+                pending.push(Pending { key: key.clone(), spec: r.spec.clone(), at: now, window, canary, stable });
+            }
             transitions.extend(d.run.apply(&r.spec, now, controls, None));
         } else {
             transitions.extend(d.run.tick(&r.spec, generation, now, controls));
@@ -197,36 +238,27 @@ fn tick(
     (writes, pending)
 }
 
-/// Completes the analyses that waited for Prometheus and applies them.
-async fn conclude(
+/// Applies the analyses Prometheus answered.
+fn conclude(
     state: &State,
-    prometheus: &prometheus::HttpClient,
     runs: &mut HashMap<Key, Driven>,
-    pending: Vec<Pending>,
+    answered: Vec<(Pending, AnalysisResult)>,
+    now: Timestamp,
 ) -> Vec<Write> {
-    let measured = futures_util::future::join_all(pending.into_iter().map(|mut p| async move {
-        let result = prometheus::measure(prometheus, &p.spec, &p.key.0, &mut p.canary, &mut p.stable).await;
-        let at = machine::stamp(p.at);
-        let analysis = match result {
-            Ok(()) => analysis::judge_measured(&p.spec.analysis, &p.canary, &p.stable, at),
-            Err(why) => analysis::unreadable(at, why),
-        };
-        (p, analysis)
-    }))
-    .await;
     let mut writes = vec![];
     let mut moved = false;
     let mut index = state.index.lock();
-    for (p, analysis) in measured {
+    for (p, analysis) in answered {
         let Some(r) = index.rollout(&p.key.0, &p.key.1).cloned() else { continue };
         let Some(d) = runs.get_mut(&p.key) else { continue };
-        if r.spec != p.spec {
+        // Asked of another spec, or another generation: the new one asks again.
+        if r.spec != p.spec || Some(d.run.generation()) != r.metadata.generation.or(Some(1)) {
             continue;
         }
         let analysed = d.run.status.last_analysis.as_ref().map(|a| a.at.clone());
         let controls = r.status.as_ref().and_then(|s| s.controls.as_ref());
-        let transitions: Vec<Transition> = d.run.apply(&r.spec, p.at, controls, Some(analysis)).into_iter().collect();
-        writes.extend(settle(state, &mut index, &r, d, transitions, analysed, p.at, &mut moved));
+        let transitions: Vec<Transition> = d.run.apply(&r.spec, now, controls, Some(analysis)).into_iter().collect();
+        writes.extend(settle(state, &mut index, &r, d, transitions, analysed, now, &mut moved));
     }
     drop(index);
     if moved {

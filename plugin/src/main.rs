@@ -15,7 +15,7 @@ use kube::{
     api::{Patch, PatchParams},
 };
 
-use crate::control::Action;
+use bulwark_api::rollout::control::Action;
 
 /// The field manager of the plugin's status patches.
 const FIELD_MANAGER: &str = "kubectl-bulwark";

@@ -16,7 +16,7 @@ use crate::{
     retry::Failure,
     runtime::{BackendRuntime, RouteRuntime},
     scan::Restore,
-    settle::{End, Origin, Settlement},
+    settle::{End, Origin, Settlement, request_labels},
     usage,
 };
 
@@ -67,13 +67,7 @@ async fn copy(state: &AppState, route: &RouteRuntime, backend: &BackendRuntime, 
                 Failure::Status { status, .. } => status_class(status.as_u16()),
                 _ => "error",
             };
-            let labels = failover::labels(route, backend, req);
-            let l = RequestLabels {
-                route: labels.route,
-                backend: labels.backend,
-                model: labels.model,
-                status_class: class,
-            };
+            let l = RequestLabels { status_class: class, ..request_labels(&failover::labels(route, backend, req)) };
             state.metrics.mirrored.get_or_create(&l).inc();
             return;
         }
@@ -82,10 +76,10 @@ async fn copy(state: &AppState, route: &RouteRuntime, backend: &BackendRuntime, 
     match committed.body {
         CommittedBody::Full(body) => {
             let restore = Restore::default();
-            let answer = Answer { status: committed.status, body, restore: &restore };
+            let answer = Answer { status: committed.status, body, restore: &restore, origin: Origin::Mirror };
             let (body, _) = proxy::judge_full(state, route, backend, req.api, &answer).await;
             let usage = if committed.status.is_success() { usage::from_json(&body) } else { Default::default() };
-            end.end(End { class: status_class(committed.status.as_u16()), broken: false, usage, record: None });
+            end.end(End::whole(committed.status, usage, None));
         }
         CommittedBody::Stream { first, rest } => {
             let mut relay = proxy::relay(state, route, backend, req.api, first, rest, Restore::default(), end);

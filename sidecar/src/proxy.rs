@@ -17,7 +17,7 @@ use crate::{
     cache::{Cache, Cached, Key},
     error::ProxyError,
     failover::{self, CommittedBody},
-    metrics::{CacheLabels, ErrorLabels, Metrics, RouteLabels, status_class},
+    metrics::{CacheLabels, ErrorLabels, Metrics, RouteLabels},
     mirror,
     ratelimit::{RateLimiter, Reservation},
     request::{self, Api, Limits, LlmRequest},
@@ -81,7 +81,7 @@ async fn serve(state: &Arc<AppState>, req: Request<Incoming>) -> Result<Response
     end.answered(committed.ttfb, matches!(committed.body, CommittedBody::Stream { .. }));
     let mut resp = match committed.body {
         CommittedBody::Full(body) => {
-            let answer = Answer { status: committed.status, body, restore: &restore };
+            let answer = Answer { status: committed.status, body, restore: &restore, origin: Origin::Client };
             respond_full(state, route, &backend, req.api, answer, end).await
         }
         CommittedBody::Stream { first, rest } => {
@@ -128,6 +128,8 @@ pub struct Answer<'a> {
     pub status: StatusCode,
     pub body: Bytes,
     pub restore: &'a Restore,
+    /// A mirrored copy's answer is judged but counted only as the backend's output blocks.
+    pub origin: Origin,
 }
 
 /// A complete answer: output scanners, then the response; `end` settles it.
@@ -143,7 +145,7 @@ async fn respond_full(
     let usage = if answer.status.is_success() { usage::from_json(&body) } else { usage::Usage::default() };
     let cacheable = answer.status.is_success() && blocked.is_none();
     let record = cacheable.then(|| body.clone());
-    end.end(End { class: status_class(answer.status.as_u16()), broken: false, usage, record });
+    end.end(End::whole(answer.status, usage, record));
     let mut resp = Response::new(ProxyBody::full(body));
     if let Some(b) = blocked
         && let Ok(v) = HeaderValue::from_str(&format!("{}/{}", b.policy, b.scanner))
@@ -163,7 +165,7 @@ pub async fn judge_full(
 ) -> (Bytes, Option<scan::Blocked>) {
     match &route.policy {
         Some(policy) if answer.status.is_success() && (!policy.output.is_empty() || !answer.restore.is_empty()) => {
-            scan_output(state, route, backend, policy, api, answer.body.clone(), answer.restore).await
+            scan_output(state, route, backend, policy, api, answer).await
         }
         _ => (answer.body.clone(), None),
     }
@@ -181,6 +183,7 @@ pub fn relay(
     restore: Restore,
     end: Settlement,
 ) -> Relay {
+    let mirrored = end.origin() == Origin::Mirror;
     let relay = Relay::new(first, rest, api.flavor(), route.cfg.timeouts.idle.as_std(), end);
     match &route.policy {
         Some(policy) if !policy.output.is_empty() || !restore.is_empty() => {
@@ -192,7 +195,7 @@ pub fn relay(
                 route.cfg.route.clone(),
                 backend.cfg.name.clone(),
             );
-            relay.with_guard(guard)
+            relay.with_guard(if mirrored { guard.mirrored() } else { guard })
         }
         _ => relay,
     }
@@ -201,7 +204,7 @@ pub fn relay(
 /// Runs the route's input scanners; rewrites the body when they redact.
 async fn scan_input(state: &AppState, route: &RouteRuntime, req: &mut LlmRequest) -> Result<Restore, ProxyError> {
     let Some(policy) = route.policy.as_ref().filter(|p| !p.input.is_empty()) else { return Ok(Restore::default()) };
-    let ctx = scan::Ctx { metrics: &state.metrics, route: &route.cfg.route, backend: None };
+    let ctx = scan::Ctx { metrics: &state.metrics, route: &route.cfg.route, backend: None, mirrored: false };
     let mut texts = scan::text::request_texts(req.api, &mut req.body);
     match scan::run_async(policy, Direction::Input, &mut texts, &ctx).await {
         Ok(restore) => {
@@ -225,11 +228,16 @@ async fn scan_output(
     backend: &BackendRuntime,
     policy: &scan::PolicyRuntime,
     api: Api,
-    body: Bytes,
-    restore: &Restore,
+    answer: &Answer<'_>,
 ) -> (Bytes, Option<scan::Blocked>) {
+    let (body, restore, origin) = (answer.body.clone(), answer.restore, answer.origin);
     let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&body) else { return (body, None) };
-    let ctx = scan::Ctx { metrics: &state.metrics, route: &route.cfg.route, backend: Some(&backend.cfg.name) };
+    let ctx = scan::Ctx {
+        metrics: &state.metrics,
+        route: &route.cfg.route,
+        backend: Some(&backend.cfg.name),
+        mirrored: origin == Origin::Mirror,
+    };
     let mut texts = scan::text::response_texts(api, &mut v);
     let blocked = match scan::run_async(policy, Direction::Output, &mut texts, &ctx).await {
         Ok(_) => {

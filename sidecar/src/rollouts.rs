@@ -14,7 +14,8 @@ use bulwark_api::{
     compile::ns_name,
     manifest::Resources,
     rollout::{
-        ControlRequest, Controls, ModelRolloutSpec, ModelRolloutStatus, RolloutPhase,
+        Controls, ModelRolloutSpec, ModelRolloutStatus, RolloutPhase,
+        control::{self, Action},
         machine::{self, Transition},
         run::Run,
     },
@@ -53,6 +54,9 @@ struct Saved {
     generation: i64,
     spec_hash: String,
     status: ModelRolloutStatus,
+    /// A pause (and requests not acted on yet) outlive a restart too.
+    #[serde(default)]
+    controls: Controls,
 }
 
 pub struct Rollouts {
@@ -60,6 +64,8 @@ pub struct Rollouts {
     /// What `--state-dir` held at start, for rollouts not driven yet.
     saved: Mutex<BTreeMap<Key, Saved>>,
     state_dir: Option<PathBuf>,
+    /// One save at a time: the driver and the config source both save.
+    saving: Mutex<()>,
     metrics: Arc<Metrics>,
     /// Wakes the config source: a rollout moved traffic, so the config is compiled again.
     pub changed: Notify,
@@ -98,16 +104,23 @@ impl Rollouts {
                 .map_err(|e| anyhow::anyhow!("--state-dir {}: cannot create it: {e}", dir.display()))?;
             let path = dir.join(STATE_FILE);
             match std::fs::read(&path) {
-                Ok(bytes) => {
-                    let list: Vec<Saved> = serde_json::from_slice(&bytes)
-                        .map_err(|e| anyhow::anyhow!("{}: not a rollout state file: {e}", path.display()))?;
-                    saved = list.into_iter().map(|s| ((s.namespace.clone(), s.name.clone()), s)).collect();
-                }
+                Ok(bytes) => match serde_json::from_slice::<Vec<Saved>>(&bytes) {
+                    Ok(list) => saved = list.into_iter().map(|s| ((s.namespace.clone(), s.name.clone()), s)).collect(),
+                    // The rollouts start over; the next save replaces the file.
+                    Err(e) => tracing::warn!("{}: not a rollout state file, starting over: {e}", path.display()),
+                },
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => anyhow::bail!("{}: {e}", path.display()),
             }
         }
-        Ok(Self { driven: Mutex::default(), saved: Mutex::new(saved), state_dir, metrics, changed: Notify::new() })
+        Ok(Self {
+            driven: Mutex::default(),
+            saved: Mutex::new(saved),
+            state_dir,
+            saving: Mutex::new(()),
+            metrics,
+            changed: Notify::new(),
+        })
     }
 
     /// Sets each rollout's status (and generation) in `resources` to the driver's, and works
@@ -140,7 +153,9 @@ impl Rollouts {
                 (Some(d), _) if d.spec_hash == hash => d.clone(),
                 (Some(d), _) => self.begin(&key, &r.spec, d.generation + 1, hash, None, now, &mut transitions),
                 (None, Some(s)) if s.spec_hash == hash => {
-                    self.begin(&key, &r.spec, s.generation, hash, Some(&s.status), now, &mut transitions)
+                    let mut d = self.begin(&key, &r.spec, s.generation, hash, Some(&s.status), now, &mut transitions);
+                    d.controls = s.controls.clone();
+                    d
                 }
                 (None, Some(s)) => self.begin(&key, &r.spec, s.generation + 1, hash, None, now, &mut transitions),
                 (None, None) => self.begin(&key, &r.spec, 1, hash, None, now, &mut transitions),
@@ -225,24 +240,14 @@ impl Rollouts {
 
     /// A user's control: `promote` (with `full`), `pause`, `resume`, `abort`, `retry`.
     pub fn control(&self, ns: &str, name: &str, action: &str, full: bool) -> Result<String, String> {
+        let action = Action::parse(action, full)?;
         let mut driven = self.driven.lock();
         let d = driven.get_mut(&(ns.to_owned(), name.to_owned())).ok_or_else(|| format!("no rollout {ns}/{name}"))?;
-        let s = &d.run.status;
-        let request = ControlRequest {
-            generation: d.generation,
-            attempt: s.attempt.unwrap_or(1),
-            step: s.current_step.unwrap_or(0),
-            full,
-        };
-        match action {
-            "promote" => d.controls.promote = Some(request),
-            "pause" => d.controls.paused = Some(true),
-            "resume" => d.controls.paused = None,
-            "abort" => d.controls.abort = Some(request),
-            "retry" => d.controls.retry = Some(request),
-            other => return Err(format!("unknown action {other:?}; use promote, pause, resume, abort or retry")),
-        }
-        Ok(format!("{action} requested for rollout {ns}/{name}"))
+        let asked = control::request(&format!("{ns}/{name}"), &d.spec, d.generation, &d.run.status, action)?;
+        d.controls.merge(asked);
+        drop(driven);
+        self.save();
+        Ok(format!("{} requested for rollout {ns}/{name}", action.name()))
     }
 
     /// Every driven rollout and its state, for `GET /rollouts`.
@@ -259,6 +264,7 @@ impl Rollouts {
                     "canary": d.spec.canary.backend,
                     "generation": d.generation,
                     "steps": machine::steps(&d.spec).len(),
+                    "controls": d.controls,
                 });
                 if let (Some(e), Ok(serde_json::Value::Object(status))) =
                     (entry.as_object_mut(), serde_json::to_value(&d.run.status))
@@ -285,6 +291,7 @@ impl Rollouts {
     /// Writes the state to `--state-dir` (a new file renamed over the old: never half written).
     fn save(&self) {
         let Some(dir) = &self.state_dir else { return };
+        let _one_at_a_time = self.saving.lock();
         let list: Vec<Saved> = self
             .driven
             .lock()
@@ -295,6 +302,7 @@ impl Rollouts {
                 generation: d.generation,
                 spec_hash: d.spec_hash.clone(),
                 status: d.run.status.clone(),
+                controls: d.controls.clone(),
             })
             .collect();
         if let Err(e) = write_atomically(&dir.join(STATE_FILE), &serde_json::to_vec_pretty(&list).unwrap_or_default()) {

@@ -29,13 +29,22 @@ pub struct End {
     /// The stream broke after its first byte (the client got an error event).
     pub broken: bool,
     pub usage: Usage,
+    /// Without reported usage, whether the estimate stays charged (the backend may have spent
+    /// it: a stream, a cancelled request) or nothing is (a whole answer that reports none).
+    pub unknown_usage_costs_estimate: bool,
     /// The answer as sent, when it may be cached.
     pub record: Option<Bytes>,
 }
 
 impl End {
     pub fn cancelled(usage: Usage) -> Self {
-        Self { class: "cancelled", broken: false, usage, record: None }
+        Self { class: "cancelled", broken: false, usage, unknown_usage_costs_estimate: true, record: None }
+    }
+
+    /// A whole answer, as the backend sent it.
+    pub fn whole(status: http::StatusCode, usage: Usage, record: Option<Bytes>) -> Self {
+        let class = crate::metrics::status_class(status.as_u16());
+        Self { class, broken: false, usage, unknown_usage_costs_estimate: false, record }
     }
 }
 
@@ -60,6 +69,10 @@ pub struct Settlement {
 impl Settlement {
     pub fn new(metrics: Arc<Metrics>, origin: Origin, started: Instant) -> Self {
         Self { metrics, origin, started, reservation: None, cache: None, stage: Stage::Local }
+    }
+
+    pub fn origin(&self) -> Origin {
+        self.origin
     }
 
     pub fn started(&self) -> Instant {
@@ -144,7 +157,7 @@ impl Settlement {
     }
 }
 
-fn request_labels(l: &BackendLabels) -> RequestLabels {
+pub fn request_labels(l: &BackendLabels) -> RequestLabels {
     RequestLabels { route: l.route.clone(), backend: l.backend.clone(), model: l.model.clone(), status_class: "" }
 }
 
@@ -161,7 +174,8 @@ impl Drop for Settlement {
             Stage::Answered { labels, stream, end } => {
                 let end = end.unwrap_or_else(|| End::cancelled(Usage::default()));
                 self.record(&labels, &end);
-                self.settle_tokens(end.usage.total().unwrap_or(estimate));
+                let unknown = if end.unknown_usage_costs_estimate { estimate } else { 0 };
+                self.settle_tokens(end.usage.total().unwrap_or(unknown));
                 if let (Some((cache, key)), Some(body)) = (self.cache.take(), end.record) {
                     cache.insert(key, Cached { body, stream, backend: labels.backend }, Instant::now());
                 }

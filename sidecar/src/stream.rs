@@ -121,7 +121,7 @@ impl Relay {
     fn finish(&mut self, broken: bool) {
         if let Some(mut end) = self.end.take() {
             let record = if broken || self.blocked { None } else { self.record.take().map(|(b, _)| Bytes::from(b)) };
-            end.end(End { class: "2xx", broken, usage: self.usage(), record });
+            end.end(End { class: "2xx", broken, usage: self.usage(), unknown_usage_costs_estimate: true, record });
         }
     }
 

@@ -257,6 +257,7 @@ async fn a_step_waits_for_a_promote_and_a_restart_resumes_where_it_was() {
     sidecar.ready().await;
     let paused = sidecar.reaches("Paused", Some(0), Duration::from_secs(5)).await;
     assert_eq!(paused["message"], "step 1 of 2 (canary at 20%): waiting for a promote (analysis goes on)");
+    assert_eq!(sidecar.post("/rollouts/team-a/upgrade/pause").await.0, 200);
     sidecar.proc.terminate().unwrap();
     let sidecar = Sidecar::start(&s.dir, &s.state);
     sidecar.ready().await;
@@ -264,6 +265,16 @@ async fn a_step_waits_for_a_promote_and_a_restart_resumes_where_it_was() {
     assert_eq!(resumed["phase"], "Paused");
     assert_eq!(resumed["startedAt"], paused["startedAt"], "the same attempt, not a new start");
     assert_eq!(resumed["stepStartedAt"], paused["stepStartedAt"]);
+    assert_eq!(resumed["controls"]["paused"], true, "a pause outlives a restart");
+    assert_eq!(
+        sidecar.post("/rollouts/team-a/upgrade/retry").await,
+        (
+            400,
+            "rollout team-a/upgrade is Paused; only a rolled back, aborted or failed rollout can be retried\n"
+                .to_owned()
+        )
+    );
+    assert_eq!(sidecar.post("/rollouts/team-a/upgrade/resume").await.0, 200);
     assert_eq!(sidecar.post("/rollouts/team-a/nope/promote").await, (400, "no rollout team-a/nope\n".to_owned()));
     assert_eq!(sidecar.post("/rollouts/team-a/upgrade/jump").await.0, 400);
     assert_eq!(sidecar.post("/rollouts/team-a/upgrade/promote").await.0, 200);

@@ -346,6 +346,9 @@ async fn token_rate_limits_settle_on_real_usage() {
     )))
     .await;
     let body = json!({"model": "m", "max_tokens": 100, "messages": [{"role": "user", "content": "hello there"}]});
+    // A client error costs nothing: its reservation is returned whole.
+    mock.script([Behavior::Status(400, None)]);
+    assert_eq!(env.client.post("/v1/chat/completions", &body, &[]).await.unwrap().status, 400);
     for i in 0..5 {
         let r = env.client.post("/v1/chat/completions", &body, &[]).await.unwrap();
         assert_eq!(r.status, 200, "call {i}: reservations are returned once usage is known");

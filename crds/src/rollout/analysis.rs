@@ -43,14 +43,15 @@ impl Measured {
         }
     }
 
-    /// Sets a signal by the name a Prometheus query gives it (`requests`, `errorRate`, ...).
-    pub fn set(&mut self, signal: &str, value: f64) {
+    /// Sets a signal by the name a Prometheus query gives it (`requests`, `errorRate`, ...);
+    /// `None`: there was nothing to measure.
+    pub fn set(&mut self, signal: &str, value: Option<f64>) {
         match signal {
-            "requests" => self.requests = value.max(0.0).round() as u64,
-            "errorRate" => self.error_rate = Some(value),
-            "p95Latency" => self.p95_latency = Some(value),
-            "p95FirstToken" => self.p95_first_token = Some(value),
-            "blockRate" => self.block_rate = Some(value),
+            "requests" => self.requests = value.map_or(0, |v| v.max(0.0).round() as u64),
+            "errorRate" => self.error_rate = value,
+            "p95Latency" => self.p95_latency = value,
+            "p95FirstToken" => self.p95_first_token = value,
+            "blockRate" => self.block_rate = value,
             _ => {}
         }
     }

@@ -242,11 +242,12 @@ pub fn advance(
     let current = (s.current_step.unwrap_or(0) as usize).min(plan.len().saturating_sub(1));
     let paused_by_user = controls.paused == Some(true);
     let mut reason = None;
+    let Some(step) = plan.get(current) else { return (s, None) };
     if let Some(p) = meant(&controls.promote).filter(|p| p.step as usize == current) {
-        let target = if p.full { plan.len() - 1 } else { current + 1 };
+        let target = if p.full { plan.len().saturating_sub(1) } else { current + 1 };
         go_to(&mut s, &plan, target, now);
         reason = Some("Promoted");
-    } else if !paused_by_user && holds_until_passed(&plan[current], &s, now) {
+    } else if !paused_by_user && holds_until_passed(step, &s, now) {
         go_to(&mut s, &plan, current + 1, now);
         reason = Some("StepAdvanced");
     }
@@ -268,7 +269,8 @@ pub fn advance(
 fn holds_until_passed(step: &Planned, s: &ModelRolloutStatus, now: Timestamp) -> bool {
     let (Some(pause), Some(started)) = (step.pause, parse(s.step_started_at.as_ref())) else { return false };
     let passed_since = s.last_analysis.as_ref().filter(|a| a.verdict == Verdict::Pass).and_then(|a| a.at.parse().ok());
-    now >= add(started, pause) && passed_since.is_some_and(|t: Timestamp| t >= started)
+    // Strictly after: the analysis that ended the step before has the same time as this start.
+    now >= add(started, pause) && passed_since.is_some_and(|t: Timestamp| t > started)
 }
 
 fn go_to(s: &mut ModelRolloutStatus, plan: &[Planned], step: usize, now: Timestamp) {

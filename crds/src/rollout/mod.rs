@@ -4,6 +4,7 @@
 //! judges a window of outcomes, `series` keeps the outcomes so any window can be read.
 
 pub mod analysis;
+pub mod control;
 pub mod machine;
 pub mod run;
 pub mod series;
@@ -464,7 +465,8 @@ pub struct ControlRequest {
     /// For a promote: the step it promotes from.
     #[serde(default)]
     pub step: u32,
-    /// For a promote: to the last step at once.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    /// For a promote: to the last step at once. Always written: a merge patch of a plain
+    /// promote must clear a `full` left from an earlier one.
+    #[serde(default)]
     pub full: bool,
 }

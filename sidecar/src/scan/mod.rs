@@ -286,6 +286,9 @@ pub struct Ctx<'a> {
     pub route: &'a str,
     /// The backend that wrote the text, for output scanning.
     pub backend: Option<&'a str>,
+    /// A mirrored copy's answer: it counts only as the backend's output block, never in the
+    /// route's metrics, which are about what clients saw.
+    pub mirrored: bool,
 }
 
 impl Ctx<'_> {
@@ -298,13 +301,20 @@ impl Ctx<'_> {
         took: Duration,
     ) -> impl Fn(&'static str) + 's {
         let labels = ScannerLabels { policy: policy.name.clone(), scanner: s.name, direction: d.as_str() };
-        self.metrics.scanner_duration.get_or_create(&labels).observe(took.as_secs_f64());
+        if !self.mirrored {
+            self.metrics.scanner_duration.get_or_create(&labels).observe(took.as_secs_f64());
+        }
         move |outcome| {
             if outcome == "block" {
-                self.metrics.outcomes.scanner_block(self.route);
                 if let (Direction::Output, Some(backend)) = (d, self.backend) {
                     self.metrics.outcomes.output_blocked(self.route, backend);
                 }
+                if self.mirrored {
+                    return;
+                }
+                self.metrics.outcomes.scanner_block(self.route);
+            } else if self.mirrored {
+                return;
             }
             let v = VerdictLabels { policy: policy.name.clone(), scanner: s.name, direction: d.as_str(), outcome };
             self.metrics.scanner_verdicts.get_or_create(&v).inc();
@@ -605,7 +615,7 @@ mod tests {
         let metrics = Metrics::new();
         let mut owned: Vec<String> = texts.iter().map(|t| t.to_string()).collect();
         let mut refs: Vec<&mut String> = owned.iter_mut().collect();
-        let r = run(p, d, &mut refs, &Ctx { metrics: &metrics, route: "r", backend: None });
+        let r = run(p, d, &mut refs, &Ctx { metrics: &metrics, route: "r", backend: None, mirrored: false });
         (r, owned)
     }
 
@@ -633,7 +643,7 @@ mod tests {
     #[tokio::test]
     async fn unavailable_scanners_follow_on_scanner_error() {
         let metrics = Metrics::new();
-        let ctx = Ctx { metrics: &metrics, route: "r", backend: None };
+        let ctx = Ctx { metrics: &metrics, route: "r", backend: None, mirrored: false };
         let mut text = "hello".to_owned();
         let closed = policy("input:\n- {type: promptInjection, threshold: 0.5}");
         let r = run_async(&closed, Direction::Input, &mut [&mut text], &ctx).await;

@@ -18,6 +18,8 @@ pub struct OutputGuard {
     route: String,
     /// The backend whose answer this is: its output blocks judge it in a rollout.
     backend: String,
+    /// A mirrored copy's answer (see `Ctx::mirrored`).
+    mirrored: bool,
     /// Bytes of an event not complete yet.
     partial: Vec<u8>,
     /// Scanned text not yet released to the client.
@@ -62,6 +64,12 @@ fn set_text(flavor: Flavor, v: &mut Value, text: &str) {
 }
 
 impl OutputGuard {
+    /// Judges a mirrored copy's answer: only the backend's output blocks are counted.
+    pub fn mirrored(mut self) -> Self {
+        self.mirrored = true;
+        self
+    }
+
     pub fn new(
         policy: Arc<PolicyRuntime>,
         restore: Restore,
@@ -80,6 +88,7 @@ impl OutputGuard {
             metrics,
             route,
             backend,
+            mirrored: false,
             partial: vec![],
             held: String::new(),
             template: None,
@@ -111,7 +120,12 @@ impl OutputGuard {
     /// Runs the whole-document scanners once, over everything released.
     fn judge_whole(&mut self) -> Result<(), Blocked> {
         if let Some(mut full) = self.full.take() {
-            let ctx = Ctx { metrics: &self.metrics, route: &self.route, backend: Some(&self.backend) };
+            let ctx = Ctx {
+                metrics: &self.metrics,
+                route: &self.route,
+                backend: Some(&self.backend),
+                mirrored: self.mirrored,
+            };
             run_with(&self.policy, Direction::Output, &mut [&mut full], &ctx, Pass::Whole)?;
         }
         Ok(())
@@ -154,7 +168,8 @@ impl OutputGuard {
         if self.held.is_empty() {
             return Ok(());
         }
-        let ctx = Ctx { metrics: &self.metrics, route: &self.route, backend: Some(&self.backend) };
+        let ctx =
+            Ctx { metrics: &self.metrics, route: &self.route, backend: Some(&self.backend), mirrored: self.mirrored };
         let held_from = {
             let mut texts = [&mut self.held];
             // Whole-document scanners judge the complete answer in `judge_whole`, never a window.

@@ -41,7 +41,7 @@ fn policy(yaml: &str, hub: &ModelHub) -> PolicyRuntime {
 
 fn per_kb(p: &PolicyRuntime, text: &str, metrics: &Metrics) -> f64 {
     let iters = 2000;
-    let ctx = Ctx { metrics, route: "bench", backend: None };
+    let ctx = Ctx { metrics, route: "bench", backend: None, mirrored: false };
     let started = Instant::now();
     for _ in 0..iters {
         let mut t = text.to_owned();

@@ -10,8 +10,10 @@ if status ~= nil then
     paused = true
   end
 end
-local running = phase == "Progressing" or phase == "Paused"
-local stopped = phase == "RolledBack" or phase == "Aborted" or phase == "Failed"
+-- While the operator has not started the current generation, the status describes an older one.
+local current = status ~= nil and status.observedGeneration ~= nil and status.observedGeneration == obj.metadata.generation
+local running = current and (phase == "Progressing" or phase == "Paused")
+local stopped = current and (phase == "RolledBack" or phase == "Aborted" or phase == "Failed")
 actions["promote"] = {["disabled"] = not running, ["iconClass"] = "fa fa-fw fa-forward", ["displayName"] = "Promote to the next step"}
 actions["promote-full"] = {["disabled"] = not running, ["iconClass"] = "fa fa-fw fa-fast-forward", ["displayName"] = "Promote to the last step"}
 actions["pause"] = {["disabled"] = not running or paused, ["iconClass"] = "fa fa-fw fa-pause"}

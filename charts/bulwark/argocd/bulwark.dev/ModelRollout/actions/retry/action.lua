@@ -6,7 +6,8 @@ if obj.status.controls == nil then
   obj.status.controls = {}
 end
 local request = {}
-request.generation = obj.metadata.generation
+-- The generation the status describes: a request for a newer one waits for the operator.
+request.generation = obj.status.observedGeneration or obj.metadata.generation
 request.attempt = obj.status.attempt or 1
 request.step = obj.status.currentStep or 0
 obj.status.controls.retry = request
