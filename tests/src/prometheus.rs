@@ -28,31 +28,6 @@ pub struct FakePrometheus {
     rules: Arc<Mutex<Rules>>,
 }
 
-fn decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'%' if i + 2 < b.len() => {
-                let hex = std::str::from_utf8(&b[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok());
-                match hex {
-                    Some(v) => {
-                        out.push(v);
-                        i += 3;
-                        continue;
-                    }
-                    None => out.push(b'%'),
-                }
-            }
-            b'+' => out.push(b' '),
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 impl FakePrometheus {
     pub async fn start() -> anyhow::Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
@@ -99,7 +74,7 @@ fn answer(rules: &Mutex<Rules>, req: &Request<Incoming>) -> Response<Full<Bytes>
         .unwrap_or_default()
         .split('&')
         .find_map(|p| p.strip_prefix("query="))
-        .map(decode)
+        .map(bulwark_test_apiserver::percent_decode)
         .unwrap_or_default();
     let body = if req.uri().path() != "/api/v1/query" || query.is_empty() {
         json!({"status": "error", "errorType": "bad_data", "error": "missing query"})

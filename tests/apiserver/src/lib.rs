@@ -62,6 +62,7 @@ mod store;
 mod watch;
 mod write;
 
+pub use router::decode as percent_decode;
 pub use server::ApiServer;
 
 /// How to start an [`ApiServer`].

@@ -117,7 +117,7 @@ impl Query {
 }
 
 /// Percent-decodes a query component, with `+` as a space.
-fn decode(text: &str) -> String {
+pub fn decode(text: &str) -> String {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
