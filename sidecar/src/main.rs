@@ -46,7 +46,7 @@ struct Cli {
     /// Address (or port on 127.0.0.1) of the LLM API listener.
     #[arg(long, value_name = "ADDR", default_value = bulwark_sidecar::DEFAULT_LISTEN, value_parser = addr)]
     listen: SocketAddr,
-    /// Address (or port on 127.0.0.1) of the admin listener: /metrics /ready /live /config.
+    /// Address (or port on 127.0.0.1) of the admin listener: /metrics /ready /live /config /rollouts.
     #[arg(long, value_name = "ADDR", default_value = bulwark_sidecar::DEFAULT_ADMIN, value_parser = addr)]
     admin: SocketAddr,
     /// With --manifests: compile for this namespace only (default: every namespace).
