@@ -7,11 +7,12 @@ use sha2::{Digest, Sha256};
 
 use crate::{
     LLMRoute, ModelRollout, ScannerPolicy,
-    config::{BackendConfig, CredentialSource, Mirror, ResolvedTimeouts, Route, SidecarConfig},
+    config::{BackendConfig, CredentialSource, Mirror, Replicas, ResolvedTimeouts, Route, SidecarConfig},
     manifest::Resources,
     rollout::machine,
-    route::{Backend, RouteMatch},
+    route::{Backend, Provider, RouteMatch},
     selector,
+    server::{ModelServer, ModelServerSpec},
     status::reasons,
     validate,
 };
@@ -107,6 +108,21 @@ pub fn compile(res: &Resources, workload: Option<&Workload>, opts: &CompileOptio
         }
     }
 
+    // Model servers: valid ones by namespace/name.
+    let mut servers = BTreeMap::new();
+    for m in sorted(&res.servers, |m: &ModelServer| &m.metadata) {
+        let (ns, name) = ns_name(&m.metadata);
+        if !in_scope(&ns) {
+            continue;
+        }
+        let errors = validate::model_server(&m.spec);
+        if errors.is_empty() {
+            servers.insert((ns, name), &m.spec);
+        } else {
+            rejected.push(reject("ModelServer", &ns, &name, reasons::INVALID, validate::join(&errors)));
+        }
+    }
+
     let mut routes = vec![];
     let mut used_policies = BTreeSet::new();
     let mut taken: HashMap<(String, String), String> = HashMap::new();
@@ -153,7 +169,17 @@ pub fn compile(res: &Resources, workload: Option<&Workload>, opts: &CompileOptio
             }
         }
 
+        let missing_server = route.spec.all_backends().find_map(|b| {
+            let r = b.model_server_ref.as_ref()?;
+            (!servers.contains_key(&(ns.clone(), r.name.clone()))).then(|| (b.name.clone(), r.name.clone()))
+        });
+        if let Some((backend, server)) = missing_server {
+            let msg = format!("backend {backend:?}: no valid ModelServer {server:?} in namespace {ns:?}");
+            rejected.push(reject("LLMRoute", &ns, &name, reasons::MODEL_SERVER_NOT_FOUND, msg));
+            continue 'routes;
+        }
         let defined: BTreeMap<&str, &Backend> = route.spec.all_backends().map(|b| (b.name.as_str(), b)).collect();
+        let to_config = |b: &Backend| backend_config(b, &ns, &servers, &res.endpoints, opts);
 
         // A rollout sets the stable/canary split in every rule that serves the stable backend,
         // and while it runs, its step's mirror and preview.
@@ -177,7 +203,6 @@ pub fn compile(res: &Resources, workload: Option<&Workload>, opts: &CompileOptio
 
         for (i, rule) in route.spec.rules.iter().enumerate() {
             taken.insert((ns.clone(), match_key(&rule.matches)), name.clone());
-            let to_config = |b: &Backend| backend_config(b, opts);
             let mut backends: Vec<BackendConfig> = rule.backends.iter().map(to_config).collect();
             let mut mirror = None;
             let mut preview = None;
@@ -212,6 +237,7 @@ pub fn compile(res: &Resources, workload: Option<&Workload>, opts: &CompileOptio
                 route: format!("{ns}/{name}"),
                 matches: rule.matches.clone(),
                 backends,
+                load_balancing: rule.load_balancing,
                 fallback,
                 retry: rule.retry.clone(),
                 timeouts: ResolvedTimeouts {
@@ -294,7 +320,16 @@ fn specificity(m: &RouteMatch) -> (bool, usize, bool, bool) {
     (exact, m.headers.len(), !m.models.is_empty(), !m.paths.is_empty())
 }
 
-fn backend_config(b: &Backend, opts: &CompileOptions) -> BackendConfig {
+/// The ModelServers of the snapshot, by namespace and name.
+type Servers<'a> = BTreeMap<(String, String), &'a ModelServerSpec>;
+
+fn backend_config(
+    b: &Backend,
+    ns: &str,
+    servers: &Servers<'_>,
+    endpoints: &BTreeMap<(String, String), Vec<String>>,
+    opts: &CompileOptions,
+) -> BackendConfig {
     let credential = b.credentials.as_ref().and_then(|c| {
         if let Some(s) = &c.secret_key_ref {
             Some(CredentialSource::File { path: format!("{}/{}/{}", opts.secrets_dir, s.name, s.key) })
@@ -304,13 +339,32 @@ fn backend_config(b: &Backend, opts: &CompileOptions) -> BackendConfig {
             c.file.as_ref().map(|f| CredentialSource::File { path: f.clone() })
         }
     });
+    // A ModelServer: its Service, and its ready replicas where they are known.
+    let server = b.model_server_ref.as_ref().and_then(|r| {
+        let key = (ns.to_owned(), r.name.clone());
+        servers.get(&key).map(|spec| (spec, endpoints.get(&key)))
+    });
+    let (url, provider, replicas) = match server {
+        Some((spec, ready)) => {
+            let name = b.model_server_ref.as_ref().map_or("", |r| r.name.as_str());
+            let replicas = ready.map(|eps| {
+                let mut endpoints = eps.clone();
+                endpoints.sort();
+                endpoints.dedup();
+                Replicas { endpoints, metrics_path: Some(spec.metrics_path.clone()) }
+            });
+            (spec.service_url(ns, name), Provider::OpenaiCompatible, replicas)
+        }
+        None => (b.url.trim_end_matches('/').to_owned(), b.provider, None),
+    };
     BackendConfig {
         name: b.name.clone(),
-        provider: b.provider,
-        url: b.url.trim_end_matches('/').to_owned(),
+        provider,
+        url,
         model: b.model.clone(),
         weight: b.weight,
         credential,
         api_version: b.api_version.clone(),
+        replicas,
     }
 }

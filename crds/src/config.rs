@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     Duration,
     policy::ScannerPolicySpec,
-    route::{CircuitBreaker, ExactCache, Provider, RateLimit, RetryPolicy, RouteMatch},
+    route::{CircuitBreaker, ExactCache, LoadBalancing, Provider, RateLimit, RetryPolicy, RouteMatch},
 };
 
 pub const CONFIG_API_VERSION: &str = "bulwark.dev/sidecar-config/v1";
@@ -51,6 +51,8 @@ pub struct Route {
     pub matches: RouteMatch,
     #[serde(default)]
     pub backends: Vec<BackendConfig>,
+    #[serde(default, skip_serializing_if = "LoadBalancing::is_weighted")]
+    pub load_balancing: LoadBalancing,
     #[serde(default)]
     pub fallback: Vec<BackendConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -107,6 +109,21 @@ pub struct BackendConfig {
     pub credential: Option<CredentialSource>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_version: Option<String>,
+    /// A ModelServer's ready replicas, when the operator knows them: the sidecar calls one of
+    /// them directly (by load) instead of `url`, its Service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<Replicas>,
+}
+
+/// The replicas of a self-hosted backend and where each serves its metrics.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Replicas {
+    /// Base URLs including `/v1`, such as `http://10.0.3.7:8000/v1`, sorted.
+    pub endpoints: Vec<String>,
+    /// The path of each replica's Prometheus metrics (queue depth, KV-cache use), or none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_path: Option<String>,
 }
 
 fn one() -> u32 {

@@ -1,4 +1,4 @@
-//! Bulwark's API: the `LLMRoute`, `ScannerPolicy` and `ModelRollout` resources, their
+//! Bulwark's API: the `LLMRoute`, `ScannerPolicy`, `ModelRollout` and `ModelServer` resources, their
 //! validation, and `compile()` into the `SidecarConfig` a sidecar runs. No I/O here.
 
 pub mod compile;
@@ -10,6 +10,7 @@ pub mod policy;
 pub mod rollout;
 pub mod route;
 pub mod selector;
+pub mod server;
 pub mod status;
 pub mod validate;
 
@@ -20,6 +21,7 @@ pub use manifest::Resources;
 pub use policy::{ScannerPolicy, ScannerPolicySpec};
 pub use rollout::{ModelRollout, ModelRolloutSpec};
 pub use route::{LLMRoute, LLMRouteSpec};
+pub use server::{ModelServer, ModelServerSpec};
 
 use kube::CustomResourceExt;
 
@@ -29,6 +31,7 @@ pub fn crds() -> Vec<(&'static str, String)> {
         ("llmroutes.yaml", LLMRoute::crd()),
         ("scannerpolicies.yaml", ScannerPolicy::crd()),
         ("modelrollouts.yaml", ModelRollout::crd()),
+        ("modelservers.yaml", ModelServer::crd()),
     ];
     docs.into_iter()
         .map(|(file, crd)| {

@@ -3,7 +3,7 @@
 
 use serde::Deserialize;
 
-use crate::{LLMRoute, ModelRollout, ScannerPolicy};
+use crate::{LLMRoute, ModelRollout, ModelServer, ScannerPolicy};
 
 pub const GROUP: &str = "bulwark.dev";
 pub const API_VERSION: &str = "bulwark.dev/v1alpha1";
@@ -13,6 +13,10 @@ pub struct Resources {
     pub routes: Vec<LLMRoute>,
     pub policies: Vec<ScannerPolicy>,
     pub rollouts: Vec<ModelRollout>,
+    pub servers: Vec<ModelServer>,
+    /// The ready replicas of each ModelServer (`namespace`, `name`) as base URLs, when known
+    /// (the operator watches their pods; standalone, none: the Service URL is used).
+    pub endpoints: std::collections::BTreeMap<(String, String), Vec<String>>,
 }
 
 impl Resources {
@@ -20,9 +24,11 @@ impl Resources {
         self.routes.extend(other.routes);
         self.policies.extend(other.policies);
         self.rollouts.extend(other.rollouts);
+        self.servers.extend(other.servers);
+        self.endpoints.extend(other.endpoints);
     }
     pub fn len(&self) -> usize {
-        self.routes.len() + self.policies.len() + self.rollouts.len()
+        self.routes.len() + self.policies.len() + self.rollouts.len() + self.servers.len()
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
@@ -101,7 +107,13 @@ pub fn parse(text: &str, default_namespace: &str) -> (Resources, Vec<ManifestErr
                 default_ns(&mut r.metadata, default_namespace);
                 out.rollouts.push(r)
             }),
-            Some(other) => Err(format!("unknown kind {other:?}; use LLMRoute, ScannerPolicy or ModelRollout")),
+            Some("ModelServer") => typed::<ModelServer>(value.clone()).map(|mut r| {
+                default_ns(&mut r.metadata, default_namespace);
+                out.servers.push(r)
+            }),
+            Some(other) => {
+                Err(format!("unknown kind {other:?}; use LLMRoute, ScannerPolicy, ModelRollout or ModelServer"))
+            }
             None => Err("missing kind".into()),
         };
         if let Err(message) = result {

@@ -59,6 +59,10 @@ pub struct RouteRule {
     #[serde(default)]
     #[schemars(length(max = 32))]
     pub backends: Vec<Backend>,
+    /// `weighted` (default): a random pick by weight. `leastLoaded`: of two backends drawn by
+    /// weight, the one with fewer requests in flight relative to its time to first token.
+    #[serde(default, skip_serializing_if = "LoadBalancing::is_weighted")]
+    pub load_balancing: LoadBalancing,
     /// Tried in order when the chosen backend fails before the first byte reaches the client.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub fallback: Vec<FallbackRef>,
@@ -74,6 +78,20 @@ pub struct RouteRule {
     pub cache: Option<Cache>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scanner_policy_ref: Option<LocalRef>,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub enum LoadBalancing {
+    #[default]
+    Weighted,
+    LeastLoaded,
+}
+
+impl LoadBalancing {
+    pub fn is_weighted(&self) -> bool {
+        *self == Self::Weighted
+    }
 }
 
 /// All given conditions must hold; an empty match takes every request.
@@ -122,7 +140,12 @@ pub struct Backend {
     #[serde(default)]
     pub provider: Provider,
     /// Base URL including the API version path, such as `https://api.openai.com/v1`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub url: String,
+    /// A ModelServer of the route's namespace, instead of `url`: the sidecars reach its ready
+    /// replicas directly and pick one by load.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_server_ref: Option<LocalRef>,
     /// Model sent upstream, replacing the one the client asked for (the Azure deployment name
     /// for `azure-openai`).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -33,4 +33,5 @@ pub mod reasons {
     pub const SECRET_NOT_FOUND: &str = "SecretNotFound";
     pub const ROUTE_NOT_FOUND: &str = "RouteNotFound";
     pub const CONFLICT: &str = "Conflict";
+    pub const MODEL_SERVER_NOT_FOUND: &str = "ModelServerNotFound";
 }

@@ -172,13 +172,24 @@ fn backend(e: &mut Errors, b: &Backend, path: &str) {
     if b.name.is_empty() {
         e.add(format!("{path}.name"), "must not be empty");
     }
-    match b.url.parse::<http::Uri>() {
-        Ok(uri) if matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some() => {
-            if uri.query().is_some() {
-                e.add(format!("{path}.url"), "must not have a query string");
+    match (&b.model_server_ref, b.url.is_empty()) {
+        (Some(_), false) => e.add(path, "set url or modelServerRef, not both"),
+        (Some(r), true) => {
+            if r.name.is_empty() {
+                e.add(format!("{path}.modelServerRef.name"), "must not be empty");
+            }
+            if !matches!(b.provider, Provider::Openai | Provider::OpenaiCompatible) {
+                e.add(format!("{path}.provider"), "a ModelServer speaks the OpenAI API: use openai-compatible");
             }
         }
-        _ => e.add(format!("{path}.url"), format!("{:?} is not an http:// or https:// URL", b.url)),
+        (None, _) => match b.url.parse::<http::Uri>() {
+            Ok(uri) if matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some() => {
+                if uri.query().is_some() {
+                    e.add(format!("{path}.url"), "must not have a query string");
+                }
+            }
+            _ => e.add(format!("{path}.url"), format!("{:?} is not an http:// or https:// URL", b.url)),
+        },
     }
     if b.provider == Provider::AzureOpenai && b.model.is_none() {
         e.add(format!("{path}.model"), "azure-openai needs the deployment name in model");
@@ -378,22 +389,63 @@ pub fn model_rollout(spec: &ModelRolloutSpec) -> Vec<FieldError> {
     if a.min_requests == 0 {
         e.add("spec.analysis.minRequests", "must be at least 1: a verdict needs requests");
     }
-    if let Some(ms) = &spec.model_server {
-        if ms.image.is_empty() {
-            e.add("spec.modelServer.image", "must not be empty");
+    e.0
+}
+
+/// The semantic checks of a `ModelServer` the schema cannot express, naming the field.
+pub fn model_server(spec: &crate::ModelServerSpec) -> Vec<FieldError> {
+    let mut e = Errors::default();
+    if spec.image.trim().is_empty() {
+        e.add("spec.image", "must not be empty");
+    }
+    if spec.port == 0 {
+        e.add("spec.port", "must be a port number");
+    }
+    for (field, path) in [("healthPath", &spec.health_path), ("metricsPath", &spec.metrics_path)] {
+        if !path.starts_with('/') {
+            e.add(format!("spec.{field}"), format!("{path:?} must start with /"));
         }
-        if let Some(g) = &ms.gpu
-            && g.count == 0
-        {
-            e.add("spec.modelServer.gpu.count", "must be at least 1; remove gpu for a CPU server");
+    }
+    let quantity =
+        regex::Regex::new(r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$").map(|q| q.is_match(&spec.shm_size));
+    if !quantity.unwrap_or(false) {
+        e.add("spec.shmSize", format!("{:?} is not a quantity like 2Gi or 512Mi", spec.shm_size));
+    }
+    if let Some(g) = &spec.gpu {
+        if g.count == 0 {
+            e.add("spec.gpu.count", "must be at least 1; remove gpu for a CPU server");
         }
-        if let Some(a) = &ms.autoscaling {
-            if a.min_replicas > a.max_replicas {
-                e.add("spec.modelServer.autoscaling", "minReplicas must not exceed maxReplicas");
+        if let Some(mig) = &g.mig {
+            let valid = mig.split_once('.').is_some_and(|(slices, mem)| {
+                slices.strip_suffix('g').is_some_and(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()))
+                    && mem.strip_suffix("gb").is_some_and(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()))
+            });
+            if !valid {
+                e.add("spec.gpu.mig", format!("{mig:?} is not a MIG profile like 1g.10gb or 3g.40gb"));
             }
-            if a.target == 0 {
-                e.add("spec.modelServer.autoscaling.target", "must be at least 1");
+            if g.min_memory_gib.is_some() {
+                e.add("spec.gpu.minMemoryGiB", "a MIG profile fixes the memory of its slice; remove minMemoryGiB");
             }
+        }
+    }
+    if spec.replicas.is_some() && spec.autoscaling.is_some() {
+        e.add("spec.replicas", "an autoscaler owns the replica count: set replicas or autoscaling, not both");
+    }
+    if let Some(a) = &spec.autoscaling {
+        use crate::server::{AutoscalingMetric, Engine};
+        if a.min_replicas > a.max_replicas || a.max_replicas == 0 {
+            e.add("spec.autoscaling", "minReplicas must not exceed maxReplicas, which must be at least 1");
+        }
+        if a.min_replicas == 0 && a.engine == Engine::Hpa {
+            e.add("spec.autoscaling.minReplicas", "a HorizontalPodAutoscaler cannot scale to zero; use engine: keda");
+        }
+        if !(a.target.is_finite() && a.target > 0.0) {
+            e.add("spec.autoscaling.target", "must be above 0");
+        } else if a.metric == AutoscalingMetric::KvCacheUsage && a.target > 1.0 {
+            e.add("spec.autoscaling.target", "KV-cache use is a fraction: 0 to 1");
+        }
+        if a.engine == Engine::Hpa && (a.prometheus_address.is_some() || a.activation_target.is_some()) {
+            e.add("spec.autoscaling", "prometheusAddress and activationTarget apply to engine: keda");
         }
     }
     e.0

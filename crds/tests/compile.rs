@@ -309,7 +309,7 @@ fn parse_errors_name_the_document_and_field() {
         ),
         (
             "apiVersion: bulwark.dev/v1alpha1\nkind: LLMRouter\nmetadata: {name: r}",
-            "document 1 (LLMRouter r): unknown kind \"LLMRouter\"; use LLMRoute, ScannerPolicy or ModelRollout",
+            "document 1 (LLMRouter r): unknown kind \"LLMRouter\"; use LLMRoute, ScannerPolicy, ModelRollout or ModelServer",
         ),
         (
             "key: [unclosed",
@@ -541,4 +541,106 @@ fn every_example_loads_and_compiles_cleanly() {
         }
     }
     assert!(files >= 2, "examples/ holds the quickstart and the reference examples");
+}
+
+const SERVER: &str = r#"
+apiVersion: bulwark.dev/v1alpha1
+kind: ModelServer
+metadata: {name: llama, namespace: team-a}
+spec:
+  image: vllm/vllm-openai:v0.11.0
+  port: 8000
+"#;
+
+fn served(route_backend: &str) -> String {
+    format!(
+        "{SERVER}---\napiVersion: bulwark.dev/v1alpha1\nkind: LLMRoute\nmetadata: {{name: chat, namespace: team-a}}\nspec:\n  rules: [{{backends: [{route_backend}]}}]\n"
+    )
+}
+
+#[test]
+fn a_backend_names_a_model_server_and_reaches_its_ready_replicas() {
+    let mut res = parse(&served("{name: local, modelServerRef: {name: llama}}"));
+    let out = compile(&res, None, &CompileOptions::default());
+    assert!(out.rejected.is_empty(), "{:?}", out.rejected);
+    let b = &out.config.routes[0].backends[0];
+    assert_eq!((b.url.as_str(), b.provider.as_str()), ("http://llama.team-a.svc:8000/v1", "openai-compatible"));
+    assert_eq!(b.replicas, None, "no replicas known: the Service");
+    res.endpoints.insert(
+        ("team-a".into(), "llama".into()),
+        vec!["http://10.0.0.9:8000/v1".into(), "http://10.0.0.3:8000/v1".into()],
+    );
+    let out = compile(&res, None, &CompileOptions::default());
+    let r = out.config.routes[0].backends[0].replicas.clone().unwrap();
+    assert_eq!(r.endpoints, ["http://10.0.0.3:8000/v1", "http://10.0.0.9:8000/v1"], "sorted, so the version is stable");
+    assert_eq!(r.metrics_path.as_deref(), Some("/metrics"));
+
+    let missing =
+        compile(&parse(&served("{name: local, modelServerRef: {name: mistral}}")), None, &CompileOptions::default());
+    assert!(missing.config.routes.is_empty());
+    let why = &missing.rejected[0];
+    assert_eq!(
+        (why.reason, why.message.as_str()),
+        ("ModelServerNotFound", "backend \"local\": no valid ModelServer \"mistral\" in namespace \"team-a\"")
+    );
+    let both = compile(
+        &parse(&served("{name: local, url: 'http://x', modelServerRef: {name: llama}}")),
+        None,
+        &CompileOptions::default(),
+    );
+    assert_eq!(both.rejected[0].message, "spec.rules[0].backends[0]: set url or modelServerRef, not both");
+}
+
+#[test]
+fn invalid_model_servers_are_rejected_with_exact_errors() {
+    let server = |spec: &str| SERVER.replace("  port: 8000\n", spec);
+    let cases: &[(&str, String, &str)] = &[
+        ("no gpus", server("  gpu: {count: 0}\n"), "spec.gpu.count: must be at least 1; remove gpu for a CPU server"),
+        (
+            "bad mig",
+            server("  gpu: {mig: big}\n"),
+            "spec.gpu.mig: \"big\" is not a MIG profile like 1g.10gb or 3g.40gb",
+        ),
+        (
+            "mig and memory",
+            server("  gpu: {mig: 1g.10gb, minMemoryGiB: 40}\n"),
+            "spec.gpu.minMemoryGiB: a MIG profile fixes the memory of its slice; remove minMemoryGiB",
+        ),
+        (
+            "both counts",
+            server("  replicas: 2\n  autoscaling: {maxReplicas: 4, target: 8}\n"),
+            "spec.replicas: an autoscaler owns the replica count: set replicas or autoscaling, not both",
+        ),
+        (
+            "bounds",
+            server("  autoscaling: {minReplicas: 5, maxReplicas: 4, target: 8}\n"),
+            "spec.autoscaling: minReplicas must not exceed maxReplicas, which must be at least 1",
+        ),
+        (
+            "hpa to zero",
+            server("  autoscaling: {minReplicas: 0, maxReplicas: 4, target: 8}\n"),
+            "spec.autoscaling.minReplicas: a HorizontalPodAutoscaler cannot scale to zero; use engine: keda",
+        ),
+        (
+            "kv over 1",
+            server("  autoscaling: {maxReplicas: 4, metric: kvCacheUsage, target: 80}\n"),
+            "spec.autoscaling.target: KV-cache use is a fraction: 0 to 1",
+        ),
+        (
+            "keda fields on hpa",
+            server("  autoscaling: {maxReplicas: 4, target: 8, activationTarget: 1}\n"),
+            "spec.autoscaling: prometheusAddress and activationTarget apply to engine: keda",
+        ),
+        ("shm", server("  shmSize: lots\n"), "spec.shmSize: \"lots\" is not a quantity like 2Gi or 512Mi"),
+        ("health path", server("  healthPath: health\n"), "spec.healthPath: \"health\" must start with /"),
+    ];
+    for (name, yaml, want) in cases {
+        let out = standalone(yaml);
+        let got: Vec<_> = out.rejected.iter().map(|r| r.message.as_str()).collect();
+        assert_eq!(got, [*want], "{name}");
+        assert_eq!(out.rejected[0].kind, "ModelServer");
+    }
+    let keda =
+        server("  autoscaling: {engine: keda, minReplicas: 0, maxReplicas: 4, target: 8, activationTarget: 1}\n");
+    assert!(standalone(&keda).rejected.is_empty(), "KEDA scales to zero");
 }

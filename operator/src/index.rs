@@ -298,6 +298,7 @@ impl Index {
                     r
                 })
                 .collect(),
+            ..Resources::default()
         }
     }
 

@@ -33,8 +33,14 @@ pub fn conditions(
         }
     };
     let refs_problem = rejection.filter(|r| {
-        [reasons::POLICY_NOT_FOUND, reasons::BACKEND_NOT_FOUND, reasons::ROUTE_NOT_FOUND, reasons::SECRET_NOT_FOUND]
-            .contains(&r.reason)
+        [
+            reasons::POLICY_NOT_FOUND,
+            reasons::BACKEND_NOT_FOUND,
+            reasons::ROUTE_NOT_FOUND,
+            reasons::SECRET_NOT_FOUND,
+            reasons::MODEL_SERVER_NOT_FOUND,
+        ]
+        .contains(&r.reason)
     });
     // A missing Secret does not keep the route from the sidecars: readiness counts them.
     let excluded = rejection.filter(|r| r.reason != reasons::SECRET_NOT_FOUND);

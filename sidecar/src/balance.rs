@@ -1,5 +1,8 @@
-//! Which backends a request tries, in order: one weighted pick among the rule's backends
-//! whose circuit is not open, then the fallback list. Rollouts drive it through the weights.
+//! Which backends a request tries, in order: one pick among the rule's backends whose circuit is
+//! not open (by weight, or with `leastLoaded` the cheaper of two drawn by weight), then the
+//! fallback list. Rollouts drive it through the weights.
+
+use bulwark_api::route::LoadBalancing;
 
 use std::sync::Arc;
 
@@ -8,6 +11,7 @@ use tokio::time::Instant;
 
 use crate::{
     circuit::State,
+    replicas,
     request::Api,
     runtime::{BackendRuntime, RouteRuntime},
 };
@@ -18,7 +22,11 @@ pub fn plan(route: &RouteRuntime, api: Api, now: Instant, rng: &mut impl Rng) ->
     let closed: Vec<&Arc<BackendRuntime>> =
         route.backends.iter().filter(usable).filter(|b| b.circuit.state(now) != State::Open).collect();
     let mut out = Vec::with_capacity(1 + route.fallback.len());
-    if let Some(b) = pick_weighted(&closed, rng) {
+    let picked = match route.cfg.load_balancing {
+        LoadBalancing::Weighted => pick_weighted(&closed, rng),
+        LoadBalancing::LeastLoaded => replicas::p2c(&closed, |b| u64::from(b.cfg.weight), |b| b.cost(now), rng),
+    };
+    if let Some(b) = picked {
         out.push(b.clone());
     }
     for f in route.fallback.iter().filter(|b| b.speaks(api)) {

@@ -13,8 +13,9 @@ use tokio::time::{Instant, timeout_at};
 
 use crate::{
     error::ProxyError,
-    metrics::{BackendLabels, CircuitLabels},
+    metrics::{BackendLabels, CircuitLabels, ReplicaLabels},
     proxy::AppState,
+    replicas::InFlight,
     request::LlmRequest,
     retry::{self, Failure},
     runtime::{BackendRuntime, RouteRuntime},
@@ -33,6 +34,8 @@ pub struct Committed {
     pub headers: HeaderMap,
     pub ttfb: Duration,
     pub body: CommittedBody,
+    /// The replica answering, counted as in flight until the request ends.
+    pub in_flight: Option<InFlight>,
 }
 
 pub enum CommittedBody {
@@ -79,6 +82,7 @@ pub async fn call(
             state.metrics.fallbacks.get_or_create(&labels).inc();
         }
         let mut tries = 0;
+        let mut failed_at = None;
         loop {
             let now = Instant::now();
             if !backend.circuit.try_acquire(now) {
@@ -88,7 +92,7 @@ pub async fn call(
             tries += 1;
             let first_deadline = deadline.min(now + t.first_token.as_std());
             end.sent(self::labels(route, backend, req));
-            match attempt(state, backend, req, first_deadline, deadline).await {
+            match attempt(state, &route.cfg.route, backend, req, first_deadline, deadline, &mut failed_at).await {
                 Ok(c) => {
                     if let Some(s) = backend.circuit.success() {
                         state.metrics.circuit_state.get_or_create(&labels).set(s.gauge());
@@ -131,16 +135,61 @@ pub async fn call(
     Err(give_up(&route.cfg.route, failures, Instant::now() >= deadline))
 }
 
-/// One try on one backend: sends, waits for the head and (for streams) the first chunk.
+/// One try on one backend, at the replica its load picks: sends, waits for the head and (for
+/// streams) the first chunk. The replica learns how it went (time to first token, or a failure
+/// that counts towards its ejection); the answer holds it as in flight until the request ends.
+/// `failed_at` is the replica of the attempt before (a retry avoids it), and becomes this one's
+/// when it fails.
 pub async fn attempt(
     state: &AppState,
+    route: &str,
     backend: &BackendRuntime,
+    req: &LlmRequest,
+    first_deadline: Instant,
+    deadline: Instant,
+    failed_at: &mut Option<String>,
+) -> Result<Committed, Failure> {
+    let Some(endpoint) = backend.endpoint(Instant::now(), failed_at.as_deref()) else {
+        return Err(Failure::Connect("the backend has no replica to call".into()));
+    };
+    let in_flight = endpoint.start();
+    if backend.endpoints.len() > 1 {
+        let l = ReplicaLabels {
+            route: route.to_owned(),
+            backend: backend.cfg.name.clone(),
+            endpoint: endpoint.url.clone(),
+        };
+        state.metrics.replica_requests.get_or_create(&l).inc();
+    }
+    let result = attempt_at(state, backend, &endpoint.url, req, first_deadline, deadline).await;
+    match &result {
+        Ok(c) => endpoint.answered(c.ttfb),
+        Err(f) if f.is_backend_fault() => {
+            *failed_at = Some(endpoint.url.clone());
+            if endpoint.failed(Instant::now()) {
+                tracing::warn!(backend = %backend.cfg.name, endpoint = %endpoint.url, "replica ejected after failing in a row");
+                let l = CircuitLabels { route: route.to_owned(), backend: backend.cfg.name.clone() };
+                state.metrics.replica_ejections.get_or_create(&l).inc();
+            }
+        }
+        Err(_) => {}
+    }
+    result.map(|mut c| {
+        c.in_flight = Some(in_flight);
+        c
+    })
+}
+
+async fn attempt_at(
+    state: &AppState,
+    backend: &BackendRuntime,
+    base: &str,
     req: &LlmRequest,
     first_deadline: Instant,
     deadline: Instant,
 ) -> Result<Committed, Failure> {
     let sent = Instant::now();
-    let upstream_req = upstream::build(backend, req, sent)?;
+    let upstream_req = upstream::build(backend, base, req, sent)?;
     let resp = match timeout_at(first_deadline, state.client.request(upstream_req)).await {
         Err(_) => return Err(Failure::Timeout),
         Ok(Err(e)) if e.is_connect() => return Err(Failure::Connect(error_chain(&e))),
@@ -174,6 +223,7 @@ pub async fn attempt(
                             headers: parts.headers,
                             ttfb: sent.elapsed(),
                             body: CommittedBody::Stream { first: data, rest: body },
+                            in_flight: None,
                         });
                     }
                 }
@@ -186,7 +236,7 @@ pub async fn attempt(
         Ok(Err(e)) => return Err(Failure::Reset(e.to_string())),
         Ok(Ok(c)) => c.to_bytes(),
     };
-    Ok(Committed { status, headers: parts.headers, ttfb, body: CommittedBody::Full(bytes) })
+    Ok(Committed { status, headers: parts.headers, ttfb, body: CommittedBody::Full(bytes), in_flight: None })
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

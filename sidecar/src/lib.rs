@@ -18,6 +18,7 @@ pub mod mirror;
 pub mod outcomes;
 pub mod proxy;
 pub mod ratelimit;
+pub mod replicas;
 pub mod request;
 pub mod retry;
 pub mod rollouts;
@@ -123,6 +124,7 @@ impl Sidecar {
         let proxy_addr = proxy_listener.local_addr()?;
         let admin_addr = admin_listener.local_addr()?;
         let client = upstream::client(opts.upstream_ca.as_deref())?;
+        let scraper = replicas::scrape(shared.replicas.clone(), client.clone(), shutdown_rx.clone());
         let app = Arc::new(AppState {
             runtime: rx.clone(),
             client,
@@ -144,6 +146,7 @@ impl Sidecar {
             tokio::spawn(listener::serve(proxy_listener, app, proxy::handle, shutdown_rx.clone())),
             tokio::spawn(listener::serve(admin_listener, admin, admin::handle, shutdown_rx.clone())),
             tokio::spawn(reloader.run(fingerprint, opts.reload_interval, shutdown_rx.clone())),
+            tokio::spawn(scraper),
         ];
         if let Some(r) = rollouts {
             tasks.push(tokio::spawn(rollouts::drive(r, metrics.clone(), shutdown_rx.clone())));

@@ -53,6 +53,14 @@ pub struct CircuitLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReplicaLabels {
+    pub route: String,
+    pub backend: String,
+    /// A replica's base URL, from the config (bounded by its replica count).
+    pub endpoint: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RolloutLabels {
     pub rollout: String,
 }
@@ -128,6 +136,8 @@ pub struct Metrics {
     pub mirror_skipped: Family<CircuitLabels, Counter>,
     pub rollout_canary_weight: Family<RolloutLabels, Gauge>,
     pub rollout_phase: Family<RolloutPhaseLabels, Gauge>,
+    pub replica_requests: Family<ReplicaLabels, Counter>,
+    pub replica_ejections: Family<CircuitLabels, Counter>,
     /// What the sidecar reports to the operator.
     pub outcomes: crate::outcomes::Outcomes,
 }
@@ -230,8 +240,22 @@ impl Metrics {
             "1 for the phase a rollout is in, 0 for the others (standalone driver)",
             rollout_phase.clone(),
         );
+        let replica_requests = Family::default();
+        registry.register(
+            "bulwark_replica_requests",
+            "Attempts sent to each replica of a self-hosted backend, as its load picked them",
+            replica_requests.clone(),
+        );
+        let replica_ejections = Family::default();
+        registry.register(
+            "bulwark_replica_ejections",
+            "Replicas ejected for a cooldown after failing in a row",
+            replica_ejections.clone(),
+        );
         Self {
             registry,
+            replica_requests,
+            replica_ejections,
             mirrored,
             mirror_skipped,
             rollout_canary_weight,

@@ -58,20 +58,22 @@ async fn copy(state: &AppState, route: &RouteRuntime, backend: &BackendRuntime, 
     let deadline = started + t.request.as_std();
     let first_deadline = deadline.min(started + t.first_token.as_std());
     end.sent(failover::labels(route, backend, req));
-    let committed = match failover::attempt(state, backend, req, first_deadline, deadline).await {
-        Ok(c) => c,
-        Err(f) => {
-            end.attempt_failed();
-            state.metrics.outcomes.attempt_failed(&route.cfg.route, &backend.cfg.name, &f);
-            let class = match &f {
-                Failure::Status { status, .. } => status_class(status.as_u16()),
-                _ => "error",
-            };
-            let l = RequestLabels { status_class: class, ..request_labels(&failover::labels(route, backend, req)) };
-            state.metrics.mirrored.get_or_create(&l).inc();
-            return;
-        }
-    };
+    let mut committed =
+        match failover::attempt(state, &route.cfg.route, backend, req, first_deadline, deadline, &mut None).await {
+            Ok(c) => c,
+            Err(f) => {
+                end.attempt_failed();
+                state.metrics.outcomes.attempt_failed(&route.cfg.route, &backend.cfg.name, &f);
+                let class = match &f {
+                    Failure::Status { status, .. } => status_class(status.as_u16()),
+                    _ => "error",
+                };
+                let l = RequestLabels { status_class: class, ..request_labels(&failover::labels(route, backend, req)) };
+                state.metrics.mirrored.get_or_create(&l).inc();
+                return;
+            }
+        };
+    end.hold(committed.in_flight.take());
     end.answered(committed.ttfb, matches!(committed.body, CommittedBody::Stream { .. }));
     match committed.body {
         CommittedBody::Full(body) => {

@@ -77,7 +77,8 @@ async fn serve(state: &Arc<AppState>, req: Request<Incoming>) -> Result<Response
     end.cache_in(cache);
     let plan = balance::plan(route, req.api, started, &mut rand::rng());
     mirror::maybe(state, route, &req, plan.first());
-    let (backend, committed) = failover::call(state, route, &req, &plan, &mut end).await?;
+    let (backend, mut committed) = failover::call(state, route, &req, &plan, &mut end).await?;
+    end.hold(committed.in_flight.take());
     end.answered(committed.ttfb, matches!(committed.body, CommittedBody::Stream { .. }));
     let mut resp = match committed.body {
         CommittedBody::Full(body) => {

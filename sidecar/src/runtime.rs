@@ -13,7 +13,13 @@ use globset::{Glob, GlobSet, GlobSetBuilder};
 use parking_lot::Mutex;
 
 use crate::{
-    cache::Cache, circuit::Circuit, credentials::Credential, ratelimit::RateLimiter, request::Api, scan::PolicyRuntime,
+    cache::Cache,
+    circuit::Circuit,
+    credentials::Credential,
+    ratelimit::RateLimiter,
+    replicas::{self, Endpoint},
+    request::Api,
+    scan::PolicyRuntime,
 };
 
 /// Everything one request needs, immutable once built; swapped whole on reload.
@@ -39,9 +45,30 @@ pub struct BackendRuntime {
     pub cfg: BackendConfig,
     pub circuit: Arc<Circuit>,
     pub credential: Option<Arc<Credential>>,
+    /// Where its requests go: a ModelServer's ready replicas, or its one URL.
+    pub endpoints: Vec<Arc<Endpoint>>,
 }
 
 impl BackendRuntime {
+    /// The replica (or URL) for the next attempt, by load; a retry avoids the one that just
+    /// failed it when there is another.
+    pub fn endpoint(&self, now: tokio::time::Instant, avoid: Option<&str>) -> Option<Arc<Endpoint>> {
+        match self.endpoints.as_slice() {
+            [one] => Some(one.clone()),
+            many => {
+                let others: Vec<Arc<Endpoint>> =
+                    many.iter().filter(|e| Some(e.url.as_str()) != avoid).cloned().collect();
+                let from = if others.is_empty() { many } else { &others };
+                replicas::pick(from, now, &mut rand::rng())
+            }
+        }
+    }
+
+    /// What another request would cost it: its cheapest replica's cost.
+    pub fn cost(&self, now: tokio::time::Instant) -> f64 {
+        self.endpoints.iter().map(|e| e.cost(now)).fold(f64::INFINITY, f64::min)
+    }
+
     /// Whether this backend can serve `api` as the client sent it.
     pub fn speaks(&self, api: Api) -> bool {
         match self.cfg.provider {
@@ -60,6 +87,8 @@ pub struct Shared {
     limiters: Mutex<HashMap<String, Arc<RateLimiter>>>,
     caches: Mutex<HashMap<String, Arc<Cache>>>,
     credentials: Mutex<HashMap<bulwark_api::config::CredentialSource, Arc<Credential>>>,
+    /// Replicas' load and history, kept across reloads; their metrics are scraped from here.
+    pub replicas: Arc<replicas::Registry>,
 }
 
 /// The state kept under `key`, or a new one when there is none or its settings changed.
@@ -143,7 +172,8 @@ impl Runtime {
                         .or_insert_with(|| Arc::new(Credential::new(src.clone())))
                         .clone()
                 });
-                Ok::<_, String>(Arc::new(BackendRuntime { cfg: b.clone(), circuit, credential }))
+                let endpoints = endpoints(&shared.replicas, &format!("{}\u{0}{}", r.id, b.name), b)?;
+                Ok::<_, String>(Arc::new(BackendRuntime { cfg: b.clone(), circuit, credential, endpoints }))
             };
             let backends = r.backends.iter().map(&mut backend).collect::<Result<Vec<_>, _>>()?;
             let fallback = r.fallback.iter().map(&mut backend).collect::<Result<Vec<_>, _>>()?;
@@ -200,6 +230,24 @@ impl Runtime {
     pub fn select(&self, api: Api, model: &str, headers: &http::HeaderMap) -> Option<&Arc<RouteRuntime>> {
         self.routes.iter().find(|r| r.matches(api, model, headers))
     }
+}
+
+/// A backend's endpoints: its replicas with where each serves metrics, or its URL.
+fn endpoints(registry: &replicas::Registry, owner: &str, b: &BackendConfig) -> Result<Vec<Arc<Endpoint>>, String> {
+    let Some(r) = b.replicas.as_ref().filter(|r| !r.endpoints.is_empty()) else {
+        return Ok(vec![registry.get(owner, &b.url, None)]);
+    };
+    r.endpoints
+        .iter()
+        .map(|url| {
+            let uri: http::Uri = url.parse().map_err(|e| format!("backend {}: replica {url:?}: {e}", b.name))?;
+            let metrics = r
+                .metrics_path
+                .as_ref()
+                .and_then(|path| Some(format!("{}://{}{path}", uri.scheme_str()?, uri.authority()?)));
+            Ok(registry.get(owner, url.trim_end_matches('/'), metrics))
+        })
+        .collect()
 }
 
 impl RouteRuntime {

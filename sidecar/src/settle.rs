@@ -11,6 +11,7 @@ use crate::{
     cache::{Cache, Cached, Key},
     metrics::{BackendLabels, CircuitLabels, Metrics, RequestLabels, TokenLabels},
     ratelimit::{RateLimiter, Reservation},
+    replicas::InFlight,
     usage::Usage,
 };
 
@@ -64,11 +65,13 @@ pub struct Settlement {
     reservation: Option<(Arc<RateLimiter>, Reservation)>,
     cache: Option<(Arc<Cache>, Key)>,
     stage: Stage,
+    /// The replica answering: in flight until the request ends.
+    replica: Option<InFlight>,
 }
 
 impl Settlement {
     pub fn new(metrics: Arc<Metrics>, origin: Origin, started: Instant) -> Self {
-        Self { metrics, origin, started, reservation: None, cache: None, stage: Stage::Local }
+        Self { metrics, origin, started, reservation: None, cache: None, stage: Stage::Local, replica: None }
     }
 
     pub fn origin(&self) -> Origin {
@@ -102,6 +105,11 @@ impl Settlement {
     /// The attempt failed; the failure was counted where it happened.
     pub fn attempt_failed(&mut self) {
         self.stage = Stage::Local;
+    }
+
+    /// The replica that answers stays counted as in flight until the request ends.
+    pub fn hold(&mut self, replica: Option<InFlight>) {
+        self.replica = replica;
     }
 
     /// The backend in flight answered: its first byte arrived after `ttfb`.

@@ -100,8 +100,13 @@ fn is_credential(name: &HeaderName) -> bool {
     matches!(name.as_str(), "authorization" | "x-api-key" | "api-key")
 }
 
-/// The request for one attempt on `backend`.
-pub fn build(backend: &BackendRuntime, req: &LlmRequest, now: Instant) -> Result<Request<Full<Bytes>>, Failure> {
+/// The request for one attempt on `backend`, at `base` (its URL, or one of its replicas').
+pub fn build(
+    backend: &BackendRuntime,
+    base: &str,
+    req: &LlmRequest,
+    now: Instant,
+) -> Result<Request<Full<Bytes>>, Failure> {
     let cfg = &backend.cfg;
     let key = match &backend.credential {
         Some(c) => Some(c.get(now).map_err(Failure::Credentials)?),
@@ -114,7 +119,7 @@ pub fn build(backend: &BackendRuntime, req: &LlmRequest, now: Instant) -> Result
             let version = cfg.api_version.as_deref().unwrap_or(AZURE_API_VERSION);
             format!("{}/openai/deployments/{deployment}{suffix}?api-version={version}", cfg.url)
         }
-        _ => format!("{}{suffix}", cfg.url),
+        _ => format!("{base}{suffix}"),
     };
     let body = match &cfg.model {
         Some(m) if *m != req.model && cfg.provider != Provider::AzureOpenai => {
@@ -179,6 +184,11 @@ mod tests {
         CredentialSource::File { path: path.display().to_string() }
     }
 
+    /// `build` at the backend's own URL.
+    fn build_at(b: &BackendRuntime, req: &LlmRequest, now: Instant) -> Result<Request<Full<Bytes>>, Failure> {
+        build(b, &b.cfg.url, req, now)
+    }
+
     fn backend(provider: Provider, model: Option<&str>, key: Option<CredentialSource>) -> BackendRuntime {
         BackendRuntime {
             cfg: BackendConfig {
@@ -189,9 +199,11 @@ mod tests {
                 weight: 1,
                 credential: None,
                 api_version: None,
+                replicas: None,
             },
             circuit: Arc::new(Circuit::new(0, std::time::Duration::from_secs(1))),
             credential: key.map(|k| Arc::new(Credential::new(k))),
+            endpoints: vec![],
         }
     }
 
@@ -216,8 +228,8 @@ mod tests {
     fn each_provider_gets_its_url_key_header_and_model() {
         let key = || Some(key_file("sk-test\n"));
         let now = Instant::now();
-        let r =
-            build(&backend(Provider::Openai, Some("gpt-4o-mini"), key()), &request(Api::ChatCompletions), now).unwrap();
+        let r = build_at(&backend(Provider::Openai, Some("gpt-4o-mini"), key()), &request(Api::ChatCompletions), now)
+            .unwrap();
         assert_eq!(r.uri(), "https://api.example.com/v1/chat/completions");
         assert_eq!(r.headers()["authorization"], "Bearer sk-test");
         assert_eq!(r.headers()["x-request-id"], "r1", "other headers pass through");
@@ -228,7 +240,7 @@ mod tests {
         .unwrap();
         assert_eq!(body["model"], "gpt-4o-mini");
 
-        let r = build(&backend(Provider::Anthropic, None, key()), &request(Api::Messages), now).unwrap();
+        let r = build_at(&backend(Provider::Anthropic, None, key()), &request(Api::Messages), now).unwrap();
         assert_eq!(r.uri(), "https://api.example.com/v1/messages");
         assert_eq!(
             (r.headers()["x-api-key"].to_str().unwrap(), r.headers()["anthropic-version"].to_str().unwrap()),
@@ -236,15 +248,17 @@ mod tests {
         );
         assert!(!r.headers().contains_key("authorization"), "the client's key never reaches a keyed backend");
 
-        let r = build(&backend(Provider::AzureOpenai, Some("prod-gpt4o"), key()), &request(Api::ChatCompletions), now)
-            .unwrap();
+        let r =
+            build_at(&backend(Provider::AzureOpenai, Some("prod-gpt4o"), key()), &request(Api::ChatCompletions), now)
+                .unwrap();
         assert_eq!(
             r.uri(),
             "https://api.example.com/v1/openai/deployments/prod-gpt4o/chat/completions?api-version=2024-10-21"
         );
         assert_eq!(r.headers()["api-key"], "sk-test");
 
-        let r = build(&backend(Provider::OpenaiCompatible, None, None), &request(Api::ChatCompletions), now).unwrap();
+        let r =
+            build_at(&backend(Provider::OpenaiCompatible, None, None), &request(Api::ChatCompletions), now).unwrap();
         assert_eq!(r.headers()["authorization"], "Bearer client-key", "no backend key: the client's passes through");
     }
 
@@ -252,7 +266,7 @@ mod tests {
     fn a_missing_key_is_a_clear_failure_without_the_value() {
         let b =
             backend(Provider::Openai, None, Some(CredentialSource::Env { name: "BULWARK_UPSTREAM_TEST_UNSET".into() }));
-        match build(&b, &request(Api::ChatCompletions), Instant::now()) {
+        match build_at(&b, &request(Api::ChatCompletions), Instant::now()) {
             Err(Failure::Credentials(m)) => {
                 assert_eq!(m, "environment variable BULWARK_UPSTREAM_TEST_UNSET is not set")
             }

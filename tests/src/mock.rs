@@ -80,6 +80,9 @@ pub struct MockState {
     /// What a call does when neither the script nor an `x-mock` header says.
     default: Mutex<Behavior>,
     calls: AtomicUsize,
+    /// Requests being answered now, and the queue `/metrics` reports, as vLLM's names them.
+    in_flight: AtomicUsize,
+    waiting: AtomicUsize,
     recorded: Mutex<Vec<Recorded>>,
     /// Content chunks per streamed response.
     pub chunks: usize,
@@ -109,6 +112,8 @@ impl MockProvider {
             script: Mutex::new(VecDeque::new()),
             default: Mutex::new(Behavior::Ok),
             calls: AtomicUsize::new(0),
+            in_flight: AtomicUsize::new(0),
+            waiting: AtomicUsize::new(0),
             recorded: Mutex::new(vec![]),
             chunks,
             chunk_delay,
@@ -147,6 +152,12 @@ impl MockProvider {
         *self.state.default.lock() = behavior;
     }
 
+    /// The queue depth `/metrics` reports (`vllm:num_requests_waiting`).
+    pub fn set_waiting(&self, n: usize) {
+        self.state.waiting.store(n, Ordering::SeqCst);
+    }
+
+    /// Calls of the LLM API (not `/metrics`).
     pub fn calls(&self) -> usize {
         self.state.calls.load(Ordering::SeqCst)
     }
@@ -182,6 +193,24 @@ fn full(status: StatusCode, body: Value) -> Response<MockBody> {
 }
 
 async fn serve(st: Arc<MockState>, req: Request<Incoming>) -> Response<MockBody> {
+    if req.uri().path() == "/metrics" {
+        let text = format!(
+            "# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{{model_name=\"mock\"}} {}\nvllm:num_requests_waiting{{model_name=\"mock\"}} {}\n",
+            st.in_flight.load(Ordering::SeqCst),
+            st.waiting.load(Ordering::SeqCst)
+        );
+        let mut r = Response::new(http_body_util::Either::Left(http_body_util::Full::new(Bytes::from(text))));
+        r.headers_mut().insert(header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain; version=0.0.4"));
+        return r;
+    }
+    st.in_flight.fetch_add(1, Ordering::SeqCst);
+    let r = answer(&st, req).await;
+    st.in_flight.fetch_sub(1, Ordering::SeqCst);
+    r
+}
+
+async fn answer(st: &Arc<MockState>, req: Request<Incoming>) -> Response<MockBody> {
+    let st = st.clone();
     let n = st.calls.fetch_add(1, Ordering::SeqCst) + 1;
     let path = req.uri().path().to_owned();
     let (parts, body) = req.into_parts();

@@ -53,8 +53,6 @@ pub struct ModelRolloutSpec {
     pub preview: Option<Preview>,
     #[serde(default)]
     pub analysis: Analysis,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub model_server: Option<ModelServer>,
 }
 
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -234,65 +232,6 @@ fn default_failure_limit() -> u32 {
 }
 fn default_max_error_rate() -> f64 {
     0.05
-}
-
-/// A self-hosted model server the operator runs for the canary.
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct ModelServer {
-    pub image: String,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub args: Vec<String>,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub env: BTreeMap<String, String>,
-    #[serde(default = "default_port")]
-    pub port: u16,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub gpu: Option<Gpu>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub autoscaling: Option<Autoscaling>,
-}
-
-fn default_port() -> u16 {
-    8000
-}
-
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct Gpu {
-    #[serde(default = "one")]
-    pub count: u32,
-    /// Accepted `nvidia.com/gpu.product` node label values.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub products: Vec<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub min_memory_gi_b: Option<u32>,
-}
-
-fn one() -> u32 {
-    1
-}
-
-#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-#[x_kube(validation = Rule::new("self.minReplicas <= self.maxReplicas").message("minReplicas must not exceed maxReplicas"))]
-pub struct Autoscaling {
-    #[serde(default = "one")]
-    pub min_replicas: u32,
-    pub max_replicas: u32,
-    #[serde(default)]
-    pub metric: AutoscalingMetric,
-    /// Per-replica target of `metric`.
-    pub target: u32,
-}
-
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
-#[serde(rename_all = "camelCase")]
-pub enum AutoscalingMetric {
-    #[default]
-    InflightRequests,
-    QueueDepth,
-    GpuUtilization,
 }
 
 /// What the rollout's driver reports, what the operator's status writer adds (conditions,
