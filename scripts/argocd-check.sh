@@ -9,4 +9,4 @@ command -v lua5.1 >/dev/null || { echo "lua5.1 is missing: apt-get install lua5.
 lua5.1 -e 'require("cjson")' 2>/dev/null || { echo "lua-cjson is missing: apt-get install lua-cjson" >&2; exit 1; }
 [[ -d .tools/npm/node_modules/@kubernetes-models/argo-cd ]] || scripts/tools.sh
 .venv/bin/python scripts/argocd-check.py
-NODE_PATH=.tools/npm/node_modules node scripts/argocd-validate.js examples/argocd/*.yaml
+NODE_PATH=.tools/npm/node_modules node scripts/validate-crs.js examples/argocd/*.yaml

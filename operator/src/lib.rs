@@ -17,6 +17,7 @@ pub mod reconcile;
 pub mod reports;
 pub mod rollouts;
 pub mod server;
+pub mod servers;
 pub mod status;
 pub mod tls;
 pub mod watch;

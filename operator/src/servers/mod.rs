@@ -1,0 +1,3 @@
+//! Self-hosted model servers: `build` turns a ModelServer into what runs it.
+
+pub mod build;
