@@ -434,7 +434,10 @@ mod tests {
         c.deployment.spec.as_ref().unwrap().template.spec.as_ref().unwrap()
     }
 
-    fn node_terms(c: &Children) -> Vec<Vec<(String, String, Vec<String>)>> {
+    /// Node requirements as (key, operator, values), one list per alternative term.
+    type Terms = Vec<Vec<(String, String, Vec<String>)>>;
+
+    fn node_terms(c: &Children) -> Terms {
         let terms = pod_spec(c)
             .affinity
             .as_ref()
@@ -461,7 +464,7 @@ mod tests {
     #[test]
     fn gpus_are_asked_for_by_product_memory_count_or_mig_profile() {
         let s = |x: &str| x.to_owned();
-        let cases: Vec<(&str, Vec<Vec<(String, String, Vec<String>)>>, Vec<(String, String)>)> = vec![
+        let cases: Vec<(&str, Terms, Vec<(String, String)>)> = vec![
             ("", vec![], vec![]),
             ("  gpu: {}\n", vec![vec![]], vec![(s("nvidia.com/gpu"), s("1"))]),
             (
