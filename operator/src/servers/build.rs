@@ -436,6 +436,8 @@ mod tests {
 
     /// Node requirements as (key, operator, values), one list per alternative term.
     type Terms = Vec<Vec<(String, String, Vec<String>)>>;
+    /// A spec, the node terms it needs, and its GPU limits.
+    type Case<'a> = (&'a str, Terms, Vec<(String, String)>);
 
     fn node_terms(c: &Children) -> Terms {
         let terms = pod_spec(c)
@@ -464,7 +466,7 @@ mod tests {
     #[test]
     fn gpus_are_asked_for_by_product_memory_count_or_mig_profile() {
         let s = |x: &str| x.to_owned();
-        let cases: Vec<(&str, Terms, Vec<(String, String)>)> = vec![
+        let cases: Vec<Case<'_>> = vec![
             ("", vec![], vec![]),
             ("  gpu: {}\n", vec![vec![]], vec![(s("nvidia.com/gpu"), s("1"))]),
             (
