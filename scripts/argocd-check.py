@@ -16,7 +16,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "charts/bulwark/argocd/bulwark.dev"
 SANDBOX = ROOT / "scripts/argocd-sandbox.lua"
 DOC = ROOT / "docs/argocd.md"
-KINDS = ["LLMRoute", "ScannerPolicy", "ModelRollout"]
+KINDS = ["LLMRoute", "ScannerPolicy", "ModelRollout", "ModelServer"]
 
 
 def run(script: pathlib.Path, obj: dict):

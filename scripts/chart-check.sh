@@ -102,6 +102,13 @@ grep -q 'cert-manager.io/inject-ca-from: "bulwark-system/bulwark-operator-cert"'
   || fail "custom: cert-manager is not asked to inject the webhook's CA"
 grep -q 'bulwark.dev/dns-names: "bulwark-operator,.*bulwark-operator-webhook.bulwark-system.svc' "$tmp/defaults.yaml" \
   || fail "defaults: the certificate does not name the webhook's Service"
+# ModelServers: what they run may be written; ScaledObjects only with KEDA.
+grep -q 'resources: \[deployments\]' "$tmp/defaults.yaml" || fail "defaults: the operator cannot write Deployments"
+grep -q 'keda.sh' "$tmp/defaults.yaml" && fail "defaults: ScaledObjects may be written without keda.enabled"
+render keda --set keda.enabled=true --set keda.prometheusAddress=http://prometheus.monitoring:9090
+grep -q 'resources: \[scaledobjects\]' "$tmp/keda.yaml" || fail "keda: the operator cannot write ScaledObjects"
+grep -q -- '- --prometheus-address=http://prometheus.monitoring:9090$' "$tmp/keda.yaml" || fail "keda: no --prometheus-address"
+validate keda "$tmp/keda.yaml"
 render no-webhook --set webhook.enabled=false
 grep -qE 'MutatingWebhookConfiguration|webhook-listen|9443' "$tmp/no-webhook.yaml" && fail "webhook.enabled=false still renders the webhook"
 validate no-webhook "$tmp/no-webhook.yaml"

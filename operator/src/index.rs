@@ -61,6 +61,9 @@ pub enum Kind {
     Rollout,
     Pod,
     Secret,
+    Server,
+    ServerPod,
+    Deployment,
 }
 
 impl Kind {
@@ -71,6 +74,9 @@ impl Kind {
             Self::Rollout => "ModelRollout",
             Self::Pod => "Pod",
             Self::Secret => "Secret",
+            Self::Server => "ModelServer",
+            Self::ServerPod => "Pod (ModelServer)",
+            Self::Deployment => "Deployment",
         }
     }
 }
@@ -88,6 +94,8 @@ pub struct Index {
     /// The rollout driver's status of the rollouts it drives (leader only): compiled in place of
     /// the watched status, which lags behind its writes.
     driven: BTreeMap<Key, ModelRolloutStatus>,
+    /// Model servers, their pods and Deployments.
+    pub servers: crate::servers::state::Servers,
     options: CompileOptions,
 }
 
@@ -243,6 +251,9 @@ impl Index {
                     s.retain(|k| keep.contains(k));
                 }
             }
+            Kind::Server => self.servers.retain_servers(keep),
+            Kind::ServerPod => self.servers.retain_pods(keep),
+            Kind::Deployment => self.servers.retain_deployments(keep),
         }
     }
 
@@ -298,7 +309,8 @@ impl Index {
                     r
                 })
                 .collect(),
-            ..Resources::default()
+            servers: self.servers.in_namespace(ns).cloned().collect(),
+            endpoints: self.servers.endpoints(ns),
         }
     }
 
@@ -346,9 +358,16 @@ impl Index {
             groups.push(Group { name, namespace: ns, routes, pods, workloads, config: out.config });
         }
         // Resources no pod selects are still validated, so their status says what is wrong.
-        let namespaces: BTreeSet<&String> =
-            self.routes.keys().chain(self.policies.keys()).chain(self.rollouts.keys()).map(|(ns, _)| ns).collect();
-        for ns in namespaces {
+        let server_namespaces = self.servers.all().map(|m| ns_name(&m.metadata).0);
+        let namespaces: BTreeSet<String> = self
+            .routes
+            .keys()
+            .chain(self.policies.keys())
+            .chain(self.rollouts.keys())
+            .map(|(ns, _)| ns.clone())
+            .chain(server_namespaces)
+            .collect();
+        for ns in &namespaces {
             let out = compile(&self.resources(ns), None, &self.options);
             out.rejected.into_iter().filter(|r| r.reason != bulwark_api::status::reasons::CONFLICT).for_each(&mut push);
         }
@@ -371,7 +390,7 @@ impl Index {
                 Kind::Route => g.routes.iter().any(|r| r == name),
                 Kind::Policy => g.config.scanner_policies.contains_key(&format!("{ns}/{name}")),
                 Kind::Rollout => route_of_rollout.as_ref().is_some_and(|r| g.routes.contains(r)),
-                Kind::Pod | Kind::Secret => false,
+                Kind::Pod | Kind::Secret | Kind::Server | Kind::ServerPod | Kind::Deployment => false,
             };
             if !selects {
                 continue;

@@ -36,8 +36,9 @@ use tokio::{sync::Notify, time::Instant};
 
 use crate::index::{Index, Kind};
 
-/// Routes, policies, rollouts, sidecar pods, Secret names.
-const WATCHES: usize = 5;
+/// Routes, policies, rollouts, sidecar pods, Secret names, model servers, their pods and their
+/// Deployments.
+const WATCHES: usize = 8;
 
 /// The field manager of every write, so server-side apply knows what the operator owns.
 pub const FIELD_MANAGER: &str = "bulwark-operator";
@@ -121,6 +122,8 @@ pub struct Settings {
     pub resync: std::time::Duration,
     /// The sidecar injection webhook; `None` serves none.
     pub webhook: Option<Webhook>,
+    /// What model servers may use: KEDA, and the Prometheus it queries.
+    pub servers: servers::Settings,
 }
 
 /// Where the injection webhook listens and what it injects.
@@ -204,9 +207,12 @@ impl Operator {
             tokio::spawn(watch::follow::<k8s_openapi::api::core::v1::Pod>(client.clone(), ns.clone(), state.clone())),
             tokio::spawn(watch::follow::<kube::core::PartialObjectMeta<k8s_openapi::api::core::v1::Secret>>(
                 client.clone(),
-                ns,
+                ns.clone(),
                 state.clone(),
             )),
+            tokio::spawn(watch::follow::<bulwark_api::ModelServer>(client.clone(), ns.clone(), state.clone())),
+            tokio::spawn(watch::follow::<watch::ServerPod>(client.clone(), ns.clone(), state.clone())),
+            tokio::spawn(watch::follow::<k8s_openapi::api::apps::v1::Deployment>(client.clone(), ns, state.clone())),
         ];
         let mut tasks = vec![
             tokio::spawn(reconcile::run(state.clone(), compiled_tx, rx.clone())),
@@ -217,6 +223,7 @@ impl Operator {
             tasks.push(tokio::spawn(inject::serve(listener, tls, state.clone(), injection, rx.clone())));
         }
         let writer = write::Writer::new(client.clone(), state.clone(), s.namespace.clone(), ca, &s.identity);
+        tasks.push(tokio::spawn(servers::run(state.clone(), client.clone(), s.servers.clone(), rx.clone())));
         let driver = rollouts::run(state.clone(), client.clone(), compiled_rx.clone(), s.identity.clone(), rx.clone());
         tasks.push(tokio::spawn(driver));
         tasks.push(tokio::spawn(write::run(writer, compiled_rx, s.resync, rx.clone())));

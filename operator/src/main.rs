@@ -59,6 +59,12 @@ struct Cli {
     /// The config stream as injected sidecars reach it, e.g. https://bulwark-operator.bulwark-system.svc:15010.
     #[arg(long)]
     stream_url: Option<String>,
+    /// KEDA is installed: ModelServers with `autoscaling.engine: keda` get a ScaledObject.
+    #[arg(long)]
+    keda: bool,
+    /// The Prometheus that KEDA's triggers query when a ModelServer names none.
+    #[arg(long, value_name = "URL")]
+    prometheus_address: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -90,6 +96,7 @@ fn main() -> ExitCode {
         }),
         identity,
         resync: cli.resync.as_std().max(Duration::from_secs(10)),
+        servers: bulwark_operator::servers::Settings { keda: cli.keda, prometheus_address: cli.prometheus_address },
         webhook: cli.webhook_listen.map(|listen| Webhook {
             listen,
             image: cli.sidecar_image.unwrap_or_default(),

@@ -4,9 +4,12 @@
 
 use std::{collections::BTreeSet, fmt::Debug, sync::Arc};
 
-use bulwark_api::{LLMRoute, ModelRollout, ScannerPolicy, compile::ns_name, control::SIDECAR_LABEL};
+use bulwark_api::{LLMRoute, ModelRollout, ModelServer, ScannerPolicy, compile::ns_name, control::SIDECAR_LABEL};
 use futures_util::StreamExt as _;
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::{
+    apps::v1::Deployment,
+    core::v1::{Pod, Secret},
+};
 use kube::{
     Api, Client, Resource,
     core::PartialObjectMeta,
@@ -83,6 +86,74 @@ impl Indexed for Pod {
     }
 }
 
+impl Indexed for ModelServer {
+    const KIND: Kind = Kind::Server;
+    fn store(self, ix: &mut Index) -> bool {
+        ix.servers.apply_server(self)
+    }
+    fn remove(ns: &str, name: &str, ix: &mut Index) {
+        ix.servers.delete_server(ns, name);
+    }
+}
+
+/// A pod of a ModelServer (label `bulwark.dev/model-server`), watched apart from sidecar pods.
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(transparent)]
+pub struct ServerPod(pub Pod);
+
+impl Resource for ServerPod {
+    type DynamicType = ();
+    type Scope = k8s_openapi::NamespaceResourceScope;
+    fn kind(dt: &()) -> std::borrow::Cow<'_, str> {
+        Pod::kind(dt)
+    }
+    fn group(dt: &()) -> std::borrow::Cow<'_, str> {
+        Pod::group(dt)
+    }
+    fn version(dt: &()) -> std::borrow::Cow<'_, str> {
+        Pod::version(dt)
+    }
+    fn plural(dt: &()) -> std::borrow::Cow<'_, str> {
+        Pod::plural(dt)
+    }
+    fn meta(&self) -> &kube::core::ObjectMeta {
+        &self.0.metadata
+    }
+    fn meta_mut(&mut self) -> &mut kube::core::ObjectMeta {
+        &mut self.0.metadata
+    }
+}
+
+impl Indexed for ServerPod {
+    const KIND: Kind = Kind::ServerPod;
+    fn store(self, ix: &mut Index) -> bool {
+        let (ns, name) = ns_name(&self.0.metadata);
+        let pod = crate::servers::pod_state(&self.0);
+        ix.servers.apply_pod(&ns, &name, pod)
+    }
+    fn remove(ns: &str, name: &str, ix: &mut Index) {
+        ix.servers.delete_pod(ns, name);
+    }
+}
+
+impl Indexed for Deployment {
+    const KIND: Kind = Kind::Deployment;
+    fn store(self, ix: &mut Index) -> bool {
+        let (ns, name) = ns_name(&self.metadata);
+        let status = self.status.unwrap_or_default();
+        let d = crate::servers::state::DeploymentState {
+            generation: self.metadata.generation,
+            desired: self.spec.and_then(|s| s.replicas),
+            ready: status.ready_replicas,
+        };
+        ix.servers.apply_deployment(&ns, &name, d);
+        false
+    }
+    fn remove(ns: &str, name: &str, ix: &mut Index) {
+        ix.servers.delete_deployment(ns, name);
+    }
+}
+
 /// Secrets by name only: `Api<PartialObjectMeta<_>>` asks for metadata, never the data, so
 /// routes can say which referenced Secret is missing.
 impl Indexed for PartialObjectMeta<Secret> {
@@ -112,8 +183,10 @@ where
     K: Indexed + Resource<Scope = k8s_openapi::NamespaceResourceScope>,
 {
     let mut config = watcher::Config::default();
-    if K::KIND == Kind::Pod {
-        config = config.labels(&format!("{SIDECAR_LABEL}=true"));
+    match K::KIND {
+        Kind::Pod => config = config.labels(&format!("{SIDECAR_LABEL}=true")),
+        Kind::ServerPod | Kind::Deployment => config = config.labels(crate::servers::build::SERVER_LABEL),
+        _ => {}
     }
     let events = watcher(api::<K>(&client, namespace.as_deref()), config).default_backoff().boxed();
     consume(events, state).await;

@@ -352,7 +352,7 @@ impl Writer {
                 let fields = json!({"conditions": conds, "sidecars": sidecars});
                 apply_status::<ModelRollout>(c, ns, name, FIELD_MANAGER, fields).await
             }
-            Kind::Pod | Kind::Secret => Ok(()),
+            Kind::Pod | Kind::Secret | Kind::Server | Kind::ServerPod | Kind::Deployment => Ok(()),
         };
         match result {
             Ok(()) => {

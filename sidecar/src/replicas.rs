@@ -30,6 +30,9 @@ const EJECTION: Duration = Duration::from_secs(5);
 const MAX_EJECTION: Duration = Duration::from_secs(120);
 /// How much the newest time to first token counts in the EWMA.
 const EWMA_ALPHA: f64 = 0.3;
+/// Without new answers a replica's EWMA fades over this long, so one that looked slow once
+/// is tried again rather than left idle for good.
+const EWMA_DECAY: Duration = Duration::from_secs(5);
 /// How often replicas' metrics are read, and how long a read may take.
 pub const SCRAPE_EVERY: Duration = Duration::from_secs(1);
 const SCRAPE_TIMEOUT: Duration = Duration::from_millis(800);
@@ -54,6 +57,8 @@ pub struct Endpoint {
 struct State {
     ejected_until: Option<Instant>,
     scraped: Option<Scraped>,
+    /// When the EWMA last took an answer.
+    answered_at: Option<Instant>,
 }
 
 /// A replica's own view of its load, from its metrics.
@@ -105,6 +110,7 @@ impl Endpoint {
         let old = self.ttft_us.load(Ordering::Relaxed);
         let new = if old == 0 { us } else { (EWMA_ALPHA * us as f64 + (1.0 - EWMA_ALPHA) * old as f64) as u64 };
         self.ttft_us.store(new.max(1), Ordering::Relaxed);
+        self.state.lock().answered_at = Some(Instant::now());
         self.failures.store(0, Ordering::Relaxed);
         self.ejections.store(0, Ordering::Relaxed);
     }
@@ -134,10 +140,15 @@ impl Endpoint {
     /// The cost of sending it one more request: requests in flight here (or queued there)
     /// times its time to first token, raised by a filling KV cache.
     pub fn cost(&self, now: Instant) -> f64 {
-        let scraped = self.state.lock().scraped.filter(|s| now.saturating_duration_since(s.at) < SCRAPE_TTL);
+        let (scraped, answered_at) = {
+            let state = self.state.lock();
+            (state.scraped.filter(|s| now.saturating_duration_since(s.at) < SCRAPE_TTL), state.answered_at)
+        };
         let waiting = scraped.map_or(0.0, |s| s.waiting);
         let kv = scraped.and_then(|s| s.kv_cache).unwrap_or(0.0).clamp(0.0, 1.0);
-        let ttft = self.ttft_us.load(Ordering::Relaxed).max(1_000) as f64;
+        let age = answered_at.map_or(0.0, |t| now.saturating_duration_since(t).as_secs_f64());
+        let fade = (-age / EWMA_DECAY.as_secs_f64()).exp();
+        let ttft = (self.ttft_us.load(Ordering::Relaxed) as f64 * fade).max(1_000.0);
         // Failures in a row (short of an ejection) make it look slow, which it may well be.
         let failing = 1.0 + f64::from(self.failures.load(Ordering::Relaxed));
         (self.in_flight() as f64 + waiting + 1.0) * ttft * (1.0 + 3.0 * kv * kv) * failing * failing

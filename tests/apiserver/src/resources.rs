@@ -135,9 +135,29 @@ fn builtins() -> Vec<ResourceType> {
         &[],
         "io.k8s.api.admissionregistration.v1.MutatingWebhookConfiguration",
     );
+    // The kinds a ModelServer runs on (no controllers act on them here: tests set their status).
+    let workload = |group: &str, version: &str, plural: &str, kind: &str, short: &[&str], package: &str| {
+        let mut rt = with(
+            builtin(group, version, plural, kind, true, short, &format!("io.k8s.api.{package}.{kind}")),
+            &[Subresource::Status],
+            &["all"],
+        );
+        rt.tracks_generation = true;
+        rt
+    };
     vec![
         namespaces,
         pods,
+        workload("apps", "v1", "deployments", "Deployment", &["deploy"], "apps.v1"),
+        workload(
+            "autoscaling",
+            "v2",
+            "horizontalpodautoscalers",
+            "HorizontalPodAutoscaler",
+            &["hpa"],
+            "autoscaling.v2",
+        ),
+        workload("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget", &["pdb"], "policy.v1"),
         core("configmaps", "ConfigMap", &["cm"]),
         core("secrets", "Secret", &[]),
         with(core("services", "Service", &["svc"]), &[Subresource::Status], &["all"]),

@@ -97,6 +97,7 @@ pub(crate) async fn operator(client: &Client, certs: &bulwark_tests::cluster::Tl
         identity: "bench".into(),
         resync: Duration::from_secs(300),
         webhook: None,
+        servers: Default::default(),
     };
     Operator::start(client.clone(), settings).await
 }
