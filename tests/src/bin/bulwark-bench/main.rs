@@ -4,7 +4,8 @@
 //!   minimal hyper forwarding proxy (the floor), both over a direct call to the same upstream.
 //! * Throughput per core (requests / CPU seconds of the sidecar process) and RSS under load.
 //! * Streaming: added latency per chunk, from timestamps the upstream writes into each chunk.
-//! * Scanners (`scanners.rs`), the control plane (`control.rs`) and rollouts (`rollout.rs`).
+//! * Scanners (`scanners.rs`), the control plane (`control.rs`), rollouts (`rollout.rs`) and the
+//!   choice among a model server's replicas (`replicas.rs`).
 
 use std::{
     convert::Infallible,
@@ -51,6 +52,9 @@ struct Cli {
     /// Only the rollout benchmarks (time to rollback, overhead of a rollout in progress).
     #[arg(long)]
     rollouts_only: bool,
+    /// Only the replica-choice benchmark (round robin against the load-aware choice).
+    #[arg(long)]
+    replicas_only: bool,
 }
 
 #[derive(Subcommand)]
@@ -71,6 +75,7 @@ const STREAM_CHUNKS: usize = 300;
 type Body = BoxBody<Bytes, Infallible>;
 
 mod control;
+mod replicas;
 mod rollout;
 mod scanners;
 
@@ -86,6 +91,9 @@ fn main() -> anyhow::Result<()> {
             if cli.rollouts_only {
                 return rollout::bench(&cli.bin, cli.rate).await;
             }
+            if cli.replicas_only {
+                return replicas::bench(&cli.bin).await;
+            }
             if !cli.scanners_only {
                 bench(cli.seconds, cli.rate, &cli.bin).await?;
             }
@@ -93,6 +101,7 @@ fn main() -> anyhow::Result<()> {
             if !cli.scanners_only {
                 control::bench(&cli.bin).await?;
                 rollout::bench(&cli.bin, cli.rate).await?;
+                replicas::bench(&cli.bin).await?;
             }
             Ok(())
         }),
