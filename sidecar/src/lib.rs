@@ -124,7 +124,7 @@ impl Sidecar {
         let proxy_addr = proxy_listener.local_addr()?;
         let admin_addr = admin_listener.local_addr()?;
         let client = upstream::client(opts.upstream_ca.as_deref())?;
-        let scraper = replicas::scrape(shared.replicas.clone(), client.clone(), shutdown_rx.clone());
+        let scraper = replicas::scrape(shared.replicas.clone(), client.clone(), metrics.clone(), shutdown_rx.clone());
         let app = Arc::new(AppState {
             runtime: rx.clone(),
             client,

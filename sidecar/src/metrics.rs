@@ -138,6 +138,7 @@ pub struct Metrics {
     pub rollout_phase: Family<RolloutPhaseLabels, Gauge>,
     pub replica_requests: Family<ReplicaLabels, Counter>,
     pub replica_ejections: Family<CircuitLabels, Counter>,
+    pub replica_scrapes: Family<ReloadLabels, Counter>,
     /// What the sidecar reports to the operator.
     pub outcomes: crate::outcomes::Outcomes,
 }
@@ -252,8 +253,15 @@ impl Metrics {
             "Replicas ejected for a cooldown after failing in a row",
             replica_ejections.clone(),
         );
+        let replica_scrapes = Family::default();
+        registry.register(
+            "bulwark_replica_scrapes",
+            "Reads of replicas' metrics (queue depth, KV-cache use) by result: success, error",
+            replica_scrapes.clone(),
+        );
         Self {
             registry,
+            replica_scrapes,
             replica_requests,
             replica_ejections,
             mirrored,

@@ -283,7 +283,12 @@ pub fn parse(text: &str, at: Instant) -> Option<Scraped> {
 }
 
 /// Reads every replica's metrics each `SCRAPE_EVERY`, until shutdown.
-pub async fn scrape(registry: Arc<Registry>, client: Client, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+pub async fn scrape(
+    registry: Arc<Registry>,
+    client: Client,
+    metrics: Arc<crate::metrics::Metrics>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
     let mut every = tokio::time::interval(SCRAPE_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -293,14 +298,18 @@ pub async fn scrape(registry: Arc<Registry>, client: Client, mut shutdown: tokio
         }
         let endpoints = registry.scraped();
         let reads = endpoints.iter().map(|e| read(&client, e));
-        futures_util::future::join_all(reads).await;
+        for ok in futures_util::future::join_all(reads).await {
+            let result = if ok { "success" } else { "error" };
+            metrics.replica_scrapes.get_or_create(&crate::metrics::ReloadLabels { result }).inc();
+        }
     }
 }
 
-async fn read(client: &Client, e: &Endpoint) {
-    let Some(url) = &e.metrics_url else { return };
-    let Ok(uri) = url.parse::<http::Uri>() else { return };
-    let Ok(req) = http::Request::get(uri).body(Full::new(Bytes::new())) else { return };
+/// Reads one replica's metrics; true when they were read and held its load.
+async fn read(client: &Client, e: &Endpoint) -> bool {
+    let Some(url) = &e.metrics_url else { return false };
+    let Ok(uri) = url.parse::<http::Uri>() else { return false };
+    let Ok(req) = http::Request::get(uri).body(Full::new(Bytes::new())) else { return false };
     let body = async {
         let resp = client.request(req).await.ok()?;
         if !resp.status().is_success() {
@@ -309,12 +318,17 @@ async fn read(client: &Client, e: &Endpoint) {
         Limited::new(resp.into_body(), 4 << 20).collect().await.ok().map(|c| c.to_bytes())
     };
     match tokio::time::timeout(SCRAPE_TIMEOUT, body).await {
-        Ok(Some(bytes)) => {
-            if let Some(s) = parse(&String::from_utf8_lossy(&bytes), Instant::now()) {
+        Ok(Some(bytes)) => match parse(&String::from_utf8_lossy(&bytes), Instant::now()) {
+            Some(s) => {
                 e.set_scraped(s);
+                true
             }
+            None => false,
+        },
+        _ => {
+            tracing::debug!(url, "replica metrics not read");
+            false
         }
-        _ => tracing::debug!(url, "replica metrics not read"),
     }
 }
 

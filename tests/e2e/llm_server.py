@@ -31,6 +31,7 @@ def main() -> int:
     ap.add_argument("--port", type=int, default=18080)
     ap.add_argument("--ctx", type=int, default=4096)
     ap.add_argument("--parallel", type=int, default=2)
+    ap.add_argument("--metrics", action="store_true", help="serve Prometheus metrics at /metrics")
     args = ap.parse_args()
 
     params = xlc.CommonParams()
@@ -43,6 +44,7 @@ def main() -> int:
     params.cpuparams.n_threads = max(1, (os.cpu_count() or 2) // 2)
     params.cpuparams_batch.n_threads = max(1, os.cpu_count() or 2)
     params.warmup = False
+    params.endpoint_metrics = args.metrics
     server = xlc.Server(params)
 
     url = f"http://{args.host}:{args.port}/health"
