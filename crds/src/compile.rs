@@ -10,7 +10,7 @@ use crate::{
     config::{BackendConfig, CredentialSource, Mirror, Replicas, ResolvedTimeouts, Route, SidecarConfig},
     manifest::Resources,
     rollout::machine,
-    route::{Backend, Provider, RouteMatch},
+    route::{Backend, LoadBalancing, Provider, RouteMatch},
     selector,
     server::{ModelServer, ModelServerSpec},
     status::reasons,
@@ -206,6 +206,7 @@ pub fn compile(res: &Resources, workload: Option<&Workload>, opts: &CompileOptio
             let mut backends: Vec<BackendConfig> = rule.backends.iter().map(to_config).collect();
             let mut mirror = None;
             let mut preview = None;
+            let mut load_balancing = rule.load_balancing;
             if let Some((stable, canary, traffic)) = &split
                 && backends.iter().any(|b| b.name == *stable)
                 && let Some(c) = defined.get(canary)
@@ -222,6 +223,9 @@ pub fn compile(res: &Resources, workload: Option<&Workload>, opts: &CompileOptio
                 }
                 mirror = traffic.mirror.map(|percent| Mirror { backend: to_config(c), percent: percent.min(100) });
                 preview = traffic.preview.clone().map(|header| (header, to_config(c)));
+                // The rollout's split is exact, or its analysis compares the wrong shares; load
+                // still picks among each backend's replicas.
+                load_balancing = LoadBalancing::Weighted;
             }
             let fallback: Vec<BackendConfig> =
                 rule.fallback.iter().filter_map(|f| defined.get(f.backend.as_str()).map(|b| to_config(b))).collect();
@@ -237,7 +241,7 @@ pub fn compile(res: &Resources, workload: Option<&Workload>, opts: &CompileOptio
                 route: format!("{ns}/{name}"),
                 matches: rule.matches.clone(),
                 backends,
-                load_balancing: rule.load_balancing,
+                load_balancing,
                 fallback,
                 retry: rule.retry.clone(),
                 timeouts: ResolvedTimeouts {

@@ -60,7 +60,8 @@ pub struct RouteRule {
     #[schemars(length(max = 32))]
     pub backends: Vec<Backend>,
     /// `weighted` (default): a random pick by weight. `leastLoaded`: of two backends drawn by
-    /// weight, the one with fewer requests in flight relative to its time to first token.
+    /// weight, the one less loaded for its weight (requests in flight times its time to first
+    /// token). A rule a ModelRollout shifts splits by the rollout's weights either way.
     #[serde(default, skip_serializing_if = "LoadBalancing::is_weighted")]
     pub load_balancing: LoadBalancing,
     /// Tried in order when the chosen backend fails before the first byte reaches the client.

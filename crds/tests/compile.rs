@@ -6,6 +6,7 @@ use bulwark_api::{
     CompileOptions, Compiled, Workload, compile,
     config::CredentialSource,
     manifest::{self, Resources},
+    route::LoadBalancing,
 };
 
 fn parse(yaml: &str) -> Resources {
@@ -425,6 +426,11 @@ status: {phase: Progressing, currentStep: 0, canaryWeight: 25}
     assert!(out.rejected.is_empty(), "{:?}", out.rejected);
     let w: Vec<_> = out.config.routes[0].backends.iter().map(|b| (b.name.as_str(), b.weight)).collect();
     assert_eq!(w, [("stable", 75), ("canary", 25)]);
+    let least_loaded = yaml.replace("rules: [{backends:", "rules: [{loadBalancing: leastLoaded, backends:");
+    let out = standalone(&least_loaded);
+    assert_eq!(out.config.routes[0].load_balancing, LoadBalancing::Weighted, "the split is the rollout's, exactly");
+    let no_rollout = least_loaded.split("---").next().unwrap();
+    assert_eq!(standalone(no_rollout).config.routes[0].load_balancing, LoadBalancing::LeastLoaded);
     let missing = yaml.replace("canary: {backend: canary}", "canary: {backend: nope}");
     let out = standalone(&missing);
     assert_eq!(out.rejected[0].message, "backend \"nope\" is not defined in LLMRoute \"chat\"");

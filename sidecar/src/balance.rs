@@ -24,7 +24,11 @@ pub fn plan(route: &RouteRuntime, api: Api, now: Instant, rng: &mut impl Rng) ->
     let mut out = Vec::with_capacity(1 + route.fallback.len());
     let picked = match route.cfg.load_balancing {
         LoadBalancing::Weighted => pick_weighted(&closed, rng),
-        LoadBalancing::LeastLoaded => replicas::p2c(&closed, |b| u64::from(b.cfg.weight), |b| b.cost(now), rng),
+        // Drawn by weight, compared per unit of weight: a backend of twice the weight takes
+        // twice the load before it looks as busy.
+        LoadBalancing::LeastLoaded => {
+            replicas::p2c(&closed, |b| u64::from(b.cfg.weight), |b| b.cost(now) / f64::from(b.cfg.weight.max(1)), rng)
+        }
     };
     if let Some(b) = picked {
         out.push(b.clone());
@@ -103,5 +107,21 @@ spec:
             assert_eq!(names(plan(route, Api::ChatCompletions, Instant::now(), &mut rng)), ["b", "backup"]);
         }
         assert_eq!(names(plan(route, Api::Messages, Instant::now(), &mut rng)), ["claude"]);
+    }
+
+    #[test]
+    fn least_loaded_weighs_load_by_capacity() {
+        let rt = runtime(&ROUTE.replace("    - backends:", "    - loadBalancing: leastLoaded\n      backends:"));
+        let route = &rt.routes[0];
+        let (a, b) = (&route.backends[0], &route.backends[1]);
+        let mut rng = StdRng::seed_from_u64(3);
+        let now = Instant::now();
+        let first = |rng: &mut StdRng| plan(route, Api::ChatCompletions, now, rng)[0].cfg.name.clone();
+        // Weight 90 against 10: five in flight on `a` is less load for its weight than one on `b`.
+        let _on_a: Vec<_> = (0..5).map(|_| a.endpoints[0].start()).collect();
+        let _on_b = b.endpoints[0].start();
+        assert!((0..50).all(|_| first(&mut rng) == "a"));
+        let _more_on_a: Vec<_> = (0..20).map(|_| a.endpoints[0].start()).collect();
+        assert!((0..50).all(|_| first(&mut rng) == "b"), "25 on a is more, for its weight, than 1 on b");
     }
 }

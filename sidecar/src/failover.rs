@@ -163,7 +163,8 @@ pub async fn attempt(
     }
     let result = attempt_at(state, backend, &endpoint.url, req, first_deadline, deadline).await;
     match &result {
-        Ok(c) => endpoint.answered(c.ttfb),
+        // A 4xx is the request's fault: it says nothing of the replica.
+        Ok(c) if c.status.is_success() => endpoint.answered(c.ttfb),
         Err(f) if f.is_backend_fault() => {
             *failed_at = Some(endpoint.url.clone());
             if endpoint.failed(Instant::now()) {
@@ -172,7 +173,7 @@ pub async fn attempt(
                 state.metrics.replica_ejections.get_or_create(&l).inc();
             }
         }
-        Err(_) => {}
+        Ok(_) | Err(_) => {}
     }
     result.map(|mut c| {
         c.in_flight = Some(in_flight);

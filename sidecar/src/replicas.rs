@@ -1,8 +1,9 @@
 //! Load-aware choice of where a request goes: among a self-hosted backend's replicas, and among a
 //! rule's backends with `loadBalancing: leastLoaded`. Power of two choices: of two candidates
-//! drawn at random (by weight, for backends), the one with the lower cost, where the cost is the
-//! requests in flight (and, where the server exposes them, waiting in its queue) weighted by an
-//! EWMA of its time to first token and its KV-cache use. A replica that keeps failing is ejected
+//! drawn at random (by weight, for backends), the one with the lower cost, where the cost is its
+//! load (the requests this sidecar has in flight there or, where the server exposes them, the
+//! requests it runs and queues for all its clients, whichever is more) weighted by an EWMA of its
+//! time to first token and its KV-cache use. A replica that keeps failing is ejected
 //! for a cooldown, then gets traffic again. Replicas' metrics are scraped by `scrape` at a
 //! bounded rate, never per request.
 
@@ -30,8 +31,9 @@ const EJECTION: Duration = Duration::from_secs(5);
 const MAX_EJECTION: Duration = Duration::from_secs(120);
 /// How much the newest time to first token counts in the EWMA.
 const EWMA_ALPHA: f64 = 0.3;
-/// Without new answers a replica's EWMA fades over this long, so one that looked slow once
-/// is tried again rather than left idle for good.
+/// Without new answers an idle replica's EWMA fades over this long, so one that looked slow
+/// once is tried again rather than left idle for good. One with requests in flight keeps it: a
+/// replica that stalls must not look faster for it.
 const EWMA_DECAY: Duration = Duration::from_secs(5);
 /// How often replicas' metrics are read, and how long a read may take.
 pub const SCRAPE_EVERY: Duration = Duration::from_secs(1);
@@ -104,7 +106,8 @@ impl Endpoint {
         InFlight(self.clone())
     }
 
-    /// The first byte of an answer arrived after `ttft`: the endpoint is healthy.
+    /// It answered with success, its first byte after `ttft` (a stream's first token, or a
+    /// whole answer's head): the EWMA takes it, and its failures in a row are over.
     pub fn answered(&self, ttft: Duration) {
         let us = ttft.as_micros().min(u128::from(u64::MAX)) as u64;
         let old = self.ttft_us.load(Ordering::Relaxed);
@@ -137,21 +140,26 @@ impl Endpoint {
         self.state.lock().scraped = Some(s);
     }
 
-    /// The cost of sending it one more request: requests in flight here (or queued there)
-    /// times its time to first token, raised by a filling KV cache.
+    /// The cost of sending it one more request: its load (ours in flight, or all it runs and
+    /// queues, whichever is more) times its time to first token, raised by a filling KV cache.
     pub fn cost(&self, now: Instant) -> f64 {
         let (scraped, answered_at) = {
             let state = self.state.lock();
             (state.scraped.filter(|s| now.saturating_duration_since(s.at) < SCRAPE_TTL), state.answered_at)
         };
-        let waiting = scraped.map_or(0.0, |s| s.waiting);
+        let in_flight = self.in_flight() as f64;
+        let load = scraped.map_or(in_flight, |s| in_flight.max(s.running + s.waiting));
         let kv = scraped.and_then(|s| s.kv_cache).unwrap_or(0.0).clamp(0.0, 1.0);
-        let age = answered_at.map_or(0.0, |t| now.saturating_duration_since(t).as_secs_f64());
-        let fade = (-age / EWMA_DECAY.as_secs_f64()).exp();
+        let fade = match answered_at {
+            Some(t) if in_flight == 0.0 => {
+                (-now.saturating_duration_since(t).as_secs_f64() / EWMA_DECAY.as_secs_f64()).exp()
+            }
+            _ => 1.0,
+        };
         let ttft = (self.ttft_us.load(Ordering::Relaxed) as f64 * fade).max(1_000.0);
         // Failures in a row (short of an ejection) make it look slow, which it may well be.
         let failing = 1.0 + f64::from(self.failures.load(Ordering::Relaxed));
-        (self.in_flight() as f64 + waiting + 1.0) * ttft * (1.0 + 3.0 * kv * kv) * failing * failing
+        (load + 1.0) * ttft * (1.0 + 3.0 * kv * kv) * failing * failing
     }
 }
 
@@ -196,22 +204,25 @@ pub fn pick(endpoints: &[Arc<Endpoint>], now: Instant, rng: &mut impl Rng) -> Op
     p2c(&live, |_| 1, |e| e.cost(now), rng).cloned()
 }
 
-/// Endpoints kept across reloads by URL, so their load and history outlive a config change; and
-/// the ones whose metrics are scraped.
+/// Endpoints kept across reloads by URL, so their load and history outlive a config change and
+/// every rule that sends to a replica sees the same load; and the ones whose metrics are scraped.
 #[derive(Default)]
 pub struct Registry {
-    endpoints: Mutex<HashMap<(String, String), Weak<Endpoint>>>,
+    endpoints: Mutex<HashMap<Key, Weak<Endpoint>>>,
 }
 
+/// A replica's URL and where it serves metrics.
+type Key = (String, Option<String>);
+
 impl Registry {
-    /// The endpoint of `url` for `owner` (a route rule and backend), new or the one it had.
-    pub fn get(&self, owner: &str, url: &str, metrics_url: Option<String>) -> Arc<Endpoint> {
+    /// The endpoint of `url` (serving metrics at `metrics_url`), new or the one it had.
+    pub fn get(&self, url: &str, metrics_url: Option<String>) -> Arc<Endpoint> {
         let mut map = self.endpoints.lock();
-        let key = (owner.to_owned(), url.to_owned());
-        if let Some(e) = map.get(&key).and_then(Weak::upgrade).filter(|e| e.metrics_url == metrics_url) {
+        let key = (url.to_owned(), metrics_url);
+        if let Some(e) = map.get(&key).and_then(Weak::upgrade) {
             return e;
         }
-        let e = Arc::new(Endpoint::new(url.to_owned(), metrics_url));
+        let e = Arc::new(Endpoint::new(url.to_owned(), key.1.clone()));
         map.insert(key, Arc::downgrade(&e));
         e
     }
@@ -224,12 +235,17 @@ impl Registry {
     }
 }
 
-/// Sums a series of Prometheus text over all its label sets.
-fn series(text: &str, names: &[&str]) -> Option<f64> {
+/// The first of `names` found in Prometheus text, its values over all label sets folded by
+/// `fold` (the names are one signal as different servers, or versions, call it).
+fn series(text: &str, names: &[&str], fold: fn(f64, f64) -> f64) -> Option<f64> {
+    names.iter().find_map(|name| value(text, name, fold))
+}
+
+fn value(text: &str, name: &str, fold: fn(f64, f64) -> f64) -> Option<f64> {
     let mut found = None;
     for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
         let name_end = line.find(['{', ' ', '\t']).unwrap_or(line.len());
-        if !names.contains(&&line[..name_end]) {
+        if line[..name_end] != *name {
             continue;
         }
         // The labels may hold spaces inside quotes: the value follows the closing brace.
@@ -258,7 +274,7 @@ fn series(text: &str, names: &[&str]) -> Option<f64> {
         };
         // `value [timestamp]`
         if let Some(v) = rest.split_whitespace().next().and_then(|v| v.parse::<f64>().ok()).filter(|v| v.is_finite()) {
-            *found.get_or_insert(0.0) += v;
+            found = Some(found.map_or(v, |f| fold(f, v)));
         }
     }
     found
@@ -266,14 +282,20 @@ fn series(text: &str, names: &[&str]) -> Option<f64> {
 
 /// Reads the load out of a server's metrics: vLLM, llama.cpp's server, TGI, SGLang.
 pub fn parse(text: &str, at: Instant) -> Option<Scraped> {
+    let sum = |a: f64, b: f64| a + b;
     let waiting = series(
         text,
         &["vllm:num_requests_waiting", "llamacpp:requests_deferred", "tgi_queue_size", "sglang:num_queue_reqs"],
+        sum,
     );
     let running =
-        series(text, &["vllm:num_requests_running", "llamacpp:requests_processing", "sglang:num_running_reqs"]);
-    let kv_cache =
-        series(text, &["vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc", "llamacpp:kv_cache_usage_ratio"]);
+        series(text, &["vllm:num_requests_running", "llamacpp:requests_processing", "sglang:num_running_reqs"], sum);
+    // A share: of several label sets (engines, devices), the fullest.
+    let kv_cache = series(
+        text,
+        &["vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc", "llamacpp:kv_cache_usage_ratio"],
+        f64::max,
+    );
     (waiting.is_some() || running.is_some() || kv_cache.is_some()).then(|| Scraped {
         waiting: waiting.unwrap_or(0.0),
         running: running.unwrap_or(0.0),
@@ -347,6 +369,9 @@ mod tests {
         let s = parse(llamacpp, Instant::now()).unwrap();
         assert_eq!((s.waiting, s.running, s.kv_cache), (1.0, 2.0, Some(0.25)));
         assert_eq!(parse("process_cpu_seconds_total 4\n", Instant::now()), None, "no load metrics: nothing known");
+        // vLLM versions that expose both names of the KV cache: one is read, not their sum.
+        let both = "vllm:kv_cache_usage_perc{engine=\"0\"} 0.5\nvllm:kv_cache_usage_perc{engine=\"1\"} 0.75\nvllm:gpu_cache_usage_perc 0.5\n";
+        assert_eq!(parse(both, Instant::now()).unwrap().kv_cache, Some(0.75));
     }
 
     #[tokio::test(start_paused = true)]
@@ -370,6 +395,15 @@ mod tests {
         assert!(fast.cost(now) > slow.cost(now));
         tokio::time::advance(SCRAPE_TTL).await;
         assert!(fast.cost(Instant::now()) < slow.cost(Instant::now()), "stale numbers no longer count");
+        // Idle, a slow EWMA fades so the replica is tried again; with a request in flight (one
+        // that may be stalled) it does not.
+        let slow_at = slow.cost(Instant::now());
+        let stuck = slow.start();
+        tokio::time::advance(EWMA_DECAY * 4).await;
+        assert!(slow.cost(Instant::now()) >= slow_at, "in flight: no fading");
+        drop(stuck);
+        assert!(slow.cost(Instant::now()) < slow_at / 10.0, "idle: faded");
+        slow.answered(Duration::from_millis(800));
 
         let now = Instant::now();
         assert!(!fast.failed(now) && !fast.failed(now));

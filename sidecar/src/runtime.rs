@@ -64,9 +64,9 @@ impl BackendRuntime {
         }
     }
 
-    /// What another request would cost it: its cheapest replica's cost.
+    /// What another request would cost it: its cheapest replica's cost, of those not ejected.
     pub fn cost(&self, now: tokio::time::Instant) -> f64 {
-        self.endpoints.iter().map(|e| e.cost(now)).fold(f64::INFINITY, f64::min)
+        self.endpoints.iter().filter(|e| !e.ejected(now)).map(|e| e.cost(now)).fold(f64::INFINITY, f64::min)
     }
 
     /// Whether this backend can serve `api` as the client sent it.
@@ -172,7 +172,7 @@ impl Runtime {
                         .or_insert_with(|| Arc::new(Credential::new(src.clone())))
                         .clone()
                 });
-                let endpoints = endpoints(&shared.replicas, &format!("{}\u{0}{}", r.id, b.name), b)?;
+                let endpoints = endpoints(&shared.replicas, b)?;
                 Ok::<_, String>(Arc::new(BackendRuntime { cfg: b.clone(), circuit, credential, endpoints }))
             };
             let backends = r.backends.iter().map(&mut backend).collect::<Result<Vec<_>, _>>()?;
@@ -233,9 +233,9 @@ impl Runtime {
 }
 
 /// A backend's endpoints: its replicas with where each serves metrics, or its URL.
-fn endpoints(registry: &replicas::Registry, owner: &str, b: &BackendConfig) -> Result<Vec<Arc<Endpoint>>, String> {
+fn endpoints(registry: &replicas::Registry, b: &BackendConfig) -> Result<Vec<Arc<Endpoint>>, String> {
     let Some(r) = b.replicas.as_ref().filter(|r| !r.endpoints.is_empty()) else {
-        return Ok(vec![registry.get(owner, &b.url, None)]);
+        return Ok(vec![registry.get(&b.url, None)]);
     };
     r.endpoints
         .iter()
@@ -245,7 +245,7 @@ fn endpoints(registry: &replicas::Registry, owner: &str, b: &BackendConfig) -> R
                 .metrics_path
                 .as_ref()
                 .and_then(|path| Some(format!("{}://{}{path}", uri.scheme_str()?, uri.authority()?)));
-            Ok(registry.get(owner, url.trim_end_matches('/'), metrics))
+            Ok(registry.get(url.trim_end_matches('/'), metrics))
         })
         .collect()
 }
