@@ -115,7 +115,7 @@ pub fn compile(res: &Resources, workload: Option<&Workload>, opts: &CompileOptio
         if !in_scope(&ns) {
             continue;
         }
-        let errors = validate::model_server(&m.spec);
+        let errors = validate::model_server(&name, &m.spec);
         if errors.is_empty() {
             servers.insert((ns, name), &m.spec);
         } else {

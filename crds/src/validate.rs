@@ -393,8 +393,31 @@ pub fn model_rollout(spec: &ModelRolloutSpec) -> Vec<FieldError> {
 }
 
 /// The semantic checks of a `ModelServer` the schema cannot express, naming the field.
-pub fn model_server(spec: &crate::ModelServerSpec) -> Vec<FieldError> {
+/// What is wrong with a ModelServer named `name`. Its name is its Service's, hence a DNS-1035
+/// label; counts are int32 in the objects it runs.
+pub fn model_server(name: &str, spec: &crate::ModelServerSpec) -> Vec<FieldError> {
     let mut e = Errors::default();
+    let label = name.len() <= 63
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && !name.ends_with('-')
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    if !label {
+        e.add(
+            "metadata.name",
+            format!("{name:?} names its Service: at most 63 lowercase letters, digits and '-', starting with a letter"),
+        );
+    }
+    let counts = [
+        ("replicas", spec.replicas),
+        ("maxUnavailable", Some(spec.max_unavailable)),
+        ("gpu.count", spec.gpu.as_ref().map(|g| g.count)),
+        ("autoscaling.maxReplicas", spec.autoscaling.as_ref().map(|a| a.max_replicas)),
+    ];
+    for (field, n) in counts {
+        if n.is_some_and(|n| i32::try_from(n).is_err()) {
+            e.add(format!("spec.{field}"), format!("must be at most {}", i32::MAX));
+        }
+    }
     if spec.image.trim().is_empty() {
         e.add("spec.image", "must not be empty");
     }
@@ -426,6 +449,9 @@ pub fn model_server(spec: &crate::ModelServerSpec) -> Vec<FieldError> {
             if g.min_memory_gib.is_some() {
                 e.add("spec.gpu.minMemoryGiB", "a MIG profile fixes the memory of its slice; remove minMemoryGiB");
             }
+        }
+        if g.min_memory_gib == Some(0) {
+            e.add("spec.gpu.minMemoryGiB", "must be at least 1; leave it out for any memory");
         }
     }
     if spec.replicas.is_some() && spec.autoscaling.is_some() {

@@ -639,6 +639,17 @@ fn invalid_model_servers_are_rejected_with_exact_errors() {
         ),
         ("shm", server("  shmSize: lots\n"), "spec.shmSize: \"lots\" is not a quantity like 2Gi or 512Mi"),
         ("health path", server("  healthPath: health\n"), "spec.healthPath: \"health\" must start with /"),
+        (
+            "no memory",
+            server("  gpu: {minMemoryGiB: 0}\n"),
+            "spec.gpu.minMemoryGiB: must be at least 1; leave it out for any memory",
+        ),
+        ("int32", server("  replicas: 3000000000\n"), "spec.replicas: must be at most 2147483647"),
+        (
+            "service name",
+            SERVER.replace("name: llama", "name: Llama.3"),
+            "metadata.name: \"Llama.3\" names its Service: at most 63 lowercase letters, digits and '-', starting with a letter",
+        ),
     ];
     for (name, yaml, want) in cases {
         let out = standalone(yaml);

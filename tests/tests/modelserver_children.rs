@@ -75,7 +75,8 @@ fn every_child_of_every_variant_is_valid_for_kubernetes_and_keda() {
     let (mut scaled, mut hpas) = (0, 0);
     for (i, spec) in VARIANTS.iter().enumerate() {
         let ms = server(i, spec);
-        assert!(bulwark_api::validate::model_server(&ms.spec).is_empty(), "variant {i} is valid");
+        let name = ms.metadata.name.clone().unwrap_or_default();
+        assert!(bulwark_api::validate::model_server(&name, &ms.spec).is_empty(), "variant {i} is valid");
         let opts = Options { hold_scale_down: i % 2 == 0, ..Options::default() };
         let c = children(&ms, &opts);
         for doc in [

@@ -203,7 +203,7 @@ fn plans(state: &State, settings: &Settings, now: &str) -> (Vec<Plan>, BTreeSet<
         .all()
         .map(|ms| {
             let (ns, name) = ns_name(&ms.metadata);
-            let mut errors = bulwark_api::validate::model_server(&ms.spec);
+            let mut errors = bulwark_api::validate::model_server(&name, &ms.spec);
             let wants_keda = ms.spec.autoscaling.as_ref().is_some_and(|a| a.engine == Engine::Keda);
             if wants_keda && !settings.keda {
                 errors.push(bulwark_api::validate::FieldError {
