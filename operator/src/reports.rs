@@ -28,6 +28,8 @@ pub struct Aggregator {
     last: HashMap<(String, String), Report>,
     pub backends: Totals,
     pub scanner_blocks: BTreeMap<String, u64>,
+    /// The ModelServer each self-hosted backend names: `(namespace/route, backend)` to its name.
+    pub servers: BTreeMap<(String, String), String>,
 }
 
 impl Aggregator {
@@ -74,6 +76,16 @@ impl Aggregator {
     /// Forgets the last reports of pods that are gone (their totals stay).
     pub fn retain_pods(&mut self, keep: impl Fn(&str, &str) -> bool) {
         self.last.retain(|(ns, pod), _| keep(ns, pod));
+    }
+
+    /// Each ModelServer's requests (`(namespace, name)`), summed over the backends that name it.
+    pub fn server_requests(&self) -> BTreeMap<(&str, &str), u64> {
+        let mut out = BTreeMap::new();
+        for (key, server) in &self.servers {
+            let Some(b) = self.backends.get(key) else { continue };
+            *out.entry((split(&key.0).0, server.as_str())).or_default() += b.requests;
+        }
+        out
     }
 
     /// Forgets the totals of routes that no longer exist (`namespace/name`).
@@ -155,6 +167,15 @@ impl Collector for TotalsCollector {
             let (ns, route) = split(r);
             ConstCounter::new(*n).encode(blocks.encode_family(&[("namespace", ns), ("route", route)])?)?;
         }
+        let mut served = encoder.encode_descriptor(
+            "bulwark_model_server_requests",
+            "Upstream attempts reported by sidecars, per ModelServer, over every route that names it",
+            None,
+            MetricType::Counter,
+        )?;
+        for ((ns, server), n) in agg.server_requests() {
+            ConstCounter::new(n).encode(served.encode_family(&[("namespace", ns), ("model_server", server)])?)?;
+        }
         Ok(())
     }
 }
@@ -188,6 +209,31 @@ mod tests {
     }
 
     #[test]
+    fn a_model_servers_requests_add_up_over_the_routes_that_name_it() {
+        let agg = Arc::new(Mutex::new(Aggregator::default()));
+        let mut other = report("i1", 4, 0);
+        other.backends[0].route = "a/s".into();
+        other.backends.push(BackendOutcome {
+            route: "a/s".into(),
+            backend: "openai".into(),
+            requests: 9,
+            ..Default::default()
+        });
+        agg.lock().ingest("a", "p1", report("i1", 2, 1));
+        agg.lock().ingest("a", "p2", other);
+        agg.lock().servers = [(("a/r", "x"), "llama"), (("a/s", "x"), "llama"), (("a/gone", "x"), "llama")]
+            .into_iter()
+            .map(|((r, b), s)| ((r.to_owned(), b.to_owned()), s.to_owned()))
+            .collect();
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register_collector(Box::new(TotalsCollector(agg)));
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
+        assert!(out.contains(r#"bulwark_model_server_requests_total{namespace="a",model_server="llama"} 6"#), "{out}");
+        assert_eq!(out.matches("bulwark_model_server_requests_total{").count(), 1, "{out}");
+    }
+
+    #[test]
     fn totals_are_served_as_metrics() {
         let agg = Arc::new(Mutex::new(Aggregator::default()));
         agg.lock().ingest("a", "p1", report("i1", 2, 1));
@@ -196,6 +242,7 @@ mod tests {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
         assert!(out.contains(r#"bulwark_backend_requests_total{namespace="a",route="r",backend="x"} 2"#), "{out}");
+        assert!(!out.contains("bulwark_model_server_requests_total{"), "no backend names a server yet: {out}");
         assert!(out.contains(r#"bulwark_backend_errors_total{namespace="a",route="r",backend="x",class="5xx"} 1"#));
         assert!(
             out.contains(r#"bulwark_backend_latency_seconds_bucket{le="0.25",namespace="a",route="r",backend="x"} 2"#),

@@ -198,6 +198,13 @@ async fn the_operator_runs_model_servers_and_sidecars_spread_over_their_replicas
         }
     }
     assert!(r1.calls() >= 5 && r2.calls() >= 5, "both replicas serve: {} and {}", r1.calls(), r2.calls());
+    // The requests reach the operator's metrics per server: what wakes a server scaled to zero.
+    let metrics = Client::new(format!("http://127.0.0.1:{}", op.metrics));
+    let served = r#"bulwark_model_server_requests_total{namespace="team-a",model_server="llama"} 40"#;
+    eventually(Duration::from_secs(15), "the server's requests on the operator's /metrics", || async {
+        metrics.get("/metrics").await.ok().filter(|r| r.text().contains(served)).map(|_| ())
+    })
+    .await?;
     let ms = until(&c, "modelserver/llama", "Ready=True", |v| condition(v, "Ready").0 == "True").await;
     assert_eq!(condition(&ms, "Ready").2, "2 of 5 replicas ready");
     assert_eq!(condition(&ms, "Scheduled").0, "True");
@@ -237,5 +244,47 @@ async fn the_operator_runs_model_servers_and_sidecars_spread_over_their_replicas
     let route =
         until(&c, "llmroute/chat", "the route without its server", |v| condition(v, "ResolvedRefs").0 == "False").await;
     assert_eq!(condition(&route, "ResolvedRefs").1, "ModelServerNotFound");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_autoscaler_takes_over_the_replica_count_it_finds() -> anyhow::Result<()> {
+    let Some(c) = Cluster::start("bulwark-operator-handover").await? else { return Ok(()) };
+    c.apply(&format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {NS}}}\n"))?;
+    c.apply(KEDA_CRD)?;
+    let _op = c.operator("op-1", free_port()?, &["--keda"])?;
+    let port = free_port()?;
+    c.apply(&server(port, "replicas: 3"))?;
+    until(&c, "deployment/llama", "three replicas", |v| v["spec"]["replicas"] == 3).await;
+
+    // The HPA takes the count as it is: dropping the field must not reset it to one.
+    c.apply(&server(port, "autoscaling: {minReplicas: 2, maxReplicas: 6, metric: queueDepth, target: 8}"))?;
+    until(&c, "horizontalpodautoscaler/llama", "the HPA", |v| v["spec"].is_object()).await;
+    let with_owners = || {
+        let text = c.kubectl(&["get", "-n", NS, "deployment/llama", "-o", "json", "--show-managed-fields"]);
+        text.ok().and_then(|t| serde_json::from_str::<Value>(&t).ok()).unwrap_or(Value::Null)
+    };
+    let deploy = eventually(Duration::from_secs(15), "owned by the hand-over", || async {
+        let v = with_owners();
+        let handed = v["metadata"]["managedFields"]
+            .as_array()
+            .is_some_and(|m| m.iter().any(|e| e["manager"] == "bulwark-operator-handover"));
+        handed.then_some(v)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {}", with_owners()));
+    assert_eq!(deploy["spec"]["replicas"], 3, "the count stays: {}", deploy["spec"]);
+    let ours =
+        deploy["metadata"]["managedFields"].as_array().unwrap().iter().find(|e| e["manager"] == "bulwark-operator");
+    assert!(ours.unwrap()["fieldsV1"]["f:spec"].get("f:replicas").is_none(), "the operator no longer owns it");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(json_of(&c, "deployment/llama")["spec"]["replicas"], 3, "and is not fought over");
+
+    // KEDA's triggers need a Prometheus: without one the server says so and runs as it was.
+    c.apply(&server(port, "autoscaling: {engine: keda, minReplicas: 0, maxReplicas: 4, target: 16}"))?;
+    let ms = until(&c, "modelserver/llama", "Accepted=False", |v| condition(v, "Accepted").0 == "False").await;
+    assert!(condition(&ms, "Accepted").2.contains("spec.autoscaling.prometheusAddress"), "{}", ms["status"]);
+    assert!(c.kubectl(&["get", "scaledobject.keda.sh", "llama", "-n", NS]).is_err(), "no ScaledObject without a query");
+    assert_eq!(json_of(&c, "deployment/llama")["spec"]["replicas"], 3);
     Ok(())
 }

@@ -77,8 +77,10 @@ fn labels(name: &str) -> BTreeMap<String, String> {
     l
 }
 
+/// Owned by the server, for the garbage collector; not blocking its deletion, which would need
+/// the right to update its finalizers.
 fn owned(ms: &ModelServer) -> Vec<OwnerReference> {
-    ms.controller_owner_ref(&()).into_iter().collect()
+    ms.controller_owner_ref(&()).into_iter().map(|o| OwnerReference { block_owner_deletion: None, ..o }).collect()
 }
 
 fn meta(ms: &ModelServer) -> ObjectMeta {
@@ -383,6 +385,14 @@ fn hpa(ms: &ModelServer, a: &Autoscaling, opts: &Options) -> HorizontalPodAutosc
     }
 }
 
+/// Requests per second the sidecars sent the server, up to 1 (`bulwark_model_server_requests`,
+/// from the operator's metrics).
+pub fn demand_query(ns: &str, name: &str) -> String {
+    format!(
+        r#"clamp_max(sum(rate(bulwark_model_server_requests_total{{namespace="{ns}",model_server="{name}"}}[2m])), 1)"#
+    )
+}
+
 /// The PromQL total of `metric` over the server's pods (KEDA divides it by the target).
 pub fn keda_query(metric: AutoscalingMetric, ns: &str, name: &str) -> String {
     format!(r#"sum({}{{namespace="{ns}",pod=~"{name}-[a-z0-9]+-[a-z0-9]+"}})"#, metric.series())
@@ -401,11 +411,30 @@ fn scaled_object(ms: &ModelServer, ns: &str, name: &str, a: &Autoscaling, opts: 
     if let Some(activation) = a.activation_target {
         trigger["metadata"]["activationThreshold"] = json!(activation.to_string());
     }
+    let mut triggers = vec![trigger];
+    if a.min_replicas == 0 {
+        // At zero replicas the server's own metrics are gone: what wakes it is demand, the
+        // requests sidecars send it (the operator exports them). Clamped to 1, it asks for one
+        // replica while requests come and never more: the load trigger scales from there.
+        triggers.push(json!({
+            "type": "prometheus",
+            "name": "demand",
+            "metadata": {
+                "serverAddress": address,
+                "query": demand_query(ns, name),
+                "threshold": "1",
+                "activationThreshold": "0",
+            }
+        }));
+    }
+    // The stable of a rollout in progress keeps a replica, whatever its minimum: KEDA scales to
+    // zero on its own, past the HPA's scale-down policy.
+    let min = if opts.hold_scale_down { a.min_replicas.max(1) } else { a.min_replicas };
     let mut spec = json!({
         "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
-        "minReplicaCount": a.min_replicas,
+        "minReplicaCount": min,
         "maxReplicaCount": a.max_replicas,
-        "triggers": [trigger],
+        "triggers": triggers,
     });
     if let Some(rules) = scale_down(a, opts) {
         let behavior = HorizontalPodAutoscalerBehavior { scale_down: Some(rules), scale_up: None };
@@ -585,5 +614,30 @@ mod tests {
         );
         assert_eq!((t["threshold"].as_str(), t["activationThreshold"].as_str()), (Some("16"), Some("1")));
         assert_eq!(so["metadata"]["ownerReferences"][0]["name"], "llama");
+        assert_eq!(so["metadata"]["ownerReferences"][0].get("blockOwnerDeletion"), None);
+        let demand = &so["spec"]["triggers"][1];
+        assert_eq!(demand["name"], "demand", "at zero, demand wakes it");
+        assert_eq!(
+            demand["metadata"]["query"],
+            r#"clamp_max(sum(rate(bulwark_model_server_requests_total{namespace="team-a",model_server="llama"}[2m])), 1)"#
+        );
+        assert_eq!(
+            (demand["metadata"]["threshold"].as_str(), demand["metadata"]["activationThreshold"].as_str()),
+            (Some("1"), Some("0"))
+        );
+        let held = children(
+            &server("  autoscaling: {engine: keda, minReplicas: 0, maxReplicas: 4, target: 16}\n"),
+            &Options { hold_scale_down: true, ..Options::default() },
+        );
+        assert_eq!(held.scaled_object.unwrap()["spec"]["minReplicaCount"], 1, "a held stable keeps a replica");
+        let floor = children(
+            &server("  autoscaling: {engine: keda, minReplicas: 2, maxReplicas: 4, target: 16}\n"),
+            &Options::default(),
+        );
+        assert_eq!(
+            floor.scaled_object.unwrap()["spec"]["triggers"].as_array().unwrap().len(),
+            1,
+            "no demand trigger above zero"
+        );
     }
 }

@@ -7,7 +7,7 @@ pub mod build;
 pub mod state;
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     sync::Arc,
     time::Duration,
 };
@@ -20,7 +20,7 @@ use bulwark_api::{
     status::Condition,
 };
 use k8s_openapi::{
-    api::{autoscaling::v2::HorizontalPodAutoscaler, core::v1::Pod},
+    api::{apps::v1::Deployment, autoscaling::v2::HorizontalPodAutoscaler, core::v1::Pod},
     jiff::{Timestamp, Unit},
 };
 use kube::{
@@ -168,6 +168,21 @@ fn held(index: &Index) -> BTreeSet<(String, String)> {
     out
 }
 
+/// The ModelServer each self-hosted backend names, for `bulwark_model_server_requests`:
+/// `(namespace/route, backend)` to the server's name.
+fn server_backends(index: &Index) -> BTreeMap<(String, String), String> {
+    let mut out = BTreeMap::new();
+    for route in index.routes() {
+        let (ns, name) = ns_name(&route.metadata);
+        for b in route.spec.all_backends() {
+            if let Some(server) = &b.model_server_ref {
+                out.insert((format!("{ns}/{name}"), b.name.clone()), server.name.clone());
+            }
+        }
+    }
+    out
+}
+
 /// One server's desired state, worked out under the index lock.
 struct Plan {
     ms: ModelServer,
@@ -182,7 +197,14 @@ struct Memory {
     /// A hash of the children last applied, per server.
     applied: HashMap<(String, String), u64>,
     statuses: HashMap<(String, String), ModelServerStatus>,
+    /// Servers whose children failed to apply: how many times in a row, and when to try again.
+    failing: HashMap<(String, String), (u32, tokio::time::Instant)>,
     last_resync: Option<tokio::time::Instant>,
+}
+
+/// How long to wait after the `failures`-th failed apply in a row: 1 s, doubling up to a minute.
+fn backoff(failures: u32) -> Duration {
+    Duration::from_secs(1u64 << failures.saturating_sub(1).min(6)).min(Duration::from_secs(60))
 }
 
 fn hash(c: &Children) -> u64 {
@@ -201,6 +223,8 @@ fn plans(state: &State, settings: &Settings, now: &str) -> (Vec<Plan>, BTreeSet<
     let plans = index
         .servers
         .all()
+        // A server being deleted keeps what it runs until the garbage collector takes it.
+        .filter(|ms| ms.metadata.deletion_timestamp.is_none())
         .map(|ms| {
             let (ns, name) = ns_name(&ms.metadata);
             let mut errors = bulwark_api::validate::model_server(&name, &ms.spec);
@@ -209,6 +233,15 @@ fn plans(state: &State, settings: &Settings, now: &str) -> (Vec<Plan>, BTreeSet<
                 errors.push(bulwark_api::validate::FieldError {
                     path: "spec.autoscaling.engine".into(),
                     message: "keda needs KEDA: install it and run the operator with --keda (chart: keda.enabled=true)"
+                        .into(),
+                });
+            }
+            let keda = ms.spec.autoscaling.as_ref().filter(|a| a.engine == Engine::Keda);
+            if keda.is_some_and(|a| a.prometheus_address.is_none()) && settings.prometheus_address.is_none() {
+                errors.push(bulwark_api::validate::FieldError {
+                    path: "spec.autoscaling.prometheusAddress".into(),
+                    message: "keda's triggers query Prometheus: name it here, or run the operator with \
+                              --prometheus-address (chart: keda.prometheusAddress)"
                         .into(),
                 });
             }
@@ -236,6 +269,10 @@ pub async fn run(state: Arc<State>, client: Client, settings: Settings, mut shut
             _ = every.tick() => {}
             _ = shutdown.changed() => return,
         }
+        if state.is_synced() {
+            let backends = server_backends(&state.index.lock());
+            state.reports.lock().servers = backends;
+        }
         if !state.is_leader() || !state.is_synced() {
             memory = Memory::default();
             continue;
@@ -250,6 +287,7 @@ pub async fn run(state: Arc<State>, client: Client, settings: Settings, mut shut
         let live: BTreeSet<(String, String)> = plans.iter().map(|p| ns_name(&p.ms.metadata)).collect();
         memory.applied.retain(|k, _| live.contains(k));
         memory.statuses.retain(|k, _| live.contains(k));
+        memory.failing.retain(|k, _| live.contains(k));
         for plan in plans {
             if !state.is_leader() {
                 break;
@@ -257,15 +295,20 @@ pub async fn run(state: Arc<State>, client: Client, settings: Settings, mut shut
             let key = ns_name(&plan.ms.metadata);
             if let Some(children) = &plan.children {
                 let h = hash(children);
-                if memory.applied.get(&key) != Some(&h) || drifted.contains(&key) {
+                let due = memory.failing.get(&key).is_none_or(|(_, at)| tokio::time::Instant::now() >= *at);
+                if due && (memory.applied.get(&key) != Some(&h) || drifted.contains(&key)) {
                     match apply_children(&client, &key.0, &key.1, children, settings.keda).await {
                         Ok(()) => {
                             state.metrics.write("ModelServerChildren", true);
                             memory.applied.insert(key.clone(), h);
+                            memory.failing.remove(&key);
                         }
                         Err(e) => {
                             state.metrics.write("ModelServerChildren", false);
-                            tracing::warn!(namespace = %key.0, server = %key.1, "applying what the model server runs: {e}");
+                            let failures = memory.failing.get(&key).map_or(1, |(n, _)| n + 1);
+                            let wait = backoff(failures);
+                            tracing::warn!(namespace = %key.0, server = %key.1, retry_in = ?wait, "applying what the model server runs: {e}");
+                            memory.failing.insert(key.clone(), (failures, tokio::time::Instant::now() + wait));
                         }
                     }
                 }
@@ -320,7 +363,45 @@ fn scaled_objects(client: &Client, ns: &str) -> Api<DynamicObject> {
     Api::namespaced_with(client.clone(), ns, &ApiResource::from_gvk_with_plural(&gvk, "scaledobjects"))
 }
 
+/// The manager that keeps the replica count while an autoscaler takes it over.
+const HANDOVER_MANAGER: &str = "bulwark-operator-handover";
+
+/// Before the operator stops writing `replicas` (an autoscaler now owns the count), hands the
+/// field to another manager at its live value: dropping it from an apply that owned it alone
+/// would reset the Deployment to one replica. A Deployment at zero that an HPA takes over is
+/// raised to the HPA's minimum, since an HPA does not scale up from zero.
+async fn hand_over_replicas(client: &Client, ns: &str, c: &Children) -> kube::Result<()> {
+    let name = c.deployment.metadata.name.clone().unwrap_or_default();
+    let api: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    let Some(live) = api.get_opt(&name).await? else { return Ok(()) };
+    let ours = live.metadata.managed_fields.iter().flatten().any(|m| {
+        m.manager.as_deref() == Some(FIELD_MANAGER)
+            && m.operation.as_deref() == Some("Apply")
+            && m.fields_v1.as_ref().is_some_and(|f| f.0.pointer("/f:spec/f:replicas").is_some())
+    });
+    let replicas = live.spec.and_then(|s| s.replicas);
+    let hpa_min = c.hpa.as_ref().and_then(|h| h.spec.as_ref()).map(|s| s.min_replicas.unwrap_or(1).max(1));
+    let keep = match (replicas, hpa_min) {
+        (Some(0), Some(min)) => min,
+        (Some(n), _) => n,
+        (None, _) => return Ok(()),
+    };
+    if !ours && replicas == Some(keep) {
+        return Ok(());
+    }
+    let patch = serde_json::json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name},
+        "spec": {"replicas": keep},
+    });
+    api.patch(&name, &PatchParams::apply(HANDOVER_MANAGER).force(), &Patch::Apply(&patch)).await.map(|_| ())
+}
+
 async fn apply_children(client: &Client, ns: &str, name: &str, c: &Children, keda: bool) -> kube::Result<()> {
+    if c.deployment.spec.as_ref().is_some_and(|s| s.replicas.is_none()) {
+        hand_over_replicas(client, ns, c).await?;
+    }
     apply(client, ns, &c.deployment).await?;
     apply(client, ns, &c.service).await?;
     apply(client, ns, &c.pdb).await?;
@@ -356,6 +437,12 @@ mod tests {
 
     fn brief(s: &ModelServerStatus) -> Vec<(String, String, String)> {
         s.conditions.iter().map(|c| (c.type_.clone(), c.status.clone(), c.reason.clone())).collect()
+    }
+
+    #[test]
+    fn a_failing_apply_backs_off_to_a_minute() {
+        let waits: Vec<u64> = (1..=9).map(|n| backoff(n).as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
     }
 
     #[test]
