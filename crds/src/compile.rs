@@ -316,12 +316,15 @@ fn match_key(m: &RouteMatch) -> String {
     let mut models = m.models.clone();
     models.sort();
     models.dedup();
-    serde_json::json!([paths, models, m.headers]).to_string()
+    let mut hosts = m.hosts.clone();
+    hosts.sort();
+    hosts.dedup();
+    serde_json::json!([paths, models, m.headers, hosts]).to_string()
 }
 
-fn specificity(m: &RouteMatch) -> (bool, usize, bool, bool) {
+fn specificity(m: &RouteMatch) -> (bool, bool, usize, bool, bool) {
     let exact = m.models.iter().any(|p| !p.contains(['*', '?', '[']));
-    (exact, m.headers.len(), !m.models.is_empty(), !m.paths.is_empty())
+    (!m.hosts.is_empty(), exact, m.headers.len(), !m.models.is_empty(), !m.paths.is_empty())
 }
 
 /// The ModelServers of the snapshot, by namespace and name.

@@ -46,6 +46,17 @@ impl LLMRouteSpec {
     }
 }
 
+/// Whether `host` (lowercase, without a port) is one of `patterns`: exact names, or `*.suffix`
+/// for any name ending in `.suffix`.
+pub fn host_matches(patterns: &[String], host: &str) -> bool {
+    patterns.iter().any(|p| match p.strip_prefix("*.") {
+        Some(suffix) => {
+            host.len() > suffix.len() + 1 && host.ends_with(suffix) && host[..host.len() - suffix.len()].ends_with('.')
+        }
+        None => p == host,
+    })
+}
+
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[x_kube(validation = Rule::new("(has(self.backends) && size(self.backends) > 0) || (has(self.fallback) && size(self.fallback) > 0)").message("a rule needs at least one backend or fallback"))]
@@ -99,6 +110,11 @@ impl LoadBalancing {
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RouteMatch {
+    /// The hosts the request was addressed to, such as `api.openai.com` or `*.openai.azure.com`
+    /// (any one label or more in place of `*`). Captured connections (`--transparent`) to these
+    /// hosts are handled as LLM requests; explicit requests to the sidecar name no such host.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
     /// Request paths, such as `/v1/chat/completions` or `/v1/messages`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub paths: Vec<String>,
@@ -374,4 +390,21 @@ pub struct LLMRouteStatus {
 pub struct SidecarCounts {
     pub total: u32,
     pub up_to_date: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_matches;
+
+    #[test]
+    fn hosts_match_exactly_or_by_suffix() {
+        let p = ["api.openai.com".to_owned(), "*.openai.azure.com".to_owned()];
+        assert!(host_matches(&p, "api.openai.com"));
+        assert!(host_matches(&p, "team.openai.azure.com"));
+        assert!(host_matches(&p, "a.b.openai.azure.com"));
+        assert!(!host_matches(&p, "openai.azure.com"), "a wildcard needs a label in its place");
+        assert!(!host_matches(&p, "evilopenai.azure.com"));
+        assert!(!host_matches(&p, "api.openai.com.evil"));
+        assert!(!host_matches(&[], "api.openai.com"));
+    }
 }

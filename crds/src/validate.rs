@@ -79,6 +79,22 @@ pub fn route<'a>(spec: &'a LLMRouteSpec) -> Vec<FieldError> {
         if !rule.backends.is_empty() && rule.backends.iter().all(|b| b.weight == 0) {
             e.add(format!("{p}.backends"), "all weights are 0; give at least one backend a weight above 0");
         }
+        for (i, host) in rule.matches.hosts.iter().enumerate() {
+            let name = host.strip_prefix("*.").unwrap_or(host);
+            let label = |l: &str| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                    && !l.starts_with('-')
+                    && !l.ends_with('-')
+            };
+            if name.len() > 253 || !name.split('.').all(label) {
+                e.add(
+                    format!("{p}.match.hosts[{i}]"),
+                    format!("{host:?} is not a lowercase host name (or *. and one), such as api.openai.com or *.openai.azure.com; no port"),
+                );
+            }
+        }
         for (i, path) in rule.matches.paths.iter().enumerate() {
             if !path.starts_with('/') {
                 e.add(

@@ -97,6 +97,13 @@ fn invalid_resources_are_rejected_with_exact_errors() {
             "spec.rules[0].backends[0].model: azure-openai needs the deployment name in model",
         ),
         (
+            "host with a port",
+            route(
+                "  rules: [{match: {hosts: [api.openai.com, 'API.x.com:443']}, backends: [{name: a, url: 'http://x'}]}]",
+            ),
+            "spec.rules[0].match.hosts[1]: \"API.x.com:443\" is not a lowercase host name (or *. and one), such as api.openai.com or *.openai.azure.com; no port",
+        ),
+        (
             "path without slash",
             route("  rules: [{match: {paths: [v1/chat]}, backends: [{name: a, url: 'http://x'}]}]"),
             "spec.rules[0].match.paths[0]: \"v1/chat\" must start with '/', such as /v1/chat/completions",

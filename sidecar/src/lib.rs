@@ -7,6 +7,7 @@ pub mod admin;
 pub mod balance;
 pub mod body;
 pub mod cache;
+pub mod capture;
 pub mod circuit;
 pub mod control;
 pub mod credentials;
@@ -27,6 +28,7 @@ pub mod scan;
 pub mod settle;
 pub mod source;
 pub mod stream;
+pub mod transparent;
 pub mod upstream;
 pub mod usage;
 
@@ -57,6 +59,8 @@ pub struct Options {
     pub operator: Option<control::OperatorLink>,
     /// Where the standalone rollout driver keeps its state across restarts.
     pub state_dir: Option<PathBuf>,
+    /// The port of the listener for captured connections (on 127.0.0.1 and ::1).
+    pub transparent: Option<u16>,
 }
 
 impl Options {
@@ -71,8 +75,21 @@ impl Options {
             models: scan::model::ModelSettings { threads: 1, ..Default::default() },
             operator: None,
             state_dir: None,
+            transparent: None,
         }
     }
+}
+
+/// The listeners for captured connections: the nat REDIRECT target is the loopback address of
+/// the connection's family, so 127.0.0.1 and, where the pod has IPv6, ::1.
+async fn transparent_listeners(port: u16) -> anyhow::Result<Vec<TcpListener>> {
+    let v4 = TcpListener::bind(("127.0.0.1", port)).await.with_context(|| format!("binding 127.0.0.1:{port}"))?;
+    let mut out = vec![v4];
+    match TcpListener::bind(("::1", port)).await {
+        Ok(v6) => out.push(v6),
+        Err(e) => tracing::info!("no IPv6 transparent listener ([::1]:{port}: {e})"),
+    }
+    Ok(out)
 }
 
 /// A running sidecar.
@@ -121,6 +138,10 @@ impl Sidecar {
         let proxy_listener =
             TcpListener::bind(opts.listen).await.with_context(|| format!("binding {}", opts.listen))?;
         let admin_listener = TcpListener::bind(opts.admin).await.with_context(|| format!("binding {}", opts.admin))?;
+        let captured = match opts.transparent {
+            Some(port) => transparent_listeners(port).await?,
+            None => vec![],
+        };
         let proxy_addr = proxy_listener.local_addr()?;
         let admin_addr = admin_listener.local_addr()?;
         let client = upstream::client(opts.upstream_ca.as_deref())?;
@@ -142,12 +163,16 @@ impl Sidecar {
             stand_aside: link.as_ref().map(|l| l.connected.clone()),
             rollouts: rollouts.clone(),
         };
-        let mut tasks = vec![
+        let mut tasks: Vec<JoinHandle<()>> = captured
+            .into_iter()
+            .map(|l| tokio::spawn(transparent::serve(l, app.clone(), shutdown_rx.clone())))
+            .collect();
+        tasks.extend([
             tokio::spawn(listener::serve(proxy_listener, app, proxy::handle, shutdown_rx.clone())),
             tokio::spawn(listener::serve(admin_listener, admin, admin::handle, shutdown_rx.clone())),
             tokio::spawn(reloader.run(fingerprint, opts.reload_interval, shutdown_rx.clone())),
             tokio::spawn(scraper),
-        ];
+        ]);
         if let Some(r) = rollouts {
             tasks.push(tokio::spawn(rollouts::drive(r, metrics.clone(), shutdown_rx.clone())));
         }

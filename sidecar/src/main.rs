@@ -1,20 +1,30 @@
 //! `bulwark-sidecar`: runs the proxy standalone on a directory of resources (`--manifests`,
 //! where it also drives the rollouts), on a compiled config (`--config`), or on the operator's
-//! stream (`--operator`). These flag spellings are stable.
+//! stream (`--operator`); `bulwark-sidecar redirect` installs the nat rules of transparent
+//! capture (the init container). These flag spellings are stable.
 
 use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use bulwark_api::{CompileOptions, Duration as Dur, Workload};
-use bulwark_sidecar::{Options, Sidecar, Source, control::OperatorLink, upstream::Ca};
-use clap::Parser;
+use bulwark_sidecar::{
+    Options, Sidecar, Source,
+    capture::{self, Backend, Capture, Cidr},
+    control::OperatorLink,
+    upstream::Ca,
+};
+use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
 #[command(
     name = "bulwark-sidecar",
     version,
-    about = "LLM API proxy: routing, fallbacks, rate limits, caching, metrics"
+    about = "LLM API proxy: routing, fallbacks, rate limits, caching, metrics",
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
 )]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Cmd>,
     /// Directory of LLMRoute / ScannerPolicy / ModelRollout YAML (standalone mode).
     #[arg(long, value_name = "DIR", conflicts_with_all = ["config", "operator"], required_unless_present_any = ["config", "operator"])]
     manifests: Option<PathBuf>,
@@ -80,9 +90,83 @@ struct Cli {
     /// Inference threads per loaded model.
     #[arg(long, default_value_t = 1)]
     model_threads: usize,
+    /// Port of the listener for captured connections (on 127.0.0.1 and ::1), where the rules of
+    /// `redirect` send the pod's outbound traffic.
+    #[arg(long, value_name = "PORT")]
+    transparent: Option<u16>,
     /// Log format.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Installs the nat OUTPUT rules that send this network namespace's outbound TCP to the
+    /// sidecar's --transparent port (chains BULWARK_OUTPUT and BULWARK_REDIRECT); idempotent.
+    Redirect(RedirectArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct RedirectArgs {
+    /// The uid the sidecar runs as: its own connections are not captured.
+    #[arg(long, value_name = "UID", required_unless_present = "remove")]
+    proxy_uid: Option<u32>,
+    /// The sidecar's --transparent port.
+    #[arg(long, value_name = "PORT", required_unless_present = "remove")]
+    redirect_port: Option<u16>,
+    /// Destination ports captured.
+    #[arg(long, value_delimiter = ',', default_value = "80,443")]
+    ports: Vec<u16>,
+    /// Destination ports never captured.
+    #[arg(long, value_delimiter = ',', value_name = "P,..")]
+    exclude_ports: Vec<u16>,
+    /// Destinations never captured (10.0.0.0/8, 2001:db8::/32).
+    #[arg(long, value_delimiter = ',', value_name = "C,..")]
+    exclude_cidrs: Vec<Cidr>,
+    /// Only these destinations are captured.
+    #[arg(long, value_delimiter = ',', value_name = "C,..")]
+    include_cidrs: Vec<Cidr>,
+    /// The iptables backend: the one the node uses (auto), nft or legacy.
+    #[arg(long, default_value = "auto")]
+    backend: String,
+    /// Prints the rules instead of installing them.
+    #[arg(long)]
+    dry_run: bool,
+    /// Deletes the rules.
+    #[arg(long, conflicts_with = "dry_run")]
+    remove: bool,
+}
+
+fn redirect(a: RedirectArgs) -> ExitCode {
+    let backend = || Backend::parse(&a.backend).map_err(anyhow::Error::msg);
+    let result = if a.remove {
+        backend().and_then(capture::remove)
+    } else {
+        let capture = Capture {
+            proxy_uid: a.proxy_uid.unwrap_or_default(),
+            redirect_port: a.redirect_port.unwrap_or_default(),
+            ports: a.ports,
+            exclude_ports: a.exclude_ports,
+            exclude_cidrs: a.exclude_cidrs,
+            include_cidrs: a.include_cidrs,
+        };
+        if capture.ports.is_empty() {
+            eprintln!("bulwark-sidecar redirect: --ports: name at least one port");
+            return ExitCode::from(2);
+        }
+        if a.dry_run {
+            print!("{}", capture::dry_run(&capture));
+            return ExitCode::SUCCESS;
+        }
+        backend().and_then(|b| capture::install(&capture, b))
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bulwark-sidecar redirect: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn addr(s: &str) -> Result<SocketAddr, String> {
@@ -105,6 +189,9 @@ fn labels(s: &str) -> Result<BTreeMap<String, String>, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Cmd::Redirect(args)) = cli.command {
+        return redirect(args);
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_env("BULWARK_LOG").unwrap_or_else(|_| "info".into());
     if cli.log_format == "json" {
         tracing_subscriber::fmt().json().with_env_filter(filter).init();
@@ -141,6 +228,7 @@ fn main() -> ExitCode {
     opts.reload_interval = cli.reload_interval.as_std().max(Duration::from_millis(50));
     opts.upstream_ca = cli.upstream_ca;
     opts.state_dir = cli.state_dir;
+    opts.transparent = cli.transparent;
     opts.models.models_dir = cli.models_dir;
     opts.models.onnxruntime = cli.onnxruntime;
     opts.models.threads = cli.model_threads.max(1);

@@ -82,6 +82,20 @@ pub struct ReloadLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CaptureLabels {
+    /// `http`, `tls` or `other`.
+    pub protocol: &'static str,
+    /// `routed` (handled as LLM requests) or `passthrough`.
+    pub action: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    /// `upstream` (from the app) or `downstream` (to the app).
+    pub direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VersionLabels {
     pub version: String,
 }
@@ -139,6 +153,8 @@ pub struct Metrics {
     pub replica_requests: Family<ReplicaLabels, Counter>,
     pub replica_ejections: Family<CircuitLabels, Counter>,
     pub replica_scrapes: Family<ReloadLabels, Counter>,
+    pub captured: Family<CaptureLabels, Counter>,
+    pub passthrough_bytes: Family<DirectionLabels, Counter>,
     /// What the sidecar reports to the operator.
     pub outcomes: crate::outcomes::Outcomes,
 }
@@ -259,8 +275,22 @@ impl Metrics {
             "Reads of replicas' metrics (queue depth, KV-cache use) by result: success, error",
             replica_scrapes.clone(),
         );
+        let captured = Family::default();
+        registry.register(
+            "bulwark_transparent_connections",
+            "Captured connections (--transparent) by protocol (http, tls, other) and action (routed, passthrough)",
+            captured.clone(),
+        );
+        let passthrough_bytes = Family::default();
+        registry.register(
+            "bulwark_transparent_passthrough_bytes",
+            "Bytes of captured connections passed through unchanged, by direction (upstream, downstream)",
+            passthrough_bytes.clone(),
+        );
         Self {
             registry,
+            captured,
+            passthrough_bytes,
             replica_scrapes,
             replica_requests,
             replica_ejections,

@@ -232,6 +232,16 @@ impl Runtime {
     }
 }
 
+/// The host a request was addressed to: its `Host` header, lowercase, without the port.
+pub fn host(headers: &http::HeaderMap) -> Option<String> {
+    let h = headers.get(http::header::HOST)?.to_str().ok()?;
+    let name = match h.strip_prefix('[') {
+        Some(v6) => v6.split(']').next()?,
+        None => h.rsplit_once(':').filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit())).map_or(h, |(n, _)| n),
+    };
+    Some(name.trim_end_matches('.').to_ascii_lowercase())
+}
+
 /// A backend's endpoints: its replicas with where each serves metrics, or its URL.
 fn endpoints(registry: &replicas::Registry, b: &BackendConfig) -> Result<Vec<Arc<Endpoint>>, String> {
     let Some(r) = b.replicas.as_ref().filter(|r| !r.endpoints.is_empty()) else {
@@ -257,6 +267,9 @@ impl RouteRuntime {
             return false;
         }
         let m = &self.cfg.matches;
+        if !m.hosts.is_empty() && !host(headers).is_some_and(|h| bulwark_api::route::host_matches(&m.hosts, &h)) {
+            return false;
+        }
         if !m.paths.is_empty() && !m.paths.iter().any(|p| p.trim_end_matches('/') == api.path()) {
             return false;
         }

@@ -1,0 +1,218 @@
+//! The listener for captured connections (`--transparent PORT`): the nat rules of `capture`
+//! send a pod's outbound TCP here. Each connection's original destination is recovered
+//! (`SO_ORIGINAL_DST`), its first bytes are looked at without reading them, and then:
+//!
+//! * plain HTTP whose `Host` a route names (`match.hosts`) is served like an explicit request
+//!   (routing, scanners, metrics), to the route's backend;
+//! * everything else (other hosts, TLS, protocols that are not HTTP or where the server speaks
+//!   first) is passed through to the original destination byte for byte.
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::{conn::auto::Builder, graceful::GracefulShutdown},
+};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::watch,
+    time::Instant,
+};
+
+use crate::{
+    listener::DRAIN,
+    metrics::{CaptureLabels, DirectionLabels},
+    proxy::{self, AppState},
+};
+
+/// How long a connection may stay silent before it is taken for a protocol whose server speaks
+/// first (SMTP, MySQL) and passed through.
+const SNIFF_WAIT: Duration = Duration::from_millis(300);
+/// Request heads longer than this are not looked into; the connection is passed through.
+const SNIFF_BYTES: usize = 16 * 1024;
+
+/// What the first bytes of a connection say.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Sniffed {
+    /// An HTTP/1 request head, with its `Host` (lowercase, no port).
+    Http(Option<String>),
+    /// A TLS record.
+    Tls,
+    /// Anything else, or nothing yet.
+    Other,
+}
+
+/// Looks at a connection's first bytes: `None` while they could still become an HTTP head.
+pub fn classify(bytes: &[u8]) -> Option<Sniffed> {
+    if bytes.first() == Some(&0x16) {
+        return Some(Sniffed::Tls);
+    }
+    let method_end = bytes.iter().position(|b| !b.is_ascii_uppercase());
+    match method_end {
+        // A method token, then a space: an HTTP request line (or the start of one).
+        Some(0) => return Some(Sniffed::Other),
+        Some(n) if bytes[n] != b' ' || n > 16 => return Some(Sniffed::Other),
+        None if bytes.len() > 16 => return Some(Sniffed::Other),
+        None => return None,
+        Some(_) => {}
+    }
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(bytes) {
+        Ok(httparse::Status::Complete(_)) => {
+            let host = req.headers.iter().find(|h| h.name.eq_ignore_ascii_case("host")).and_then(|h| {
+                let mut map = http::HeaderMap::new();
+                map.insert(http::header::HOST, http::HeaderValue::from_bytes(h.value).ok()?);
+                crate::runtime::host(&map)
+            });
+            Some(Sniffed::Http(host))
+        }
+        Ok(httparse::Status::Partial) if bytes.len() < SNIFF_BYTES => None,
+        Ok(httparse::Status::Partial) => Some(Sniffed::Http(None)),
+        Err(_) => Some(Sniffed::Other),
+    }
+}
+
+/// Peeks at the connection until its first bytes say what it is, or it stays silent.
+async fn sniff(stream: &TcpStream) -> Sniffed {
+    let mut buf = vec![0u8; SNIFF_BYTES];
+    let deadline = Instant::now() + SNIFF_WAIT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let n = match tokio::time::timeout(left, stream.peek(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => n,
+            _ => return Sniffed::Other,
+        };
+        if let Some(s) = classify(&buf[..n]) {
+            return s;
+        }
+        if Instant::now() >= deadline {
+            return Sniffed::Other;
+        }
+        // The head is incomplete: wait for more of it (peek returns at once with what is there).
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Where a captured connection was going.
+pub fn original_dst(stream: &TcpStream) -> std::io::Result<SocketAddr> {
+    let sock = socket2::SockRef::from(stream);
+    let addr = if stream.local_addr()?.is_ipv4() { sock.original_dst_v4()? } else { sock.original_dst_v6()? };
+    addr.as_socket().ok_or_else(|| std::io::Error::other("the original destination is not an IP address"))
+}
+
+/// Whether any route takes requests addressed to `host`.
+fn routed(state: &AppState, host: &str) -> bool {
+    let rt = state.runtime.borrow();
+    rt.routes.iter().any(|r| {
+        let hosts = &r.cfg.matches.hosts;
+        !hosts.is_empty() && bulwark_api::route::host_matches(hosts, host)
+    })
+}
+
+pub async fn serve(listener: TcpListener, state: Arc<AppState>, mut shutdown: watch::Receiver<bool>) {
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30)).keep_alive(true);
+    let builder = Arc::new(builder);
+    let graceful = Arc::new(GracefulShutdown::new());
+    let own = listener.local_addr().ok();
+    loop {
+        let (stream, _peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => break,
+        };
+        let (state, builder, graceful) = (state.clone(), builder.clone(), graceful.clone());
+        tokio::spawn(async move {
+            let local = stream.local_addr().ok();
+            let dst = match original_dst(&stream) {
+                // A connection made to this port itself was not captured: there is nowhere to send it.
+                Ok(dst)
+                    if own.is_some_and(|o| o.port() == dst.port())
+                        && (dst.ip().is_loopback() || local.is_some_and(|l| l.ip() == dst.ip())) =>
+                {
+                    return;
+                }
+                Ok(dst) => dst,
+                Err(e) => {
+                    tracing::debug!("a connection without an original destination: {e}");
+                    return;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let sniffed = sniff(&stream).await;
+            let (protocol, l7) = match &sniffed {
+                Sniffed::Http(host) => ("http", host.as_deref().is_some_and(|h| routed(&state, h))),
+                Sniffed::Tls => ("tls", false),
+                Sniffed::Other => ("other", false),
+            };
+            let action = if l7 { "routed" } else { "passthrough" };
+            state.metrics.captured.get_or_create(&CaptureLabels { protocol, action }).inc();
+            if l7 {
+                let app = state.clone();
+                let service = hyper::service::service_fn(move |req| {
+                    let app = app.clone();
+                    async move { Ok::<_, Infallible>(proxy::handle(app, req).await) }
+                });
+                let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned());
+                if let Err(e) = conn.await {
+                    tracing::debug!("captured connection ended: {e}");
+                }
+            } else {
+                passthrough(&state, stream, dst).await;
+            }
+        });
+    }
+    if let Ok(graceful) = Arc::try_unwrap(graceful)
+        && tokio::time::timeout(DRAIN, graceful.shutdown()).await.is_err()
+    {
+        tracing::warn!("captured requests still running after {}s of shutdown were cut", DRAIN.as_secs());
+    }
+}
+
+/// Copies the connection to its original destination and back, unchanged.
+async fn passthrough(state: &AppState, mut client: TcpStream, dst: SocketAddr) {
+    let mut upstream = match TcpStream::connect(dst).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(%dst, "passthrough: cannot connect: {e}");
+            return;
+        }
+    };
+    let _ = upstream.set_nodelay(true);
+    let (up, down) = match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::debug!(%dst, "passthrough ended: {e}");
+            return;
+        }
+    };
+    let count = |direction, n| state.metrics.passthrough_bytes.get_or_create(&DirectionLabels { direction }).inc_by(n);
+    count("upstream", up);
+    count("downstream", down);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_bytes_say_what_a_connection_is() {
+        let http = b"POST /v1/chat/completions HTTP/1.1\r\nHost: API.OpenAI.com:80\r\nContent-Length: 2\r\n\r\n{}";
+        assert_eq!(classify(http), Some(Sniffed::Http(Some("api.openai.com".into()))));
+        assert_eq!(classify(b"GET / HTTP/1.1\r\nHost: x\r\n"), None, "a head still coming");
+        assert_eq!(classify(b"GE"), None);
+        assert_eq!(classify(b"GET / HTTP/1.1\r\n\r\n"), Some(Sniffed::Http(None)), "no Host");
+        assert_eq!(classify(&[0x16, 0x03, 0x01, 0x02, 0x00]), Some(Sniffed::Tls));
+        assert_eq!(classify(b"SSH-2.0-OpenSSH_9.2\r\n"), Some(Sniffed::Other));
+        assert_eq!(classify(b"\x00\x01binary"), Some(Sniffed::Other));
+        assert_eq!(classify(b"HELLO world\r\n"), Some(Sniffed::Other), "a word and a space, then no HTTP");
+        assert_eq!(classify(&[b'A'; 40]), Some(Sniffed::Other));
+    }
+}

@@ -1,0 +1,254 @@
+"""Transparent capture in a network namespace of its own (run by test_transparent.py under
+`unshare -n -m`, as root): test hosts are addresses on the namespace's loopback, named in a
+private /etc/hosts; the sidecar runs as its own uid with --transparent; `bulwark-sidecar
+redirect` installs the nat rules; clients that know nothing of the sidecar (curl, the openai
+SDK) call the hosts by name. Exits non-zero with the failed check on stderr."""
+
+import json
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+BIN = Path(os.environ["BULWARK_BIN"]).resolve()
+SIDECAR = str(BIN / "bulwark-sidecar")
+PROXY_UID = 1337
+LLM, OTHER, RAW = "198.51.100.10", "198.51.100.20", "198.51.100.30"
+SECRET = "AKIAIOSFODNN7EXAMPLE"
+
+
+def sh(*args, **kw):
+    return subprocess.run(args, check=True, capture_output=True, text=True, **kw)
+
+
+def network(tmp: Path):
+    sh("ip", "link", "set", "lo", "up")
+    for addr in (LLM, OTHER, RAW):
+        sh("ip", "addr", "add", f"{addr}/32", "dev", "lo")
+    hosts = tmp / "hosts"
+    hosts.write_text(f"127.0.0.1 localhost\n{LLM} api.llm.test\n{OTHER} other.test\n")
+    sh("mount", "--bind", str(hosts), "/etc/hosts")
+
+
+class Provider(BaseHTTPRequestHandler):
+    """An OpenAI-style provider at api.llm.test:80 that remembers what it was sent."""
+
+    seen: list = []
+
+    def log_message(self, *a):
+        pass
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("content-length", 0)))
+        Provider.seen.append((self.headers.get("host"), body.decode()))
+        out = json.dumps({
+            "id": "c1", "object": "chat.completion", "created": 1, "model": "m",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "hello"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+        }).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+
+
+class Plain(BaseHTTPRequestHandler):
+    """Not an LLM: other.test answers with what reached it."""
+
+    def log_message(self, *a):
+        pass
+
+    def do_GET(self):
+        out = f"direct host={self.headers.get('host')} via={self.headers.get('x-bulwark-route')}".encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+
+
+def serve_http(addr, port, handler, tls=None):
+    srv = ThreadingHTTPServer((addr, port), handler)
+    if tls:
+        srv.socket = tls.wrap_socket(srv.socket, server_side=True)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+
+
+def serve_raw(addr, port, banner: bytes | None):
+    """A TCP echo server, or (with a banner) one that speaks first."""
+    lsock = socket.create_server((addr, port))
+
+    def conn(c):
+        with c:
+            if banner:
+                c.sendall(banner)
+            while data := c.recv(65536):
+                c.sendall(data)
+
+    def loop():
+        while True:
+            c, _ = lsock.accept()
+            threading.Thread(target=conn, args=(c,), daemon=True).start()
+
+    threading.Thread(target=loop, daemon=True).start()
+
+
+def certificate(tmp: Path) -> tuple[Path, Path]:
+    key, cert = tmp / "other.key", tmp / "other.pem"
+    sh("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=other.test",
+       "-addext", "subjectAltName=DNS:other.test", "-keyout", str(key), "-out", str(cert))
+    return key, cert
+
+
+MANIFESTS = """apiVersion: bulwark.dev/v1alpha1
+kind: LLMRoute
+metadata: {name: captured}
+spec:
+  rules:
+    - match: {hosts: [api.llm.test, "*.llm.test"]}
+      backends: [{name: provider, provider: openai-compatible, url: "http://api.llm.test/v1"}]
+      scannerPolicyRef: {name: guard}
+---
+apiVersion: bulwark.dev/v1alpha1
+kind: ScannerPolicy
+metadata: {name: guard}
+spec:
+  input: [{type: secrets, action: redact}]
+"""
+
+
+def start_sidecar(tmp: Path):
+    manifests = tmp / "manifests"
+    manifests.mkdir()
+    (manifests / "routes.yaml").write_text(MANIFESTS)
+    os.chmod(tmp, 0o755)
+    log = open(tmp / "sidecar.log", "w")
+    proc = subprocess.Popen(
+        [SIDECAR, "--manifests", str(manifests), "--listen", "15080", "--admin", "15090", "--transparent", "15081"],
+        stdout=log, stderr=subprocess.STDOUT, user=PROXY_UID, group=PROXY_UID,
+        env={**os.environ, "BULWARK_LOG": "debug"},
+    )
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen("http://127.0.0.1:15090/ready", timeout=1) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise SystemExit("the sidecar did not become ready:\n" + (tmp / "sidecar.log").read_text()[-3000:])
+
+
+def metrics() -> str:
+    with urllib.request.urlopen("http://127.0.0.1:15090/metrics", timeout=5) as r:
+        return r.read().decode()
+
+
+def counter(text: str, series: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def check(ok, what):
+    if not ok:
+        raise AssertionError(what)
+    print("ok:", what.split(":")[0])
+
+
+def main():
+    tmp = Path(tempfile.mkdtemp(prefix="bulwark-capture-"))
+    network(tmp)
+    serve_http(LLM, 80, Provider)
+    serve_http(OTHER, 80, Plain)
+    key, cert = certificate(tmp)
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+    serve_http(OTHER, 443, Plain, tls)
+    serve_raw(RAW, 80, None)
+    serve_raw(RAW, 443, b"220 raw.test ready\r\n")
+    proc = start_sidecar(tmp)
+    try:
+        sh(SIDECAR, "redirect", "--proxy-uid", str(PROXY_UID), "--redirect-port", "15081", "--exclude-ports", "15080,15090")
+        rules = sh("iptables", "-t", "nat", "-S").stdout
+        check("-A OUTPUT -p tcp -j BULWARK_OUTPUT" in rules, f"the jump is installed: {rules}")
+
+        # A plain-HTTP LLM call by curl, which knows nothing of the sidecar: routed and guarded.
+        body = json.dumps({"model": "m", "messages": [{"role": "user", "content": f"my key is {SECRET}"}]})
+        out = sh("curl", "-sS", "-D", "-", "http://api.llm.test/v1/chat/completions",
+                 "-H", "content-type: application/json", "-d", body).stdout
+        check(" 200" in out.splitlines()[0] and "x-bulwark-route: default/captured" in out.lower(),
+              f"curl's call is routed by the sidecar: {out}")
+        host, sent = Provider.seen[-1]
+        check(SECRET not in sent and "my key is" in sent, f"the secret is redacted before the provider: {sent}")
+        check(host == "api.llm.test", f"the provider is called by its name: {host}")
+
+        # The openai SDK, pointed at the provider by name.
+        import openai
+
+        client = openai.OpenAI(base_url="http://api.llm.test/v1", api_key="unused", max_retries=0)
+        resp = client.chat.completions.with_raw_response.create(
+            model="m", messages=[{"role": "user", "content": f"again {SECRET}"}])
+        check(resp.headers.get("x-bulwark-route") == "default/captured", f"the SDK's call is routed: {resp.headers}")
+        check(resp.parse().choices[0].message.content == "hello", "the SDK reads the answer")
+        check(SECRET not in Provider.seen[-1][1], "the SDK's secret is redacted too")
+
+        # Plain HTTP to a host no route names: passed through unchanged.
+        out = sh("curl", "-sS", "http://other.test/").stdout
+        check(out == "direct host=other.test via=None", f"plain HTTP to another host passes through: {out}")
+
+        # HTTPS to another host: passed through; the client sees the real server's certificate.
+        out = sh("curl", "-sS", "--cacert", str(cert), "https://other.test/").stdout
+        check(out == "direct host=other.test via=None", f"TLS passes through with the real certificate: {out}")
+
+        # A byte stream that is not HTTP, and a server that speaks first.
+        blob = bytes(range(256)) * 64
+        with socket.create_connection((RAW, 80), timeout=5) as s:
+            s.sendall(blob)
+            got = b""
+            while len(got) < len(blob):
+                got += s.recv(65536)
+        check(got == blob, "a non-HTTP byte stream passes through intact")
+        with socket.create_connection((RAW, 443), timeout=5) as s:
+            banner = s.recv(100)
+        check(banner == b"220 raw.test ready\r\n", f"a server-first protocol gets its banner through: {banner!r}")
+
+        m = metrics()
+        routed = counter(m, 'bulwark_transparent_connections_total{protocol="http",action="routed"}')
+        plain = counter(m, 'bulwark_transparent_connections_total{protocol="http",action="passthrough"}')
+        tls_n = counter(m, 'bulwark_transparent_connections_total{protocol="tls",action="passthrough"}')
+        other = counter(m, 'bulwark_transparent_connections_total{protocol="other",action="passthrough"}')
+        # The sidecar's own calls to api.llm.test:80 are not captured again: two routed
+        # connections (curl's and the SDK's), not four.
+        check((routed, plain, tls_n, other) == (2, 1, 1, 2), f"connections counted once each: {routed, plain, tls_n, other}")
+        up = counter(m, 'bulwark_transparent_passthrough_bytes_total{direction="upstream"}')
+        check(up >= len(blob), f"passthrough bytes counted: {up}")
+
+        # The rules: idempotent, and removable.
+        sh(SIDECAR, "redirect", "--proxy-uid", str(PROXY_UID), "--redirect-port", "15081", "--exclude-ports", "15080,15090")
+        again = sh("iptables", "-t", "nat", "-S").stdout
+        check(again == rules, f"installing again changes nothing: {again}")
+        sh(SIDECAR, "redirect", "--remove")
+        left = sh("iptables", "-t", "nat", "-S").stdout
+        check("BULWARK" not in left, f"--remove deletes the chains: {left}")
+        out = sh("curl", "-sS", "-D", "-", "http://api.llm.test/v1/chat/completions", "-d", body).stdout
+        check("x-bulwark-route" not in out.lower(), "without the rules, calls go direct")
+    except Exception:
+        print((tmp / "sidecar.log").read_text()[-4000:], file=sys.stderr)
+        raise
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+if __name__ == "__main__":
+    main()
