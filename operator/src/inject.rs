@@ -11,6 +11,11 @@
 //! * `OPENAI_BASE_URL` and `ANTHROPIC_BASE_URL` in each app container that does not set them
 //!   (annotation `bulwark.dev/base-url-env: "false"` turns that off).
 //!
+//! With `bulwark.dev/proxy-mode: transparent` on the pod, an init container (`bulwark-redirect`,
+//! root with NET_ADMIN and NET_RAW, run before the sidecar and then gone) installs the nat rules
+//! that send the pod's outbound traffic on ports 80 and 443 to the sidecar's `--transparent`
+//! port, and the sidecar, as its own uid, is not captured again. Explicit mode is the default.
+//!
 //! A pod that already has a `bulwark-sidecar` container is left alone, so a hand-written sidecar
 //! and a second admission pass change nothing. The patch only adds: fields of the pod this
 //! operator does not know survive.
@@ -50,6 +55,14 @@ const TOKEN_DIR: &str = "/var/run/bulwark";
 const COPY_DIR: &str = "/etc/bulwark/copy";
 const PROXY_PORT: u16 = 15080;
 const ADMIN_PORT: u16 = 15090;
+/// The sidecar's listener for captured connections.
+const TRANSPARENT_PORT: u16 = 15081;
+/// The uid the sidecar runs as, which the capture rules skip.
+const PROXY_UID: u32 = 65532;
+/// `transparent` captures the pod's outbound traffic; `explicit` (the default) does not.
+pub const PROXY_MODE_ANNOTATION: &str = "bulwark.dev/proxy-mode";
+/// The init container that installs the capture rules.
+pub const REDIRECT_CONTAINER: &str = "bulwark-redirect";
 
 /// What every injected sidecar gets.
 #[derive(Clone, Debug)]
@@ -82,11 +95,21 @@ pub fn patch(pod: &Value, inj: &Injection, secrets: &BTreeSet<(String, String)>)
     let workload = serde_json::from_value(meta.clone()).map(|m| workload_of(&m)).unwrap_or_default();
     let mut ops = vec![];
 
-    // The native sidecar goes first, so later init containers can already use it.
-    let container = sidecar(inj, !secrets.is_empty());
+    // The native sidecar goes first, so later init containers can already use it; in
+    // transparent mode after the rules that capture the traffic it is then there to take.
+    let transparent = meta["annotations"][PROXY_MODE_ANNOTATION].as_str() == Some("transparent");
+    let mut first = vec![sidecar(inj, !secrets.is_empty(), transparent)];
+    if transparent {
+        first.insert(0, redirect(inj));
+    }
     match spec["initContainers"].as_array() {
-        Some(_) => ops.push(json!({"op": "add", "path": "/spec/initContainers/0", "value": container})),
-        None => ops.push(json!({"op": "add", "path": "/spec/initContainers", "value": [container]})),
+        Some(_) => ops.extend(
+            first
+                .into_iter()
+                .enumerate()
+                .map(|(i, c)| json!({"op": "add", "path": format!("/spec/initContainers/{i}"), "value": c})),
+        ),
+        None => ops.push(json!({"op": "add", "path": "/spec/initContainers", "value": first})),
     }
 
     let token = json!({"serviceAccountToken": {"audience": inj.audience, "expirationSeconds": 3600, "path": "token"}});
@@ -150,8 +173,32 @@ fn group_keys(secrets: &BTreeSet<(String, String)>) -> Vec<(&str, Vec<&str>)> {
     out
 }
 
+/// The init container that installs the capture rules and exits: root for the nat table, with
+/// only the two capabilities that needs.
+fn redirect(inj: &Injection) -> Value {
+    json!({
+        "name": REDIRECT_CONTAINER,
+        "image": inj.image,
+        "args": [
+            "redirect",
+            format!("--proxy-uid={PROXY_UID}"),
+            format!("--redirect-port={TRANSPARENT_PORT}"),
+            format!("--exclude-ports={PROXY_PORT},{ADMIN_PORT}"),
+        ],
+        "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "64Mi"}},
+        "securityContext": {
+            "runAsUser": 0,
+            "runAsNonRoot": false,
+            "readOnlyRootFilesystem": true,
+            "allowPrivilegeEscalation": false,
+            "capabilities": {"drop": ["ALL"], "add": ["NET_ADMIN", "NET_RAW"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    })
+}
+
 /// The sidecar container: non-root, read-only, no capabilities; ready once it has a config.
-fn sidecar(inj: &Injection, keys: bool) -> Value {
+fn sidecar(inj: &Injection, keys: bool, transparent: bool) -> Value {
     let env: Vec<Value> = inj.ca.iter().map(|ca| json!({"name": "BULWARK_OPERATOR_CA_PEM", "value": ca})).collect();
     let mut mounts = vec![
         json!({"name": "bulwark-token", "mountPath": TOKEN_DIR, "readOnly": true}),
@@ -160,18 +207,22 @@ fn sidecar(inj: &Injection, keys: bool) -> Value {
     if keys {
         mounts.push(json!({"name": "bulwark-keys", "mountPath": SECRETS_DIR, "readOnly": true}));
     }
+    let mut args = vec![
+        format!("--operator={}", inj.stream_url),
+        format!("--token-file={TOKEN_DIR}/token"),
+        format!("--config={COPY_DIR}/config.yaml"),
+        format!("--listen=127.0.0.1:{PROXY_PORT}"),
+        format!("--admin=0.0.0.0:{ADMIN_PORT}"),
+        "--log-format=json".to_owned(),
+    ];
+    if transparent {
+        args.push(format!("--transparent={TRANSPARENT_PORT}"));
+    }
     json!({
         "name": CONTAINER,
         "image": inj.image,
         "restartPolicy": "Always",
-        "args": [
-            format!("--operator={}", inj.stream_url),
-            format!("--token-file={TOKEN_DIR}/token"),
-            format!("--config={COPY_DIR}/config.yaml"),
-            format!("--listen=127.0.0.1:{PROXY_PORT}"),
-            format!("--admin=0.0.0.0:{ADMIN_PORT}"),
-            "--log-format=json",
-        ],
+        "args": args,
         "env": env,
         "ports": [{"name": "bulwark-admin", "containerPort": ADMIN_PORT}],
         "startupProbe": {"httpGet": {"path": "/live", "port": ADMIN_PORT}, "periodSeconds": 1, "failureThreshold": 30},
@@ -180,7 +231,7 @@ fn sidecar(inj: &Injection, keys: bool) -> Value {
         "resources": {"requests": {"cpu": "50m", "memory": "32Mi"}, "limits": {"memory": "256Mi"}},
         "securityContext": {
             "runAsNonRoot": true,
-            "runAsUser": 65532,
+            "runAsUser": PROXY_UID,
             "readOnlyRootFilesystem": true,
             "allowPrivilegeEscalation": false,
             "capabilities": {"drop": ["ALL"]},
@@ -388,6 +439,46 @@ mod tests {
                 ("ANTHROPIC_BASE_URL".to_owned(), "http://127.0.0.1:15080".to_owned())
             ]
         );
+    }
+
+    #[test]
+    fn a_transparent_pod_gets_the_capture_rules_before_its_sidecar() {
+        let mut pod = deployment_pod();
+        pod["metadata"]["annotations"] = json!({PROXY_MODE_ANNOTATION: "transparent"});
+        let out = apply(&pod, patch(&pod, &injection(), &BTreeSet::new()));
+        let typed: k8s_openapi::api::core::v1::Pod = serde_json::from_value(out).unwrap();
+        let init = typed.spec.unwrap().init_containers.unwrap();
+        let names: Vec<&str> = init.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, [REDIRECT_CONTAINER, CONTAINER, "migrate"], "the rules first, then the sidecar");
+        let redirect = &init[0];
+        assert_eq!(redirect.restart_policy, None, "runs once and exits");
+        assert_eq!(
+            redirect.args.clone().unwrap(),
+            ["redirect", "--proxy-uid=65532", "--redirect-port=15081", "--exclude-ports=15080,15090"]
+        );
+        let security = redirect.security_context.clone().unwrap();
+        assert_eq!((security.run_as_user, security.run_as_non_root), (Some(0), Some(false)));
+        let caps = security.capabilities.unwrap();
+        assert_eq!(caps.add.unwrap(), ["NET_ADMIN", "NET_RAW"]);
+        assert_eq!(caps.drop.unwrap(), ["ALL"]);
+        let sidecar = &init[1];
+        assert!(sidecar.args.clone().unwrap().contains(&"--transparent=15081".to_owned()));
+        let sc = sidecar.security_context.clone().unwrap();
+        assert_eq!((sc.run_as_user, sc.capabilities.unwrap().add), (Some(65532), None), "the uid the rules skip");
+
+        // Explicit (the default, or said so): no rules, no capture listener.
+        for mode in [None, Some("explicit")] {
+            let mut pod = deployment_pod();
+            if let Some(m) = mode {
+                pod["metadata"]["annotations"] = json!({PROXY_MODE_ANNOTATION: m});
+            }
+            let out = apply(&pod, patch(&pod, &injection(), &BTreeSet::new()));
+            let init = out["spec"]["initContainers"].as_array().unwrap().clone();
+            assert_eq!(init.len(), 2, "{mode:?}");
+            assert!(
+                !init[0]["args"].as_array().unwrap().iter().any(|a| a.as_str().unwrap().starts_with("--transparent"))
+            );
+        }
     }
 
     #[test]
