@@ -13,6 +13,7 @@ pub mod control;
 pub mod credentials;
 pub mod error;
 pub mod failover;
+pub mod intercept;
 pub mod listener;
 pub mod metrics;
 pub mod mirror;
@@ -61,6 +62,8 @@ pub struct Options {
     pub state_dir: Option<PathBuf>,
     /// The port of the listener for captured connections (on 127.0.0.1 and ::1).
     pub transparent: Option<u16>,
+    /// The CA (`tls.crt`, `tls.key`) that mints certificates for intercepted TLS to routed hosts.
+    pub intercept_ca: Option<PathBuf>,
 }
 
 impl Options {
@@ -76,6 +79,7 @@ impl Options {
             operator: None,
             state_dir: None,
             transparent: None,
+            intercept_ca: None,
         }
     }
 }
@@ -138,6 +142,10 @@ impl Sidecar {
         let proxy_listener =
             TcpListener::bind(opts.listen).await.with_context(|| format!("binding {}", opts.listen))?;
         let admin_listener = TcpListener::bind(opts.admin).await.with_context(|| format!("binding {}", opts.admin))?;
+        let intercept = match &opts.intercept_ca {
+            Some(dir) => Some(Arc::new(intercept::Minter::load(dir)?).server_config()),
+            None => None,
+        };
         let captured = match opts.transparent {
             Some(port) => transparent_listeners(port).await?,
             None => vec![],
@@ -165,7 +173,7 @@ impl Sidecar {
         };
         let mut tasks: Vec<JoinHandle<()>> = captured
             .into_iter()
-            .map(|l| tokio::spawn(transparent::serve(l, app.clone(), shutdown_rx.clone())))
+            .map(|l| tokio::spawn(transparent::serve(l, app.clone(), intercept.clone(), shutdown_rx.clone())))
             .collect();
         tasks.extend([
             tokio::spawn(listener::serve(proxy_listener, app, proxy::handle, shutdown_rx.clone())),

@@ -94,6 +94,10 @@ struct Cli {
     /// `redirect` send the pod's outbound traffic.
     #[arg(long, value_name = "PORT")]
     transparent: Option<u16>,
+    /// With --transparent: terminate TLS to hosts a route names with certificates minted by this
+    /// CA (DIR/tls.crt, DIR/tls.key), which the apps trust; other TLS passes through.
+    #[arg(long, value_name = "DIR", requires = "transparent")]
+    intercept_ca: Option<PathBuf>,
     /// Log format.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -229,6 +233,7 @@ fn main() -> ExitCode {
     opts.upstream_ca = cli.upstream_ca;
     opts.state_dir = cli.state_dir;
     opts.transparent = cli.transparent;
+    opts.intercept_ca = cli.intercept_ca;
     opts.models.models_dir = cli.models_dir;
     opts.models.onnxruntime = cli.onnxruntime;
     opts.models.threads = cli.model_threads.max(1);

@@ -4,8 +4,11 @@
 //!
 //! * plain HTTP whose `Host` a route names (`match.hosts`) is served like an explicit request
 //!   (routing, scanners, metrics), to the route's backend;
-//! * everything else (other hosts, TLS, protocols that are not HTTP or where the server speaks
-//!   first) is passed through to the original destination byte for byte.
+//! * TLS whose SNI a route names, when the pod intercepts TLS (`--intercept-ca`), is terminated
+//!   with a certificate minted for the host by the pod's CA and then served the same way (the
+//!   backend's own TLS re-encrypts it);
+//! * everything else (other hosts, TLS without interception, protocols that are not HTTP or
+//!   where the server speaks first) is passed through to the original destination byte for byte.
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -20,6 +23,7 @@ use tokio::{
 };
 
 use crate::{
+    intercept,
     listener::DRAIN,
     metrics::{CaptureLabels, DirectionLabels},
     proxy::{self, AppState},
@@ -36,8 +40,8 @@ const SNIFF_BYTES: usize = 16 * 1024;
 pub enum Sniffed {
     /// An HTTP/1 request head, with its `Host` (lowercase, no port).
     Http(Option<String>),
-    /// A TLS record.
-    Tls,
+    /// A TLS ClientHello, with the host name it asks for.
+    Tls(Option<String>),
     /// Anything else, or nothing yet.
     Other,
 }
@@ -45,7 +49,10 @@ pub enum Sniffed {
 /// Looks at a connection's first bytes: `None` while they could still become an HTTP head.
 pub fn classify(bytes: &[u8]) -> Option<Sniffed> {
     if bytes.first() == Some(&0x16) {
-        return Some(Sniffed::Tls);
+        return match intercept::record_len(bytes) {
+            Some(n) if bytes.len() >= n || bytes.len() >= SNIFF_BYTES => Some(Sniffed::Tls(intercept::sni(bytes))),
+            _ => None,
+        };
     }
     let method_end = bytes.iter().position(|b| !b.is_ascii_uppercase());
     match method_end {
@@ -110,7 +117,14 @@ fn routed(state: &AppState, host: &str) -> bool {
     })
 }
 
-pub async fn serve(listener: TcpListener, state: Arc<AppState>, mut shutdown: watch::Receiver<bool>) {
+/// Serves captured connections; with `intercept`, TLS to routed hosts is terminated.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    intercept: Option<Arc<rustls::ServerConfig>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let acceptor = intercept.map(tokio_rustls::TlsAcceptor::from);
     let mut builder = Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30)).keep_alive(true);
     let builder = Arc::new(builder);
@@ -128,7 +142,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, mut shutdown: wa
             },
             _ = shutdown.changed() => break,
         };
-        let (state, builder, graceful) = (state.clone(), builder.clone(), graceful.clone());
+        let (state, builder, graceful, acceptor) = (state.clone(), builder.clone(), graceful.clone(), acceptor.clone());
         tokio::spawn(async move {
             let local = stream.local_addr().ok();
             let dst = match original_dst(&stream) {
@@ -149,23 +163,34 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, mut shutdown: wa
             let sniffed = sniff(&stream).await;
             let (protocol, l7) = match &sniffed {
                 Sniffed::Http(host) => ("http", host.as_deref().is_some_and(|h| routed(&state, h))),
-                Sniffed::Tls => ("tls", false),
+                Sniffed::Tls(host) => ("tls", acceptor.is_some() && host.as_deref().is_some_and(|h| routed(&state, h))),
                 Sniffed::Other => ("other", false),
             };
             let action = if l7 { "routed" } else { "passthrough" };
             state.metrics.captured.get_or_create(&CaptureLabels { protocol, action }).inc();
-            if l7 {
-                let app = state.clone();
-                let service = hyper::service::service_fn(move |req| {
-                    let app = app.clone();
-                    async move { Ok::<_, Infallible>(proxy::handle(app, req).await) }
-                });
-                let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned());
-                if let Err(e) = conn.await {
-                    tracing::debug!("captured connection ended: {e}");
+            let app = state.clone();
+            let service = hyper::service::service_fn(move |req| {
+                let app = app.clone();
+                async move { Ok::<_, Infallible>(proxy::handle(app, req).await) }
+            });
+            let ended = match (l7, protocol, &acceptor) {
+                (true, "tls", Some(tls)) => match tls.accept(stream).await {
+                    Ok(tls) => graceful.watch(builder.serve_connection(TokioIo::new(tls), service).into_owned()).await,
+                    Err(e) => {
+                        tracing::debug!("intercepted handshake failed: {e}");
+                        return;
+                    }
+                },
+                (true, _, _) => {
+                    graceful.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned()).await
                 }
-            } else {
-                passthrough(&state, stream, dst).await;
+                _ => {
+                    passthrough(&state, stream, dst).await;
+                    return;
+                }
+            };
+            if let Err(e) = ended {
+                tracing::debug!("captured connection ended: {e}");
             }
         });
     }
@@ -209,7 +234,8 @@ mod tests {
         assert_eq!(classify(b"GET / HTTP/1.1\r\nHost: x\r\n"), None, "a head still coming");
         assert_eq!(classify(b"GE"), None);
         assert_eq!(classify(b"GET / HTTP/1.1\r\n\r\n"), Some(Sniffed::Http(None)), "no Host");
-        assert_eq!(classify(&[0x16, 0x03, 0x01, 0x02, 0x00]), Some(Sniffed::Tls));
+        assert_eq!(classify(&[0x16, 0x03, 0x01, 0x02, 0x00]), None, "a record still coming");
+        assert_eq!(classify(&[0x16, 0x03, 0x01, 0x00, 0x01, 0x01]), Some(Sniffed::Tls(None)), "no name in it");
         assert_eq!(classify(b"SSH-2.0-OpenSSH_9.2\r\n"), Some(Sniffed::Other));
         assert_eq!(classify(b"\x00\x01binary"), Some(Sniffed::Other));
         assert_eq!(classify(b"HELLO world\r\n"), Some(Sniffed::Other), "a word and a space, then no HTTP");

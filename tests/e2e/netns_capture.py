@@ -20,7 +20,7 @@ from pathlib import Path
 BIN = Path(os.environ["BULWARK_BIN"]).resolve()
 SIDECAR = str(BIN / "bulwark-sidecar")
 PROXY_UID = 1337
-LLM, OTHER, RAW = "198.51.100.10", "198.51.100.20", "198.51.100.30"
+LLM, OTHER, RAW, SECURE = "198.51.100.10", "198.51.100.20", "198.51.100.30", "198.51.100.40"
 SECRET = "AKIAIOSFODNN7EXAMPLE"
 
 
@@ -30,10 +30,10 @@ def sh(*args, **kw):
 
 def network(tmp: Path):
     sh("ip", "link", "set", "lo", "up")
-    for addr in (LLM, OTHER, RAW):
+    for addr in (LLM, OTHER, RAW, SECURE):
         sh("ip", "addr", "add", f"{addr}/32", "dev", "lo")
     hosts = tmp / "hosts"
-    hosts.write_text(f"127.0.0.1 localhost\n{LLM} api.llm.test\n{OTHER} other.test\n")
+    hosts.write_text(f"127.0.0.1 localhost\n{LLM} api.llm.test\n{OTHER} other.test\n{SECURE} chat.secure.test\n")
     sh("mount", "--bind", str(hosts), "/etc/hosts")
 
 
@@ -100,11 +100,30 @@ def serve_raw(addr, port, banner: bytes | None):
     threading.Thread(target=loop, daemon=True).start()
 
 
-def certificate(tmp: Path) -> tuple[Path, Path]:
-    key, cert = tmp / "other.key", tmp / "other.pem"
-    sh("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=other.test",
-       "-addext", "subjectAltName=DNS:other.test", "-keyout", str(key), "-out", str(cert))
+def certificate(tmp: Path, host: str) -> tuple[Path, Path]:
+    key, cert = tmp / f"{host}.key", tmp / f"{host}.pem"
+    sh("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", f"/CN={host}",
+       "-addext", f"subjectAltName=DNS:{host}", "-addext", "basicConstraints=critical,CA:FALSE",
+       "-addext", "extendedKeyUsage=serverAuth", "-keyout", str(key), "-out", str(cert))
+    os.chmod(key, 0o644)
     return key, cert
+
+
+def interception_ca(tmp: Path) -> Path:
+    """The pod's CA, as a Kubernetes TLS Secret would hold it (tls.crt, tls.key)."""
+    ca = tmp / "intercept"
+    ca.mkdir()
+    sh("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+       "-days", "1", "-subj", "/CN=bulwark interception CA", "-addext", "basicConstraints=critical,CA:TRUE",
+       "-addext", "keyUsage=critical,keyCertSign,cRLSign", "-keyout", str(ca / "tls.key"), "-out", str(ca / "tls.crt"))
+    os.chmod(ca / "tls.key", 0o644)
+    return ca
+
+
+def tls_context(cert, key):
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    return ctx
 
 
 MANIFESTS = """apiVersion: bulwark.dev/v1alpha1
@@ -121,17 +140,27 @@ kind: ScannerPolicy
 metadata: {name: guard}
 spec:
   input: [{type: secrets, action: redact}]
+---
+apiVersion: bulwark.dev/v1alpha1
+kind: LLMRoute
+metadata: {name: secure}
+spec:
+  rules:
+    - match: {hosts: ["*.secure.test"]}
+      backends: [{name: provider, provider: openai-compatible, url: "https://chat.secure.test/v1"}]
+      scannerPolicyRef: {name: guard}
 """
 
 
-def start_sidecar(tmp: Path):
+def start_sidecar(tmp: Path, intercept: Path, upstream_ca: Path):
     manifests = tmp / "manifests"
     manifests.mkdir()
     (manifests / "routes.yaml").write_text(MANIFESTS)
     os.chmod(tmp, 0o755)
     log = open(tmp / "sidecar.log", "w")
     proc = subprocess.Popen(
-        [SIDECAR, "--manifests", str(manifests), "--listen", "15080", "--admin", "15090", "--transparent", "15081"],
+        [SIDECAR, "--manifests", str(manifests), "--listen", "15080", "--admin", "15090", "--transparent", "15081",
+         "--intercept-ca", str(intercept), "--upstream-ca", str(upstream_ca)],
         stdout=log, stderr=subprocess.STDOUT, user=PROXY_UID, group=PROXY_UID,
         env={**os.environ, "BULWARK_LOG": "debug"},
     )
@@ -170,13 +199,14 @@ def main():
     network(tmp)
     serve_http(LLM, 80, Provider)
     serve_http(OTHER, 80, Plain)
-    key, cert = certificate(tmp)
-    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    tls.load_cert_chain(cert, key)
-    serve_http(OTHER, 443, Plain, tls)
+    key, cert = certificate(tmp, "other.test")
+    serve_http(OTHER, 443, Plain, tls_context(cert, key))
+    skey, scert = certificate(tmp, "chat.secure.test")
+    serve_http(SECURE, 443, Provider, tls_context(scert, skey))
     serve_raw(RAW, 80, None)
     serve_raw(RAW, 443, b"220 raw.test ready\r\n")
-    proc = start_sidecar(tmp)
+    ca = interception_ca(tmp)
+    proc = start_sidecar(tmp, ca, scert)
     try:
         sh(SIDECAR, "redirect", "--proxy-uid", str(PROXY_UID), "--redirect-port", "15081", "--exclude-ports", "15080,15090")
         rules = sh("iptables", "-t", "nat", "-S").stdout
@@ -210,6 +240,25 @@ def main():
         out = sh("curl", "-sS", "--cacert", str(cert), "https://other.test/").stdout
         check(out == "direct host=other.test via=None", f"TLS passes through with the real certificate: {out}")
 
+        # HTTPS to a routed host, intercepted: the client trusts only the pod's CA; the call is
+        # guarded and re-encrypted to the provider, whose own certificate the sidecar checks.
+        out = sh("curl", "-sS", "-D", "-", "--cacert", str(ca / "tls.crt"), "https://chat.secure.test/v1/chat/completions",
+                 "-H", "content-type: application/json", "-d", body).stdout
+        check(" 200" in out.splitlines()[0] and "x-bulwark-route: default/secure" in out.lower(),
+              f"HTTPS to a routed host is intercepted and routed: {out}")
+        host, sent = Provider.seen[-1]
+        check(SECRET not in sent and host == "chat.secure.test", f"guarded, then re-encrypted to the provider: {host} {sent}")
+        os.environ["SSL_CERT_FILE"] = str(ca / "tls.crt")
+        secure = openai.OpenAI(base_url="https://chat.secure.test/v1", api_key="unused", max_retries=0)
+        resp = secure.chat.completions.with_raw_response.create(
+            model="m", messages=[{"role": "user", "content": f"tls {SECRET}"}])
+        check(resp.headers.get("x-bulwark-route") == "default/secure", "the SDK, trusting the bundle, is intercepted")
+        check(SECRET not in Provider.seen[-1][1], "and guarded")
+        del os.environ["SSL_CERT_FILE"]
+        out = subprocess.run(["curl", "-sS", "--cacert", str(ca / "tls.crt"), "https://other.test/"],
+                             capture_output=True, text=True)
+        check(out.returncode != 0, "an unrouted host keeps its own certificate, which the CA did not sign")
+
         # A byte stream that is not HTTP, and a server that speaks first.
         blob = bytes(range(256)) * 64
         with socket.create_connection((RAW, 80), timeout=5) as s:
@@ -229,7 +278,9 @@ def main():
         other = counter(m, 'bulwark_transparent_connections_total{protocol="other",action="passthrough"}')
         # The sidecar's own calls to api.llm.test:80 are not captured again: two routed
         # connections (curl's and the SDK's), not four.
-        check((routed, plain, tls_n, other) == (2, 1, 1, 2), f"connections counted once each: {routed, plain, tls_n, other}")
+        tls_routed = counter(m, 'bulwark_transparent_connections_total{protocol="tls",action="routed"}')
+        check((routed, plain, tls_n, other, tls_routed) == (2, 1, 2, 2, 2),
+              f"connections counted once each: {routed, plain, tls_n, other, tls_routed}")
         up = counter(m, 'bulwark_transparent_passthrough_bytes_total{direction="upstream"}')
         check(up >= len(blob), f"passthrough bytes counted: {up}")
 

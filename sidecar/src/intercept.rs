@@ -1,0 +1,254 @@
+//! TLS interception of captured connections: the SNI read from a ClientHello without consuming
+//! it, and certificates minted for routed hosts by the pod's CA (`--intercept-ca DIR`, holding
+//! `tls.crt` and `tls.key` as a Kubernetes TLS Secret does), which the apps trust through the
+//! injected bundle.
+
+use std::{collections::HashMap, path::Path, sync::Arc};
+
+use anyhow::Context as _;
+use parking_lot::Mutex;
+use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, Issuer, KeyPair, KeyUsagePurpose};
+use rustls::{
+    pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer},
+    server::{ClientHello, ResolvesServerCert},
+    sign::CertifiedKey,
+};
+
+/// How many hosts' certificates are kept; past that the cache starts over.
+const MAX_HOSTS: usize = 1024;
+/// How many days a minted certificate is valid; it is minted again when older than half that.
+const VALIDITY_DAYS: i64 = 7;
+
+/// The server name a TLS ClientHello asks for, read from the first record; `None` when the
+/// bytes are not a whole ClientHello with a host name.
+pub fn sni(record: &[u8]) -> Option<String> {
+    let mut r = Reader(record);
+    if r.u8()? != 0x16 {
+        return None;
+    }
+    r.take(2)?; // record version
+    let len = r.u16()? as usize;
+    let mut hs = Reader(r.take(len)?);
+    if hs.u8()? != 1 {
+        return None; // not a ClientHello
+    }
+    let body_len = hs.u24()?;
+    let mut hello = Reader(hs.take(body_len)?);
+    hello.take(2 + 32)?; // version, random
+    let session = hello.u8()? as usize;
+    hello.take(session)?;
+    let suites = hello.u16()? as usize;
+    hello.take(suites)?;
+    let compression = hello.u8()? as usize;
+    hello.take(compression)?;
+    let ext_len = hello.u16()? as usize;
+    let mut exts = Reader(hello.take(ext_len)?);
+    while !exts.0.is_empty() {
+        let kind = exts.u16()?;
+        let len = exts.u16()? as usize;
+        let mut data = Reader(exts.take(len)?);
+        if kind != 0 {
+            continue;
+        }
+        let list = data.u16()? as usize;
+        let mut names = Reader(data.take(list)?);
+        while !names.0.is_empty() {
+            let name_type = names.u8()?;
+            let n = names.u16()? as usize;
+            let name = names.take(n)?;
+            if name_type == 0 {
+                return std::str::from_utf8(name).ok().map(|s| s.trim_end_matches('.').to_ascii_lowercase());
+            }
+        }
+    }
+    None
+}
+
+/// How many bytes the first TLS record takes, header included, once its header is there.
+pub fn record_len(bytes: &[u8]) -> Option<usize> {
+    (bytes.len() >= 5).then(|| 5 + u16::from_be_bytes([bytes[3], bytes[4]]) as usize)
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Some(head)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        self.take(1).map(|b| b[0])
+    }
+    fn u16(&mut self) -> Option<u16> {
+        self.take(2).map(|b| u16::from_be_bytes([b[0], b[1]]))
+    }
+    fn u24(&mut self) -> Option<usize> {
+        self.take(3).map(|b| (usize::from(b[0]) << 16) | (usize::from(b[1]) << 8) | usize::from(b[2]))
+    }
+}
+
+/// Mints, and keeps, a certificate per host, signed by the pod's CA.
+pub struct Minter {
+    issuer: Issuer<'static, KeyPair>,
+    ca_der: CertificateDer<'static>,
+    minted: Mutex<HashMap<String, (Arc<CertifiedKey>, time::OffsetDateTime)>>,
+}
+
+impl std::fmt::Debug for Minter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Minter").field("hosts", &self.minted.lock().len()).finish()
+    }
+}
+
+impl Minter {
+    /// Reads the CA from `dir/tls.crt` and `dir/tls.key`.
+    pub fn load(dir: &Path) -> anyhow::Result<Self> {
+        let cert = std::fs::read_to_string(dir.join("tls.crt"))
+            .with_context(|| format!("reading {}/tls.crt", dir.display()))?;
+        let key = std::fs::read_to_string(dir.join("tls.key"))
+            .with_context(|| format!("reading {}/tls.key", dir.display()))?;
+        Self::from_pem(&cert, &key)
+    }
+
+    pub fn from_pem(cert: &str, key: &str) -> anyhow::Result<Self> {
+        let key = KeyPair::from_pem(key).context("the interception CA's key")?;
+        let ca_der = rustls_pemfile::certs(&mut cert.as_bytes())
+            .next()
+            .context("no certificate in the interception CA's tls.crt")?
+            .context("the interception CA's certificate")?;
+        let issuer = Issuer::from_ca_cert_pem(cert, key).context("the interception CA's certificate")?;
+        Ok(Self { issuer, ca_der, minted: Mutex::new(HashMap::new()) })
+    }
+
+    /// The certificate for `host`, minted on first use.
+    pub fn certificate(&self, host: &str) -> anyhow::Result<Arc<CertifiedKey>> {
+        let now = time::OffsetDateTime::now_utc();
+        let half = time::Duration::days(VALIDITY_DAYS) / 2;
+        if let Some((c, at)) = self.minted.lock().get(host)
+            && now - *at < half
+        {
+            return Ok(c.clone());
+        }
+        let mut params = CertificateParams::new(vec![host.to_owned()])?;
+        params.distinguished_name.push(DnType::CommonName, host);
+        params.not_before = now - time::Duration::hours(1);
+        params.not_after = now + time::Duration::days(VALIDITY_DAYS);
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        let signing = rustls::crypto::ring::sign::any_supported_type(&der).context("the minted key")?;
+        let chain = vec![cert.der().clone(), self.ca_der.clone()];
+        let certified = Arc::new(CertifiedKey::new(chain, signing));
+        let mut minted = self.minted.lock();
+        if minted.len() >= MAX_HOSTS {
+            minted.clear();
+        }
+        minted.insert(host.to_owned(), (certified.clone(), now));
+        Ok(certified)
+    }
+
+    /// Server settings that present the minted certificate for the ClientHello's name, for
+    /// HTTP/1.1 (the route's host is read from `Host`).
+    pub fn server_config(self: &Arc<Self>) -> Arc<rustls::ServerConfig> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config =
+            match rustls::ServerConfig::builder_with_provider(provider).with_safe_default_protocol_versions() {
+                Ok(b) => b.with_no_client_auth().with_cert_resolver(Arc::new(Resolver(self.clone()))),
+                Err(_) => rustls::ServerConfig::builder()
+                    .with_no_client_auth()
+                    .with_cert_resolver(Arc::new(Resolver(self.clone()))),
+            };
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Arc::new(config)
+    }
+}
+
+#[derive(Debug)]
+struct Resolver(Arc<Minter>);
+
+impl ResolvesServerCert for Resolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let host = hello.server_name()?;
+        match self.0.certificate(&host.to_ascii_lowercase()) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::warn!(host, "minting a certificate: {e:#}");
+                None
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use rcgen::{BasicConstraints, IsCa};
+
+    use super::*;
+
+    fn client(roots: rustls::RootCertStore, host: &str) -> rustls::ClientConnection {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        rustls::ClientConnection::new(Arc::new(config), host.to_owned().try_into().unwrap()).unwrap()
+    }
+
+    fn hello(host: &str) -> Vec<u8> {
+        let mut out = vec![];
+        client(rustls::RootCertStore::empty(), host).write_tls(&mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn the_server_name_is_read_from_a_real_client_hello() {
+        let bytes = hello("API.OpenAI.com");
+        assert_eq!(record_len(&bytes), Some(bytes.len()));
+        assert_eq!(sni(&bytes).as_deref(), Some("api.openai.com"));
+        assert_eq!(sni(&bytes[..bytes.len() - 1]), None, "a cut record");
+        assert_eq!(sni(b"GET / HTTP/1.1\r\n"), None);
+    }
+
+    fn ca() -> (String, String) {
+        let mut params = CertificateParams::new(vec![]).unwrap();
+        params.distinguished_name.push(DnType::CommonName, "bulwark interception CA team-a");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let key = KeyPair::generate().unwrap();
+        (params.self_signed(&key).unwrap().pem(), key.serialize_pem())
+    }
+
+    #[test]
+    fn a_client_trusting_only_the_ca_accepts_the_minted_certificate() {
+        let (cert, key) = ca();
+        let minter = Arc::new(Minter::from_pem(&cert, &key).unwrap());
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(minter.ca_der.clone()).unwrap();
+        let mut client = client(roots, "api.llm.test");
+        let mut server = rustls::ServerConnection::new(minter.server_config()).unwrap();
+        for _ in 0..10 {
+            let mut buf = vec![];
+            client.write_tls(&mut buf).unwrap();
+            server.read_tls(&mut buf.as_slice()).unwrap();
+            server.process_new_packets().unwrap();
+            let mut buf = vec![];
+            server.write_tls(&mut buf).unwrap();
+            client.read_tls(&mut buf.as_slice()).unwrap();
+            client.process_new_packets().unwrap();
+        }
+        assert!(!client.is_handshaking() && !server.is_handshaking(), "the handshake completes");
+        assert_eq!(server.server_name(), Some("api.llm.test"));
+        let first = minter.certificate("api.llm.test").unwrap();
+        assert!(Arc::ptr_eq(&first, &minter.certificate("api.llm.test").unwrap()), "minted once");
+        assert!(Minter::from_pem(&cert, "not a key").is_err());
+    }
+}
