@@ -109,6 +109,12 @@ render keda --set keda.enabled=true --set keda.prometheusAddress=http://promethe
 grep -q 'resources: \[scaledobjects\]' "$tmp/keda.yaml" || fail "keda: the operator cannot write ScaledObjects"
 grep -q -- '- --prometheus-address=http://prometheus.monitoring:9090$' "$tmp/keda.yaml" || fail "keda: no --prometheus-address"
 validate keda "$tmp/keda.yaml"
+# TLS interception: the CA Secret may be created, then written by name only; never by default.
+grep -q 'bulwark-intercept-ca' "$tmp/defaults.yaml" && fail "defaults: Secrets may be written without tlsInterception.enabled"
+render interception --set tlsInterception.enabled=true
+grep -q 'resourceNames: \[bulwark-intercept-ca\]' "$tmp/interception.yaml" || fail "interception: the CA Secret cannot be written"
+grep -q -- '- --tls-interception$' "$tmp/interception.yaml" || fail "interception: no --tls-interception"
+validate interception "$tmp/interception.yaml"
 render no-webhook --set webhook.enabled=false
 grep -qE 'MutatingWebhookConfiguration|webhook-listen|9443' "$tmp/no-webhook.yaml" && fail "webhook.enabled=false still renders the webhook"
 validate no-webhook "$tmp/no-webhook.yaml"

@@ -63,6 +63,11 @@ const PROXY_UID: u32 = 65532;
 pub const PROXY_MODE_ANNOTATION: &str = "bulwark.dev/proxy-mode";
 /// The init container that installs the capture rules.
 pub const REDIRECT_CONTAINER: &str = "bulwark-redirect";
+/// `"true"` on a transparent pod: TLS to routed hosts is terminated by the sidecar.
+pub const INTERCEPT_ANNOTATION: &str = "bulwark.dev/intercept-tls";
+/// Where the sidecar finds the namespace's interception CA, and the apps the trust bundle.
+const INTERCEPT_DIR: &str = "/etc/bulwark/intercept";
+const TRUST_DIR: &str = "/etc/bulwark/trust";
 
 /// What every injected sidecar gets.
 #[derive(Clone, Debug)]
@@ -74,6 +79,53 @@ pub struct Injection {
     pub ca: Option<String>,
     /// Audience of the projected token.
     pub audience: String,
+    /// Pods may ask for TLS interception (`--tls-interception`): the operator keeps a CA per
+    /// namespace.
+    pub tls_interception: bool,
+}
+
+/// Whether the pod runs in transparent mode, and intercepts TLS.
+fn modes(meta: &Value, inj: &Injection) -> (bool, bool) {
+    let transparent = meta["annotations"][PROXY_MODE_ANNOTATION].as_str() == Some("transparent");
+    let intercept =
+        transparent && inj.tls_interception && meta["annotations"][INTERCEPT_ANNOTATION].as_str() == Some("true");
+    (transparent, intercept)
+}
+
+/// The namespace of a pod under review that needs the interception CA.
+pub fn needs_ca(body: &[u8], inj: &Injection) -> Option<String> {
+    let review: Value = serde_json::from_slice(body).ok()?;
+    let request = &review["request"];
+    let pod = &request["object"];
+    let wants = request["operation"] == "CREATE"
+        && pod["metadata"]["labels"][SIDECAR_LABEL].as_str() == Some("true")
+        && modes(&pod["metadata"], inj).1;
+    let ns = pod["metadata"]["namespace"].as_str().or(request["namespace"].as_str())?;
+    wants.then(|| ns.to_owned())
+}
+
+/// JSON-patch operations that add `items` to the array at `path` in `spec`, or create it.
+fn add_all(ops: &mut Vec<Value>, existing: Option<&Vec<Value>>, path: String, items: Vec<Value>) {
+    if items.is_empty() {
+        return;
+    }
+    match existing {
+        Some(_) => ops.extend(items.into_iter().map(|v| json!({"op": "add", "path": format!("{path}/-"), "value": v}))),
+        None => ops.push(json!({"op": "add", "path": path, "value": items})),
+    }
+}
+
+/// Adds to every app container the variables it does not set itself.
+fn add_env(ops: &mut Vec<Value>, spec: &Value, vars: &[(&str, String)]) {
+    for (i, c) in spec["containers"].as_array().into_iter().flatten().enumerate() {
+        let env = c["env"].as_array();
+        let missing: Vec<Value> = vars
+            .iter()
+            .filter(|(name, _)| !env.into_iter().flatten().any(|e| e["name"].as_str() == Some(*name)))
+            .map(|(name, value)| json!({"name": name, "value": value}))
+            .collect();
+        add_all(ops, env, format!("/spec/containers/{i}/env"), missing);
+    }
 }
 
 /// The JSON patch that injects the sidecar into `pod`, given the Secrets (name, key) that the
@@ -97,8 +149,8 @@ pub fn patch(pod: &Value, inj: &Injection, secrets: &BTreeSet<(String, String)>)
 
     // The native sidecar goes first, so later init containers can already use it; in
     // transparent mode after the rules that capture the traffic it is then there to take.
-    let transparent = meta["annotations"][PROXY_MODE_ANNOTATION].as_str() == Some("transparent");
-    let mut first = vec![sidecar(inj, !secrets.is_empty(), transparent)];
+    let (transparent, intercept) = modes(meta, inj);
+    let mut first = vec![sidecar(inj, !secrets.is_empty(), transparent, intercept)];
     if transparent {
         first.insert(0, redirect(inj));
     }
@@ -128,9 +180,30 @@ pub fn patch(pod: &Value, inj: &Injection, secrets: &BTreeSet<(String, String)>)
             .collect();
         volumes.push(json!({"name": "bulwark-keys", "projected": {"sources": sources}}));
     }
-    match spec["volumes"].as_array() {
-        Some(_) => ops.extend(volumes.into_iter().map(|v| json!({"op": "add", "path": "/spec/volumes/-", "value": v}))),
-        None => ops.push(json!({"op": "add", "path": "/spec/volumes", "value": volumes})),
+    if intercept {
+        let items = [json!({"key": "tls.crt", "path": "tls.crt"}), json!({"key": "tls.key", "path": "tls.key"})];
+        volumes.push(
+            json!({"name": "bulwark-intercept", "secret": {"secretName": crate::trust::CA_SECRET, "items": items}}),
+        );
+        volumes.push(json!({"name": "bulwark-trust", "configMap": {"name": crate::trust::BUNDLE_CONFIGMAP}}));
+    }
+    add_all(&mut ops, spec["volumes"].as_array(), "/spec/volumes".into(), volumes);
+    // What the app containers get in their environment, unless they set it themselves.
+    let mut vars: Vec<(&str, String)> = vec![];
+    if intercept {
+        // Most of these replace the system bundle rather than add to it: the bundle holds the
+        // public roots too. Node adds NODE_EXTRA_CA_CERTS to its own roots.
+        let bundle = format!("{TRUST_DIR}/ca-bundle.crt");
+        vars.extend([
+            ("SSL_CERT_FILE", bundle.clone()),
+            ("REQUESTS_CA_BUNDLE", bundle.clone()),
+            ("CURL_CA_BUNDLE", bundle),
+            ("NODE_EXTRA_CA_CERTS", format!("{TRUST_DIR}/ca.crt")),
+        ]);
+        for (i, c) in spec["containers"].as_array().into_iter().flatten().enumerate() {
+            let mount = json!({"name": "bulwark-trust", "mountPath": TRUST_DIR, "readOnly": true});
+            add_all(&mut ops, c["volumeMounts"].as_array(), format!("/spec/containers/{i}/volumeMounts"), vec![mount]);
+        }
     }
 
     if meta["annotations"][BASE_URL_ANNOTATION].as_str() != Some("false") {
@@ -138,26 +211,9 @@ pub fn patch(pod: &Value, inj: &Injection, secrets: &BTreeSet<(String, String)>)
             ("OPENAI_BASE_URL", format!("http://127.0.0.1:{PROXY_PORT}/v1")),
             ("ANTHROPIC_BASE_URL", format!("http://127.0.0.1:{PROXY_PORT}")),
         ];
-        for (i, c) in spec["containers"].as_array().into_iter().flatten().enumerate() {
-            let env = c["env"].as_array();
-            let missing: Vec<Value> = base_urls
-                .iter()
-                .filter(|(name, _)| !env.into_iter().flatten().any(|e| e["name"].as_str() == Some(*name)))
-                .map(|(name, value)| json!({"name": name, "value": value}))
-                .collect();
-            if missing.is_empty() {
-                continue;
-            }
-            match env {
-                Some(_) => ops.extend(
-                    missing
-                        .into_iter()
-                        .map(|e| json!({"op": "add", "path": format!("/spec/containers/{i}/env/-"), "value": e})),
-                ),
-                None => ops.push(json!({"op": "add", "path": format!("/spec/containers/{i}/env"), "value": missing})),
-            }
-        }
+        vars.extend(base_urls);
     }
+    add_env(&mut ops, spec, &vars);
     ops
 }
 
@@ -198,7 +254,7 @@ fn redirect(inj: &Injection) -> Value {
 }
 
 /// The sidecar container: non-root, read-only, no capabilities; ready once it has a config.
-fn sidecar(inj: &Injection, keys: bool, transparent: bool) -> Value {
+fn sidecar(inj: &Injection, keys: bool, transparent: bool, intercept: bool) -> Value {
     let env: Vec<Value> = inj.ca.iter().map(|ca| json!({"name": "BULWARK_OPERATOR_CA_PEM", "value": ca})).collect();
     let mut mounts = vec![
         json!({"name": "bulwark-token", "mountPath": TOKEN_DIR, "readOnly": true}),
@@ -217,6 +273,10 @@ fn sidecar(inj: &Injection, keys: bool, transparent: bool) -> Value {
     ];
     if transparent {
         args.push(format!("--transparent={TRANSPARENT_PORT}"));
+    }
+    if intercept {
+        args.push(format!("--intercept-ca={INTERCEPT_DIR}"));
+        mounts.push(json!({"name": "bulwark-intercept", "mountPath": INTERCEPT_DIR, "readOnly": true}));
     }
     json!({
         "name": CONTAINER,
@@ -288,16 +348,23 @@ pub async fn serve(
     tls: Option<Arc<rustls::ServerConfig>>,
     state: Arc<State>,
     injection: Arc<Injection>,
+    trust: Option<kube::Client>,
     shutdown: watch::Receiver<bool>,
 ) {
+    let trust = trust.map(|c| Arc::new((c, crate::trust::public_roots())));
     crate::server::serve(listener, tls, shutdown, move |req| {
-        let (state, injection) = (state.clone(), injection.clone());
-        async move { handle(&state, &injection, req).await }
+        let (state, injection, trust) = (state.clone(), injection.clone(), trust.clone());
+        async move { handle(&state, &injection, trust.as_deref(), req).await }
     })
     .await;
 }
 
-async fn handle(state: &State, injection: &Injection, req: Request<Incoming>) -> Response<Body> {
+async fn handle(
+    state: &State,
+    injection: &Injection,
+    trust: Option<&(kube::Client, String)>,
+    req: Request<Incoming>,
+) -> Response<Body> {
     if req.method() != Method::POST || req.uri().path() != PATH {
         return reply(StatusCode::NOT_FOUND, "path: POST /inject (an AdmissionReview)");
     }
@@ -310,7 +377,20 @@ async fn handle(state: &State, injection: &Injection, req: Request<Incoming>) ->
     if crate::poll_for(SYNC_GRACE, || state.is_synced().then_some(())).await.is_none() {
         tracing::warn!("answering an admission review before every watch has listed: Secret keys may be missing");
     }
-    let answer = review(&body, injection, |ns, labels| state.index.lock().secret_refs(ns, labels));
+    // An intercepting pod needs its namespace's CA and trust bundle before it starts; without
+    // them it is injected transparent only, and its TLS passes through.
+    let mut injection = std::borrow::Cow::Borrowed(injection);
+    if let Some(ns) = needs_ca(&body, &injection) {
+        let ready = match trust {
+            Some((client, roots)) => crate::trust::ensure(client, &ns, roots).await,
+            None => Err(anyhow::anyhow!("the operator runs without --tls-interception")),
+        };
+        if let Err(e) = ready {
+            tracing::warn!(namespace = %ns, "no interception CA, the pod's TLS passes through: {e:#}");
+            injection.to_mut().tls_interception = false;
+        }
+    }
+    let answer = review(&body, &injection, |ns, labels| state.index.lock().secret_refs(ns, labels));
     let result = match &answer {
         Ok(a) if a.injected.is_some() => "injected",
         Ok(_) => "unchanged",
@@ -345,6 +425,7 @@ mod tests {
             stream_url: "https://bulwark-operator.bulwark-system.svc:15010".into(),
             ca: Some("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into()),
             audience: "bulwark".into(),
+            tls_interception: true,
         }
     }
 
@@ -478,6 +559,51 @@ mod tests {
             assert!(
                 !init[0]["args"].as_array().unwrap().iter().any(|a| a.as_str().unwrap().starts_with("--transparent"))
             );
+        }
+    }
+
+    #[test]
+    fn an_intercepting_pod_gets_the_ca_and_its_apps_the_bundle() {
+        let mut pod = deployment_pod();
+        pod["metadata"]["annotations"] = json!({PROXY_MODE_ANNOTATION: "transparent", INTERCEPT_ANNOTATION: "true"});
+        let out = apply(&pod, patch(&pod, &injection(), &BTreeSet::new()));
+        let typed: k8s_openapi::api::core::v1::Pod = serde_json::from_value(out).unwrap();
+        let spec = typed.spec.unwrap();
+        let sidecar = &spec.init_containers.as_ref().unwrap()[1];
+        assert!(sidecar.args.clone().unwrap().contains(&"--intercept-ca=/etc/bulwark/intercept".to_owned()));
+        let mounts: Vec<String> = sidecar.volume_mounts.clone().unwrap().into_iter().map(|m| m.name).collect();
+        assert!(mounts.contains(&"bulwark-intercept".to_owned()), "{mounts:?}");
+        let volumes = spec.volumes.unwrap();
+        let ca = volumes.iter().find(|v| v.name == "bulwark-intercept").unwrap().secret.clone().unwrap();
+        assert_eq!(ca.secret_name.as_deref(), Some("bulwark-intercept-ca"));
+        let trust = volumes.iter().find(|v| v.name == "bulwark-trust").unwrap().config_map.clone().unwrap();
+        assert_eq!(trust.name, "bulwark-trust-bundle");
+        for c in &spec.containers {
+            let env: Vec<(String, String)> =
+                c.env.clone().unwrap().into_iter().map(|e| (e.name, e.value.unwrap_or_default())).collect();
+            for var in ["SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"] {
+                assert!(
+                    env.contains(&(var.to_owned(), "/etc/bulwark/trust/ca-bundle.crt".to_owned())),
+                    "{var}: {env:?}"
+                );
+            }
+            assert!(env.contains(&("NODE_EXTRA_CA_CERTS".to_owned(), "/etc/bulwark/trust/ca.crt".to_owned())));
+            let mounts = c.volume_mounts.clone().unwrap_or_default();
+            assert!(
+                mounts.iter().any(|m| m.name == "bulwark-trust" && m.mount_path == "/etc/bulwark/trust"),
+                "{}",
+                c.name
+            );
+        }
+
+        // Without transparent mode, or with interception off in the operator, nothing of it.
+        let mut explicit = pod.clone();
+        explicit["metadata"]["annotations"] = json!({INTERCEPT_ANNOTATION: "true"});
+        let off = Injection { tls_interception: false, ..injection() };
+        for (p, inj) in [(&explicit, injection()), (&pod, off)] {
+            let out = apply(p, patch(p, &inj, &BTreeSet::new()));
+            assert!(!out.to_string().contains("bulwark-intercept"), "{out}");
+            assert!(!out.to_string().contains("SSL_CERT_FILE"));
         }
     }
 

@@ -20,6 +20,7 @@ pub mod server;
 pub mod servers;
 pub mod status;
 pub mod tls;
+pub mod trust;
 pub mod watch;
 pub mod write;
 
@@ -134,6 +135,8 @@ pub struct Webhook {
     pub image: String,
     /// The config stream's address as sidecars reach it (its Service).
     pub stream_url: String,
+    /// Pods may ask for TLS interception; the operator keeps a CA per namespace.
+    pub tls_interception: bool,
 }
 
 /// Asks `check` every 50 ms until it answers or `limit` has passed (then `None`): for what the
@@ -190,6 +193,7 @@ impl Operator {
                     stream_url: w.stream_url.clone(),
                     ca: ca.clone(),
                     audience: s.token_audience.clone(),
+                    tls_interception: w.tls_interception,
                 };
                 Some((listener, Arc::new(injection)))
             }
@@ -220,7 +224,11 @@ impl Operator {
             tokio::spawn(health::serve(health, state.clone(), rx.clone())),
         ];
         if let Some((listener, injection)) = webhook {
-            tasks.push(tokio::spawn(inject::serve(listener, tls, state.clone(), injection, rx.clone())));
+            let trust = injection.tls_interception.then(|| client.clone());
+            if trust.is_some() {
+                tasks.push(tokio::spawn(trust::renew(state.clone(), client.clone(), s.namespace.clone(), rx.clone())));
+            }
+            tasks.push(tokio::spawn(inject::serve(listener, tls, state.clone(), injection, trust, rx.clone())));
         }
         let writer = write::Writer::new(client.clone(), state.clone(), s.namespace.clone(), ca, &s.identity);
         tasks.push(tokio::spawn(servers::run(state.clone(), client.clone(), s.servers.clone(), rx.clone())));

@@ -59,6 +59,11 @@ struct Cli {
     /// The config stream as injected sidecars reach it, e.g. https://bulwark-operator.bulwark-system.svc:15010.
     #[arg(long)]
     stream_url: Option<String>,
+    /// Pods annotated bulwark.dev/intercept-tls may have TLS terminated by their sidecar: the
+    /// operator keeps a CA per namespace (Secret bulwark-intercept-ca) and a trust bundle
+    /// (ConfigMap bulwark-trust-bundle), and renews the CA.
+    #[arg(long, requires = "webhook_listen")]
+    tls_interception: bool,
     /// KEDA is installed: ModelServers with `autoscaling.engine: keda` get a ScaledObject.
     #[arg(long)]
     keda: bool,
@@ -101,6 +106,7 @@ fn main() -> ExitCode {
             listen,
             image: cli.sidecar_image.unwrap_or_default(),
             stream_url: cli.stream_url.unwrap_or_default(),
+            tls_interception: cli.tls_interception,
         }),
     };
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {

@@ -405,3 +405,71 @@ async fn labelled_pods_get_a_sidecar_that_works_as_injected() -> anyhow::Result<
     assert!(config_of(&s).await.unwrap().to_string().contains(&key), "{key} not in the config");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transparent_pods_get_the_capture_rules_and_the_namespaces_interception_ca() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let Some(c) = Cluster::start("bulwark-inject-transparent").await? else { return Ok(()) };
+    c.apply(&pods(&[]))?;
+    let (stream, webhook) = (free_port()?, free_port()?);
+    let _op = c.operator(
+        "op-1",
+        stream,
+        &[
+            &format!("--webhook-listen=127.0.0.1:{webhook}"),
+            "--sidecar-image=bulwark-sidecar:test",
+            &format!("--stream-url=https://localhost:{stream}"),
+            "--tls-interception",
+        ],
+    )?;
+    c.apply(&webhook_configuration(&c, webhook)?)?;
+    let pod = |name: &str, annotations: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {NS}\n  labels: {{app: bot, bulwark.dev/inject: \"true\"}}\n  annotations: {{{annotations}}}\nspec:\n  containers: [{{name: app, image: example/app}}]\n"
+        )
+    };
+    c.apply(&pod("bot-t", r#"bulwark.dev/proxy-mode: transparent, bulwark.dev/intercept-tls: "true""#))?;
+
+    let stored: Value = serde_json::from_str(&c.kubectl(&["get", "pod", "bot-t", "-n", NS, "-o", "json"])?)?;
+    let init = stored["spec"]["initContainers"].as_array().unwrap();
+    assert_eq!(
+        (init[0]["name"].as_str(), init[1]["name"].as_str()),
+        (Some("bulwark-redirect"), Some("bulwark-sidecar"))
+    );
+    assert_eq!(init[0]["securityContext"]["capabilities"]["add"], json!(["NET_ADMIN", "NET_RAW"]));
+    let args = init[1]["args"].as_array().unwrap();
+    assert!(
+        args.contains(&json!("--transparent=15081")) && args.contains(&json!("--intercept-ca=/etc/bulwark/intercept"))
+    );
+    let env = stored["spec"]["containers"][0]["env"].as_array().unwrap();
+    assert!(env.iter().any(|e| e["name"] == "SSL_CERT_FILE" && e["value"] == "/etc/bulwark/trust/ca-bundle.crt"));
+
+    // The namespace's CA, and the bundle that trusts it, were there before the pod.
+    let secret: Value =
+        serde_json::from_str(&c.kubectl(&["get", "secret", "bulwark-intercept-ca", "-n", NS, "-o", "json"])?)?;
+    assert_eq!(secret["type"], "kubernetes.io/tls");
+    use base64::Engine as _;
+    let decode = |k: &str| {
+        let b = base64::engine::general_purpose::STANDARD.decode(secret["data"][k].as_str().unwrap()).unwrap();
+        String::from_utf8(b).unwrap()
+    };
+    let (cert, key) = (decode("tls.crt"), decode("tls.key"));
+    assert!(cert.starts_with("-----BEGIN CERTIFICATE-----") && key.contains("PRIVATE KEY"));
+    let bundle: Value =
+        serde_json::from_str(&c.kubectl(&["get", "configmap", "bulwark-trust-bundle", "-n", NS, "-o", "json"])?)?;
+    assert_eq!(bundle["data"]["ca.crt"], cert.as_str());
+    assert!(bundle["data"]["ca-bundle.crt"].as_str().unwrap().ends_with(&cert));
+    // The sidecar mints with it: a certificate for a routed host, signed by that CA.
+    let minter = bulwark_sidecar::intercept::Minter::from_pem(&cert, &key)?;
+    assert_eq!(minter.certificate("api.openai.com")?.cert.len(), 2, "the leaf and the CA");
+
+    // A second pod reuses the CA; an explicit pod gets neither rules nor CA.
+    c.apply(&pod("bot-u", r#"bulwark.dev/proxy-mode: transparent, bulwark.dev/intercept-tls: "true""#))?;
+    c.apply(&pod("bot-e", "note: explicit"))?;
+    let again: Value =
+        serde_json::from_str(&c.kubectl(&["get", "secret", "bulwark-intercept-ca", "-n", NS, "-o", "json"])?)?;
+    assert_eq!(again["data"]["tls.crt"], secret["data"]["tls.crt"], "one CA per namespace");
+    let explicit = c.get(NS, "pod/bot-e", "{.spec.initContainers[*].name}")?;
+    assert_eq!(explicit, "bulwark-sidecar");
+    Ok(())
+}
