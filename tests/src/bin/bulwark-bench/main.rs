@@ -5,7 +5,8 @@
 //! * Throughput per core (requests / CPU seconds of the sidecar process) and RSS under load.
 //! * Streaming: added latency per chunk, from timestamps the upstream writes into each chunk.
 //! * Scanners (`scanners.rs`), the control plane (`control.rs`), rollouts (`rollout.rs`) and the
-//!   choice among a model server's replicas (`replicas.rs`).
+//!   choice among a model server's replicas (`replicas.rs`), transparent capture
+//!   (`transparent.rs`).
 
 use std::{
     convert::Infallible,
@@ -55,6 +56,9 @@ struct Cli {
     /// Only the replica-choice benchmark (round robin against the load-aware choice).
     #[arg(long)]
     replicas_only: bool,
+    /// Only the transparent-capture benchmark (root: it runs in a network namespace of its own).
+    #[arg(long)]
+    transparent_only: bool,
 }
 
 #[derive(Subcommand)]
@@ -78,6 +82,7 @@ mod control;
 mod replicas;
 mod rollout;
 mod scanners;
+mod transparent;
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -94,6 +99,9 @@ fn main() -> anyhow::Result<()> {
             if cli.replicas_only {
                 return replicas::bench(&cli.bin).await;
             }
+            if cli.transparent_only {
+                return transparent::bench(&cli.bin, cli.rate).await;
+            }
             if !cli.scanners_only {
                 bench(cli.seconds, cli.rate, &cli.bin).await?;
             }
@@ -102,6 +110,7 @@ fn main() -> anyhow::Result<()> {
                 control::bench(&cli.bin).await?;
                 rollout::bench(&cli.bin, cli.rate).await?;
                 replicas::bench(&cli.bin).await?;
+                transparent::bench(&cli.bin, cli.rate).await?;
             }
             Ok(())
         }),
@@ -110,7 +119,12 @@ fn main() -> anyhow::Result<()> {
 
 /// The upstream: a fixed completion, or a stream whose chunks carry their send time.
 pub(crate) async fn upstream(epoch: Instant) -> anyhow::Result<SocketAddr> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    upstream_at(([127, 0, 0, 1], 0).into(), epoch).await
+}
+
+/// The same upstream at `addr`.
+pub(crate) async fn upstream_at(addr: SocketAddr, epoch: Instant) -> anyhow::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr).await?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move {
         loop {
@@ -272,7 +286,7 @@ async fn start_floor(bin: &Path, upstream: SocketAddr) -> anyhow::Result<(Proc, 
     Ok((Proc(child), format!("http://127.0.0.1:{port}")))
 }
 
-fn request(base: &str, body: &'static str) -> Request<Full<Bytes>> {
+pub(crate) fn request(base: &str, body: &'static str) -> Request<Full<Bytes>> {
     let mut r = Request::new(Full::new(Bytes::from_static(body.as_bytes())));
     *r.method_mut() = http::Method::POST;
     *r.uri_mut() = format!("{base}/v1/chat/completions").parse().unwrap_or_default();
@@ -287,13 +301,23 @@ pub(crate) async fn open_loop(
     rate: u64,
     secs: u64,
 ) -> Vec<u64> {
+    open_loop_with(client, rate, secs, || request(base, REQUEST)).await
+}
+
+/// Open loop over the requests `make` builds.
+pub(crate) async fn open_loop_with(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    rate: u64,
+    secs: u64,
+    make: impl Fn() -> Request<Full<Bytes>>,
+) -> Vec<u64> {
     let samples = Arc::new(Mutex::new(Vec::with_capacity((rate * secs) as usize)));
     let mut iv = tokio::time::interval(Duration::from_nanos(1_000_000_000 / rate));
     iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut tasks = Vec::with_capacity((rate * secs) as usize);
     for _ in 0..rate * secs {
         iv.tick().await;
-        let (client, samples, req) = (client.clone(), samples.clone(), request(base, REQUEST));
+        let (client, samples, req) = (client.clone(), samples.clone(), make());
         tasks.push(tokio::spawn(async move {
             let scheduled = Instant::now();
             if let Ok(resp) = client.request(req).await
