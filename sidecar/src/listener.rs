@@ -9,12 +9,32 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
     server::{conn::auto::Builder, graceful::GracefulShutdown},
 };
-use tokio::{net::TcpListener, sync::watch};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::watch,
+};
 
 use crate::body::ProxyBody;
 
 /// How long in-flight requests may run after shutdown starts.
 pub const DRAIN: Duration = Duration::from_secs(30);
+
+/// The next connection, or `None` once shutdown starts.
+pub async fn accept(listener: &TcpListener, shutdown: &mut watch::Receiver<bool>) -> Option<TcpStream> {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => return Some(stream),
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = shutdown.changed() => return None,
+        }
+    }
+}
 
 pub async fn serve<S, F, Fut>(listener: TcpListener, state: Arc<S>, handler: F, mut shutdown: watch::Receiver<bool>)
 where
@@ -26,19 +46,7 @@ where
     builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30)).keep_alive(true);
     builder.http2().timer(TokioTimer::new()).max_concurrent_streams(1024);
     let graceful = GracefulShutdown::new();
-    loop {
-        let (stream, _peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => break,
-        };
+    while let Some(stream) = accept(&listener, &mut shutdown).await {
         let _ = stream.set_nodelay(true);
         let state = state.clone();
         let service = hyper::service::service_fn(move |req| {

@@ -24,7 +24,7 @@ use tokio::{
 
 use crate::{
     intercept,
-    listener::DRAIN,
+    listener::{self, DRAIN},
     metrics::{CaptureLabels, DirectionLabels},
     proxy::{self, AppState},
 };
@@ -130,21 +130,12 @@ pub async fn serve(
     let mut builder = Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30)).keep_alive(true);
     let builder = Arc::new(builder);
-    let graceful = Arc::new(GracefulShutdown::new());
+    let graceful = GracefulShutdown::new();
     let own = listener.local_addr().ok();
-    loop {
-        let (stream, _peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => break,
-        };
-        let (state, builder, graceful, acceptor) = (state.clone(), builder.clone(), graceful.clone(), acceptor.clone());
+    while let Some(stream) = listener::accept(&listener, &mut shutdown).await {
+        let (state, builder, acceptor) = (state.clone(), builder.clone(), acceptor.clone());
+        // Taken now: what the connection turns out to be is only known in its task.
+        let graceful = graceful.watcher();
         tokio::spawn(async move {
             let local = stream.local_addr().ok();
             let dst = match original_dst(&stream) {
@@ -196,9 +187,7 @@ pub async fn serve(
             }
         });
     }
-    if let Ok(graceful) = Arc::try_unwrap(graceful)
-        && tokio::time::timeout(DRAIN, graceful.shutdown()).await.is_err()
-    {
+    if tokio::time::timeout(DRAIN, graceful.shutdown()).await.is_err() {
         tracing::warn!("captured requests still running after {}s of shutdown were cut", DRAIN.as_secs());
     }
 }
