@@ -87,8 +87,11 @@ grep -q '^kind: PodDisruptionBudget$' "$tmp/defaults.yaml" || fail "defaults: no
 grep -q '^kind: Secret$' "$tmp/defaults.yaml" || fail "defaults: no generated TLS Secret"
 grep -q '^kind: PodDisruptionBudget$' "$tmp/single-namespace.yaml" && fail "single-namespace: a PodDisruptionBudget with one replica"
 grep -q -- '- --namespace=team-a$' "$tmp/single-namespace.yaml" || fail "single-namespace: no --namespace=team-a"
-[[ $(grep -c '^kind: ClusterRole$' "$tmp/single-namespace.yaml") == 1 ]] \
-  || fail "single-namespace: only the TokenReview ClusterRole may be cluster-wide"
+[[ $(grep -c '^kind: ClusterRole$' "$tmp/single-namespace.yaml") == 2 ]] \
+  || fail "single-namespace: only the TokenReview and namespace-read ClusterRoles may be cluster-wide"
+sed -n '/name: bulwark-operator-namespaces$/,/^---/p' "$tmp/single-namespace.yaml" \
+  | tr -d '\n' | grep -q 'resources: \[namespaces\] *verbs: \[get\]' \
+  || fail "single-namespace: the webhook cannot read namespaces' defaults, or reads them with more than get"
 grep -q '^kind: Secret$' "$tmp/custom.yaml" && fail "custom: a Secret is generated although tls.existingSecret is set"
 grep -q 'secretName: bulwark-operator-cert$' "$tmp/custom.yaml" || fail "custom: tls.existingSecret is not mounted"
 # The injection webhook: registered with the generated CA, scoped to the watched namespace, and

@@ -15,6 +15,8 @@
 //! root with NET_ADMIN and NET_RAW, run before the sidecar and then gone) installs the nat rules
 //! that send the pod's outbound traffic on ports 80 and 443 to the sidecar's `--transparent`
 //! port, and the sidecar, as its own uid, is not captured again. Explicit mode is the default.
+//! The same annotations on the pod's Namespace are defaults for its pods, which a pod's own
+//! annotation overrides (`bulwark.dev/proxy-mode: explicit` on a pod in a transparent namespace).
 //!
 //! A pod that already has a `bulwark-sidecar` container is left alone, so a hand-written sidecar
 //! and a second admission pass change nothing. The patch only adds: fields of the pod this
@@ -43,6 +45,8 @@ use crate::{
 pub const PATH: &str = "/inject";
 /// How long a review waits for the watches' first lists (API servers give webhooks 10 s at most).
 const SYNC_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+/// How long a review waits for its namespace's defaults.
+const NAMESPACE_READ: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The name of the injected container.
 pub const CONTAINER: &str = "bulwark-sidecar";
@@ -92,16 +96,39 @@ fn modes(meta: &Value, inj: &Injection) -> (bool, bool) {
     (transparent, intercept)
 }
 
-/// The namespace of a pod under review that needs the interception CA.
-pub fn needs_ca(body: &[u8], inj: &Injection) -> Option<String> {
-    let review: Value = serde_json::from_slice(body).ok()?;
+/// The annotations a Namespace gives its pods as defaults.
+const NAMESPACE_DEFAULTS: [&str; 2] = [PROXY_MODE_ANNOTATION, INTERCEPT_ANNOTATION];
+
+/// The namespace of the pod a review would inject, if it would inject one.
+pub fn injects(review: &Value) -> Option<&str> {
     let request = &review["request"];
     let pod = &request["object"];
-    let wants = request["operation"] == "CREATE"
-        && pod["metadata"]["labels"][SIDECAR_LABEL].as_str() == Some("true")
-        && modes(&pod["metadata"], inj).1;
-    let ns = pod["metadata"]["namespace"].as_str().or(request["namespace"].as_str())?;
-    wants.then(|| ns.to_owned())
+    let wants = request["kind"]["kind"] == "Pod"
+        && request["operation"] == "CREATE"
+        && pod["metadata"]["labels"][SIDECAR_LABEL].as_str() == Some("true");
+    // The namespace is in the request; the pod of a ReplicaSet has none of its own yet.
+    wants.then(|| pod["metadata"]["namespace"].as_str().or(request["namespace"].as_str()))?
+}
+
+/// Gives the pod under review its namespace's mode annotations where it sets none itself.
+pub fn inherit(review: &mut Value, namespace_annotations: &std::collections::BTreeMap<String, String>) {
+    let meta = &mut review["request"]["object"]["metadata"];
+    if !meta.is_object() || !(meta["annotations"].is_object() || meta["annotations"].is_null()) {
+        return;
+    }
+    for key in NAMESPACE_DEFAULTS {
+        if let Some(v) = namespace_annotations.get(key)
+            && meta["annotations"].get(key).is_none()
+        {
+            meta["annotations"][key] = json!(v);
+        }
+    }
+}
+
+/// The namespace of a pod under review that needs the interception CA.
+pub fn needs_ca(review: &Value, inj: &Injection) -> Option<String> {
+    let ns = injects(review)?;
+    modes(&review["request"]["object"]["metadata"], inj).1.then(|| ns.to_owned())
 }
 
 /// JSON-patch operations that add `items` to the array at `path` in `spec`, or create it.
@@ -310,11 +337,10 @@ pub struct Answer {
 /// Answers an `AdmissionReview` request: always allowed (injection never blocks a pod), with
 /// the patch when there is one. `secrets` gives the Secret keys for a pod's namespace and labels.
 pub fn review(
-    body: &[u8],
+    review: &Value,
     inj: &Injection,
     secrets: impl Fn(&str, &std::collections::BTreeMap<String, String>) -> BTreeSet<(String, String)>,
 ) -> Result<Answer, String> {
-    let review: Value = serde_json::from_slice(body).map_err(|e| format!("not an AdmissionReview: {e}"))?;
     if review["kind"] != "AdmissionReview" {
         return Err("not an AdmissionReview: kind must be AdmissionReview".into());
     }
@@ -324,7 +350,6 @@ pub fn review(
     let mut injected = None;
     let pod = &request["object"];
     if request["kind"]["kind"] == "Pod" && request["operation"] == "CREATE" && pod.is_object() {
-        // The namespace is in the request; the pod of a ReplicaSet has none of its own yet.
         let ns = pod["metadata"]["namespace"].as_str().or(request["namespace"].as_str()).unwrap_or_default();
         let labels = serde_json::from_value(pod["metadata"]["labels"].clone()).unwrap_or_default();
         let ops = patch(pod, inj, &secrets(ns, &labels));
@@ -342,27 +367,46 @@ pub fn review(
     Ok(Answer { review, injected })
 }
 
-/// Serves the webhook until `shutdown`.
+/// Serves the webhook until `shutdown`. `client` reads the namespaces' defaults, and with
+/// `injection.tls_interception` keeps their interception CAs.
 pub async fn serve(
     listener: TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
     state: Arc<State>,
     injection: Arc<Injection>,
-    trust: Option<kube::Client>,
+    client: kube::Client,
     shutdown: watch::Receiver<bool>,
 ) {
-    let trust = trust.map(|c| Arc::new((c, crate::trust::public_roots())));
+    let roots = Arc::new(if injection.tls_interception { crate::trust::public_roots() } else { String::new() });
     crate::server::serve(listener, tls, shutdown, move |req| {
-        let (state, injection, trust) = (state.clone(), injection.clone(), trust.clone());
-        async move { handle(&state, &injection, trust.as_deref(), req).await }
+        let (state, injection, client, roots) = (state.clone(), injection.clone(), client.clone(), roots.clone());
+        async move { handle(&state, &injection, &client, &roots, req).await }
     })
     .await;
+}
+
+/// The annotations of namespace `ns`; none when it cannot be read in time (the pod is then
+/// injected on its own annotations, and the reason logged).
+async fn namespace_annotations(client: &kube::Client, ns: &str) -> std::collections::BTreeMap<String, String> {
+    let api: kube::Api<k8s_openapi::api::core::v1::Namespace> = kube::Api::all(client.clone());
+    match tokio::time::timeout(NAMESPACE_READ, api.get_metadata(ns)).await {
+        Ok(Ok(n)) => n.metadata.annotations.unwrap_or_default(),
+        Ok(Err(e)) => {
+            tracing::warn!(namespace = %ns, "reading the namespace's defaults: {e}; the pod's own annotations apply");
+            Default::default()
+        }
+        Err(_) => {
+            tracing::warn!(namespace = %ns, "reading the namespace's defaults timed out; the pod's own annotations apply");
+            Default::default()
+        }
+    }
 }
 
 async fn handle(
     state: &State,
     injection: &Injection,
-    trust: Option<&(kube::Client, String)>,
+    client: &kube::Client,
+    roots: &str,
     req: Request<Incoming>,
 ) -> Response<Body> {
     if req.method() != Method::POST || req.uri().path() != PATH {
@@ -372,23 +416,30 @@ async fn handle(
         Ok(b) => b.to_bytes(),
         Err(e) => return reply(StatusCode::BAD_REQUEST, &format!("reading the AdmissionReview: {e}")),
     };
+    let mut body: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            state.metrics.admissions.get_or_create(&ResultLabels { result: "invalid" }).inc();
+            return reply(StatusCode::BAD_REQUEST, &format!("not an AdmissionReview: {e}"));
+        }
+    };
     // A replica that has just started is unready (and out of the Service) until every watch has
     // listed; a call that reaches it anyway waits a moment, so the keys its routes name are known.
     if crate::poll_for(SYNC_GRACE, || state.is_synced().then_some(())).await.is_none() {
         tracing::warn!("answering an admission review before every watch has listed: Secret keys may be missing");
     }
+    if let Some(ns) = injects(&body).map(str::to_owned) {
+        let defaults = namespace_annotations(client, &ns).await;
+        inherit(&mut body, &defaults);
+    }
     // An intercepting pod needs its namespace's CA and trust bundle before it starts; without
     // them it is injected transparent only, and its TLS passes through.
     let mut injection = std::borrow::Cow::Borrowed(injection);
-    if let Some(ns) = needs_ca(&body, &injection) {
-        let ready = match trust {
-            Some((client, roots)) => crate::trust::ensure(client, &ns, roots).await,
-            None => Err(anyhow::anyhow!("the operator runs without --tls-interception")),
-        };
-        if let Err(e) = ready {
-            tracing::warn!(namespace = %ns, "no interception CA, the pod's TLS passes through: {e:#}");
-            injection.to_mut().tls_interception = false;
-        }
+    if let Some(ns) = needs_ca(&body, &injection)
+        && let Err(e) = crate::trust::ensure(client, &ns, roots).await
+    {
+        tracing::warn!(namespace = %ns, "no interception CA, the pod's TLS passes through: {e:#}");
+        injection.to_mut().tls_interception = false;
     }
     let answer = review(&body, &injection, |ns, labels| state.index.lock().secret_refs(ns, labels));
     let result = match &answer {
@@ -563,6 +614,47 @@ mod tests {
     }
 
     #[test]
+    fn a_namespace_default_applies_unless_the_pod_says_otherwise() {
+        let review_of = |annotations: Value| {
+            let mut pod = deployment_pod();
+            pod["metadata"]["annotations"] = annotations;
+            json!({"kind": "AdmissionReview", "request": {"uid": "u", "kind": {"kind": "Pod"},
+                "operation": "CREATE", "namespace": "shop", "object": pod}})
+        };
+        let defaults: std::collections::BTreeMap<String, String> = [
+            (PROXY_MODE_ANNOTATION.to_owned(), "transparent".to_owned()),
+            (INTERCEPT_ANNOTATION.to_owned(), "true".to_owned()),
+            ("other.example/x".to_owned(), "y".to_owned()),
+        ]
+        .into();
+        let inj = Injection { tls_interception: true, ..injection() };
+        let mut plain = review_of(Value::Null);
+        assert_eq!(injects(&plain), Some("shop"));
+        inherit(&mut plain, &defaults);
+        let meta = &plain["request"]["object"]["metadata"];
+        assert_eq!(modes(meta, &inj), (true, true));
+        assert!(meta["annotations"].get("other.example/x").is_none(), "only the mode annotations are inherited");
+        assert_eq!(needs_ca(&plain, &inj).as_deref(), Some("shop"));
+
+        // The pod's own annotation wins, each on its own.
+        let mut explicit = review_of(json!({PROXY_MODE_ANNOTATION: "explicit"}));
+        inherit(&mut explicit, &defaults);
+        assert_eq!(modes(&explicit["request"]["object"]["metadata"], &inj), (false, false));
+        assert!(needs_ca(&explicit, &inj).is_none());
+        let mut no_tls = review_of(json!({INTERCEPT_ANNOTATION: "false"}));
+        inherit(&mut no_tls, &defaults);
+        assert_eq!(modes(&no_tls["request"]["object"]["metadata"], &inj), (true, false));
+
+        // Unlabelled pods and updates are not the webhook's to inject.
+        let mut update = review_of(Value::Null);
+        update["request"]["operation"] = json!("UPDATE");
+        assert!(injects(&update).is_none());
+        let mut unlabelled = review_of(Value::Null);
+        unlabelled["request"]["object"]["metadata"]["labels"] = json!({"app": "chat"});
+        assert!(injects(&unlabelled).is_none());
+    }
+
+    #[test]
     fn an_intercepting_pod_gets_the_ca_and_its_apps_the_bundle() {
         let mut pod = deployment_pod();
         pod["metadata"]["annotations"] = json!({PROXY_MODE_ANNOTATION: "transparent", INTERCEPT_ANNOTATION: "true"});
@@ -641,7 +733,7 @@ mod tests {
                 "namespace": "shop", "object": deployment_pod()},
         });
         let asked: std::cell::RefCell<Vec<String>> = Default::default();
-        let answer = review(request.to_string().as_bytes(), &injection(), |ns, labels| {
+        let answer = review(&request, &injection(), |ns, labels| {
             asked.borrow_mut().push(format!("{ns} {}", labels.get("app").cloned().unwrap_or_default()));
             secrets(&[("openai", "api-key")])
         })
@@ -663,12 +755,12 @@ mod tests {
         // An update, or another kind, is allowed as it is.
         let mut update = request.clone();
         update["request"]["operation"] = json!("UPDATE");
-        let answer = review(update.to_string().as_bytes(), &injection(), |_, _| BTreeSet::new()).unwrap();
+        let answer = review(&update, &injection(), |_, _| BTreeSet::new()).unwrap();
         assert!(answer.injected.is_none() && answer.review["response"]["patch"].is_null());
         // What is not a review is refused with the reason.
-        let e = review(b"{\"kind\": \"Pod\"}", &injection(), |_, _| BTreeSet::new()).err().unwrap();
+        let e = review(&json!({"kind": "Pod"}), &injection(), |_, _| BTreeSet::new()).err().unwrap();
         assert!(e.contains("AdmissionReview"), "{e}");
-        let e = review(br#"{"kind": "AdmissionReview", "request": {}}"#, &injection(), |_, _| BTreeSet::new())
+        let e = review(&json!({"kind": "AdmissionReview", "request": {}}), &injection(), |_, _| BTreeSet::new())
             .err()
             .unwrap();
         assert!(e.contains("uid"), "{e}");

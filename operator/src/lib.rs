@@ -224,11 +224,17 @@ impl Operator {
             tokio::spawn(health::serve(health, state.clone(), rx.clone())),
         ];
         if let Some((listener, injection)) = webhook {
-            let trust = injection.tls_interception.then(|| client.clone());
-            if trust.is_some() {
+            if injection.tls_interception {
                 tasks.push(tokio::spawn(trust::renew(state.clone(), client.clone(), s.namespace.clone(), rx.clone())));
             }
-            tasks.push(tokio::spawn(inject::serve(listener, tls, state.clone(), injection, trust, rx.clone())));
+            tasks.push(tokio::spawn(inject::serve(
+                listener,
+                tls,
+                state.clone(),
+                injection,
+                client.clone(),
+                rx.clone(),
+            )));
         }
         let writer = write::Writer::new(client.clone(), state.clone(), s.namespace.clone(), ca, &s.identity);
         tasks.push(tokio::spawn(servers::run(state.clone(), client.clone(), s.servers.clone(), rx.clone())));

@@ -471,5 +471,12 @@ async fn transparent_pods_get_the_capture_rules_and_the_namespaces_interception_
     assert_eq!(again["data"]["tls.crt"], secret["data"]["tls.crt"], "one CA per namespace");
     let explicit = c.get(NS, "pod/bot-e", "{.spec.initContainers[*].name}")?;
     assert_eq!(explicit, "bulwark-sidecar");
+
+    // A namespace default: its pods are transparent unless they say otherwise.
+    c.kubectl(&["annotate", "namespace", NS, "bulwark.dev/proxy-mode=transparent"])?;
+    c.apply(&pod("bot-n", "note: inherits"))?;
+    c.apply(&pod("bot-x", "bulwark.dev/proxy-mode: explicit"))?;
+    assert_eq!(c.get(NS, "pod/bot-n", "{.spec.initContainers[*].name}")?, "bulwark-redirect bulwark-sidecar");
+    assert_eq!(c.get(NS, "pod/bot-x", "{.spec.initContainers[*].name}")?, "bulwark-sidecar");
     Ok(())
 }
