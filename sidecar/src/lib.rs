@@ -28,6 +28,7 @@ pub mod runtime;
 pub mod scan;
 pub mod settle;
 pub mod source;
+pub mod splice;
 pub mod stream;
 pub mod transparent;
 pub mod upstream;

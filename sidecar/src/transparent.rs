@@ -32,7 +32,7 @@ use crate::{
 /// How long a connection may stay silent before it is taken for a protocol whose server speaks
 /// first (SMTP, MySQL) and passed through.
 const SNIFF_WAIT: Duration = Duration::from_millis(300);
-/// Each direction's copy buffer: large enough that a bulk transfer moves in few system calls.
+/// Each direction's copy buffer when no pipe can be had for a zero-copy passthrough.
 const COPY_BUFFER: usize = 64 << 10;
 /// Request heads longer than this are not looked into; the connection is passed through.
 const SNIFF_BYTES: usize = 16 * 1024;
@@ -202,14 +202,13 @@ async fn passthrough(state: &AppState, mut client: TcpStream, dst: SocketAddr) {
         }
     };
     let _ = upstream.set_nodelay(true);
-    let (up, down) =
-        match tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, COPY_BUFFER, COPY_BUFFER).await {
-            Ok(n) => n,
-            Err(e) => {
-                tracing::debug!(%dst, "passthrough ended: {e}");
-                return;
-            }
-        };
+    let (up, down) = match crate::splice::copy_bidirectional(&mut client, &mut upstream, COPY_BUFFER).await {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::debug!(%dst, "passthrough ended: {e}");
+            return;
+        }
+    };
     let count = |direction, n| state.metrics.passthrough_bytes.get_or_create(&DirectionLabels { direction }).inc_by(n);
     count("upstream", up);
     count("downstream", down);
