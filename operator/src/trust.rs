@@ -17,7 +17,7 @@ use k8s_openapi::{
 };
 use kube::{
     Api, Client,
-    api::{ListParams, Patch, PatchParams},
+    api::{ListParams, Patch, PatchParams, PostParams},
 };
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
 
@@ -80,45 +80,19 @@ fn text(s: &Secret, key: &str) -> Option<String> {
 }
 
 /// Makes sure the namespace has a valid CA and the bundle that trusts it; renews a CA that is
-/// due, keeping the one it replaces in the bundle while that is still valid.
+/// due, keeping the one it replaces in the bundle while that is still valid. Replicas that
+/// race agree on one CA: a new one is created, or replaces the version read, only if nothing
+/// was written in between, and the loser takes the winner's.
 pub async fn ensure(client: &Client, ns: &str, roots: &str) -> anyhow::Result<()> {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
-    let now = Timestamp::now();
-    let live = secrets.get_opt(CA_SECRET).await.context("reading the interception CA")?;
-    let current = live.as_ref().and_then(|s| {
-        let not_after: Timestamp = s.metadata.annotations.as_ref()?.get(NOT_AFTER)?.parse().ok()?;
-        Some(Ca { cert: text(s, "tls.crt")?, key: text(s, "tls.key")?, not_after })
-    });
-    let (ca, previous) = match current {
-        Some(ca) if !due(ca.not_after, now) => {
-            let previous = live.as_ref().and_then(|s| text(s, "previous.crt"));
-            (ca, previous)
-        }
-        old => {
-            let ca = mint(ns, now)?;
-            let previous = old.filter(|o| o.not_after > now).map(|o| o.cert);
-            let mut data = BTreeMap::from([
-                ("tls.crt".to_owned(), ByteString(ca.cert.clone().into_bytes())),
-                ("tls.key".to_owned(), ByteString(ca.key.clone().into_bytes())),
-            ]);
-            if let Some(p) = &previous {
-                data.insert("previous.crt".to_owned(), ByteString(p.clone().into_bytes()));
+    let mut attempts = 0;
+    let (ca, previous) = loop {
+        attempts += 1;
+        match current_or_renewed(&secrets, ns).await {
+            Err(e) if attempts < 3 && matches!(e.downcast_ref(), Some(kube::Error::Api(s)) if s.code == 409) => {
+                tracing::debug!(namespace = ns, "the interception CA was written meanwhile: reading it again");
             }
-            let secret = Secret {
-                metadata: ObjectMeta {
-                    name: Some(CA_SECRET.into()),
-                    labels: Some(BTreeMap::from([(CA_LABEL.to_owned(), "true".to_owned())])),
-                    annotations: Some(BTreeMap::from([(NOT_AFTER.to_owned(), ca.not_after.to_string())])),
-                    ..ObjectMeta::default()
-                },
-                type_: Some("kubernetes.io/tls".into()),
-                data: Some(data),
-                ..Secret::default()
-            };
-            let pp = PatchParams::apply(FIELD_MANAGER).force();
-            secrets.patch(CA_SECRET, &pp, &Patch::Apply(&secret)).await.context("writing the interception CA")?;
-            tracing::info!(namespace = ns, not_after = %ca.not_after, "interception CA minted");
-            (ca, previous)
+            other => break other.context("writing the interception CA")?,
         }
     };
     let trusted = format!("{}{}", ca.cert, previous.unwrap_or_default());
@@ -134,6 +108,48 @@ pub async fn ensure(client: &Client, ns: &str, roots: &str) -> anyhow::Result<()
     let pp = PatchParams::apply(FIELD_MANAGER).force();
     maps.patch(BUNDLE_CONFIGMAP, &pp, &Patch::Apply(&bundle)).await.context("writing the trust bundle")?;
     Ok(())
+}
+
+/// The namespace's CA and the one it replaced, minting one if it has none or it is due: a 409
+/// means another writer got there first.
+async fn current_or_renewed(secrets: &Api<Secret>, ns: &str) -> anyhow::Result<(Ca, Option<String>)> {
+    let now = Timestamp::now();
+    let live = secrets.get_opt(CA_SECRET).await?;
+    let current = live.as_ref().and_then(|s| {
+        let not_after: Timestamp = s.metadata.annotations.as_ref()?.get(NOT_AFTER)?.parse().ok()?;
+        Some(Ca { cert: text(s, "tls.crt")?, key: text(s, "tls.key")?, not_after })
+    });
+    if let Some(ca) = current.as_ref().filter(|ca| !due(ca.not_after, now)) {
+        return Ok((ca.clone(), live.as_ref().and_then(|s| text(s, "previous.crt"))));
+    }
+    let ca = mint(ns, now)?;
+    let previous = current.filter(|o| o.not_after > now).map(|o| o.cert);
+    let mut data = BTreeMap::from([
+        ("tls.crt".to_owned(), ByteString(ca.cert.clone().into_bytes())),
+        ("tls.key".to_owned(), ByteString(ca.key.clone().into_bytes())),
+    ]);
+    if let Some(p) = &previous {
+        data.insert("previous.crt".to_owned(), ByteString(p.clone().into_bytes()));
+    }
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some(CA_SECRET.into()),
+            labels: Some(BTreeMap::from([(CA_LABEL.to_owned(), "true".to_owned())])),
+            annotations: Some(BTreeMap::from([(NOT_AFTER.to_owned(), ca.not_after.to_string())])),
+            resource_version: live.as_ref().and_then(|s| s.metadata.resource_version.clone()),
+            ..ObjectMeta::default()
+        },
+        type_: Some("kubernetes.io/tls".into()),
+        data: Some(data),
+        ..Secret::default()
+    };
+    let pp = PostParams { field_manager: Some(FIELD_MANAGER.into()), ..PostParams::default() };
+    match live {
+        None => secrets.create(&pp, &secret).await?,
+        Some(_) => secrets.replace(CA_SECRET, &pp, &secret).await?,
+    };
+    tracing::info!(namespace = ns, not_after = %ca.not_after, "interception CA minted");
+    Ok((ca, previous))
 }
 
 /// On the leader: renews the CAs this operator made, hourly.

@@ -480,3 +480,32 @@ async fn transparent_pods_get_the_capture_rules_and_the_namespaces_interception_
     assert_eq!(c.get(NS, "pod/bot-x", "{.spec.initContainers[*].name}")?, "bulwark-sidecar");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_replicas_agree_on_one_interception_ca() -> anyhow::Result<()> {
+    let Some(c) = Cluster::start("bulwark-ca-race").await? else { return Ok(()) };
+    c.kubectl(&["create", "namespace", "race"])?;
+    let client = kube::Client::try_from(kube::Config::new(c.api.url().parse()?))?;
+    // Eight admissions of intercepting pods at once, as replicas of the webhook would make them.
+    let writers: Vec<_> = (0..8)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move { bulwark_operator::trust::ensure(&client, "race", "").await })
+        })
+        .collect();
+    for w in writers {
+        w.await??;
+    }
+    let secret: Value =
+        serde_json::from_str(&c.kubectl(&["get", "secret", "bulwark-intercept-ca", "-n", "race", "-o", "json"])?)?;
+    use base64::Engine as _;
+    let cert = base64::engine::general_purpose::STANDARD.decode(secret["data"]["tls.crt"].as_str().unwrap())?;
+    let bundle = c.get("race", "configmap/bulwark-trust-bundle", "{.data.ca\\.crt}")?;
+    assert_eq!(
+        bundle.trim_end(),
+        String::from_utf8(cert)?.trim_end(),
+        "the bundle trusts the CA the sidecars mint with"
+    );
+    assert!(secret["data"]["previous.crt"].is_null(), "one CA was kept, none replaced");
+    Ok(())
+}
