@@ -1,9 +1,14 @@
 //! TLS interception of captured connections: the SNI read from a ClientHello without consuming
 //! it, and certificates minted for routed hosts by the pod's CA (`--intercept-ca DIR`, holding
 //! `tls.crt` and `tls.key` as a Kubernetes TLS Secret does), which the apps trust through the
-//! injected bundle.
+//! injected bundle. The directory is read again every `RELOAD` (a mounted Secret changes in
+//! place when the operator renews the CA): a new CA is used for every certificate from then on.
 
-use std::{collections::HashMap, path::Path, sync::Arc};
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 use anyhow::Context as _;
 use parking_lot::Mutex;
@@ -18,6 +23,8 @@ use rustls::{
 const MAX_HOSTS: usize = 1024;
 /// How many days a minted certificate is valid; it is minted again when older than half that.
 const VALIDITY_DAYS: i64 = 7;
+/// How often the CA's directory is read again.
+pub const RELOAD: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The server name a TLS ClientHello asks for, read from the first record; `None` when the
 /// bytes are not a whole ClientHello with a host name.
@@ -91,10 +98,30 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Mints, and keeps, a certificate per host, signed by the pod's CA.
-pub struct Minter {
+/// The CA certificates are signed with.
+struct Signer {
     issuer: Issuer<'static, KeyPair>,
     ca_der: CertificateDer<'static>,
+    /// The PEM it was read from, to tell a changed file.
+    pem: String,
+}
+
+impl Signer {
+    fn from_pem(cert: &str, key: &str) -> anyhow::Result<Self> {
+        let key = KeyPair::from_pem(key).context("the interception CA's key")?;
+        let ca_der = rustls_pemfile::certs(&mut cert.as_bytes())
+            .next()
+            .context("no certificate in the interception CA's tls.crt")?
+            .context("the interception CA's certificate")?;
+        let issuer = Issuer::from_ca_cert_pem(cert, key).context("the interception CA's certificate")?;
+        Ok(Self { issuer, ca_der, pem: cert.to_owned() })
+    }
+}
+
+/// Mints, and keeps, a certificate per host, signed by the pod's CA.
+pub struct Minter {
+    dir: Option<PathBuf>,
+    signer: Mutex<Arc<Signer>>,
     minted: Mutex<HashMap<String, (Arc<CertifiedKey>, time::OffsetDateTime)>>,
 }
 
@@ -104,24 +131,69 @@ impl std::fmt::Debug for Minter {
     }
 }
 
+/// Reads `dir/tls.crt` and `dir/tls.key` as one pair: the certificate is read again after the
+/// key, so a Secret volume swapped in between is not read half old, half new.
+fn read_pair(dir: &Path) -> anyhow::Result<(String, String)> {
+    let read = |name: &str| {
+        std::fs::read_to_string(dir.join(name)).with_context(|| format!("reading {}/{name}", dir.display()))
+    };
+    for _ in 0..3 {
+        let (cert, key) = (read("tls.crt")?, read("tls.key")?);
+        if read("tls.crt")? == cert {
+            return Ok((cert, key));
+        }
+    }
+    anyhow::bail!("{} keeps changing while it is read", dir.display())
+}
+
 impl Minter {
     /// Reads the CA from `dir/tls.crt` and `dir/tls.key`.
     pub fn load(dir: &Path) -> anyhow::Result<Self> {
-        let cert = std::fs::read_to_string(dir.join("tls.crt"))
-            .with_context(|| format!("reading {}/tls.crt", dir.display()))?;
-        let key = std::fs::read_to_string(dir.join("tls.key"))
-            .with_context(|| format!("reading {}/tls.key", dir.display()))?;
-        Self::from_pem(&cert, &key)
+        let (cert, key) = read_pair(dir)?;
+        Ok(Self { dir: Some(dir.to_owned()), ..Self::from_pem(&cert, &key)? })
     }
 
     pub fn from_pem(cert: &str, key: &str) -> anyhow::Result<Self> {
-        let key = KeyPair::from_pem(key).context("the interception CA's key")?;
-        let ca_der = rustls_pemfile::certs(&mut cert.as_bytes())
-            .next()
-            .context("no certificate in the interception CA's tls.crt")?
-            .context("the interception CA's certificate")?;
-        let issuer = Issuer::from_ca_cert_pem(cert, key).context("the interception CA's certificate")?;
-        Ok(Self { issuer, ca_der, minted: Mutex::new(HashMap::new()) })
+        let signer = Signer::from_pem(cert, key)?;
+        Ok(Self { dir: None, signer: Mutex::new(Arc::new(signer)), minted: Mutex::new(HashMap::new()) })
+    }
+
+    /// The CA's certificate (DER).
+    pub fn ca(&self) -> CertificateDer<'static> {
+        self.signer.lock().ca_der.clone()
+    }
+
+    /// Reads the directory again: `true` when it holds a new CA, which then signs every
+    /// certificate (those minted by the old one are dropped). A directory that cannot be read,
+    /// or holds no valid CA, changes nothing.
+    pub fn reload(&self) -> anyhow::Result<bool> {
+        let Some(dir) = &self.dir else { return Ok(false) };
+        let (cert, key) = read_pair(dir)?;
+        if self.signer.lock().pem == cert {
+            return Ok(false);
+        }
+        let signer = Arc::new(Signer::from_pem(&cert, &key)?);
+        *self.signer.lock() = signer;
+        self.minted.lock().clear();
+        Ok(true)
+    }
+
+    /// Reads the directory again every `RELOAD` until `shutdown`.
+    pub async fn watch(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let mut every = tokio::time::interval(RELOAD);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        every.tick().await;
+        loop {
+            tokio::select! {
+                _ = every.tick() => {}
+                _ = shutdown.changed() => return,
+            }
+            match self.reload() {
+                Ok(true) => tracing::info!("interception CA reloaded: new certificates are signed by the new CA"),
+                Ok(false) => {}
+                Err(e) => tracing::warn!("reading the interception CA again: {e:#}; the current one stays"),
+            }
+        }
     }
 
     /// The certificate for `host`, minted on first use.
@@ -140,10 +212,11 @@ impl Minter {
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         let key = KeyPair::generate()?;
-        let cert = params.signed_by(&key, &self.issuer)?;
+        let signer = self.signer.lock().clone();
+        let cert = params.signed_by(&key, &signer.issuer)?;
         let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
         let signing = rustls::crypto::ring::sign::any_supported_type(&der).context("the minted key")?;
-        let chain = vec![cert.der().clone(), self.ca_der.clone()];
+        let chain = vec![cert.der().clone(), signer.ca_der.clone()];
         let certified = Arc::new(CertifiedKey::new(chain, signing));
         let mut minted = self.minted.lock();
         if minted.len() >= MAX_HOSTS {
@@ -232,7 +305,7 @@ mod tests {
         let (cert, key) = ca();
         let minter = Arc::new(Minter::from_pem(&cert, &key).unwrap());
         let mut roots = rustls::RootCertStore::empty();
-        roots.add(minter.ca_der.clone()).unwrap();
+        roots.add(minter.ca()).unwrap();
         let mut client = client(roots, "api.llm.test");
         let mut server = rustls::ServerConnection::new(minter.server_config()).unwrap();
         for _ in 0..10 {
@@ -250,5 +323,29 @@ mod tests {
         let first = minter.certificate("api.llm.test").unwrap();
         assert!(Arc::ptr_eq(&first, &minter.certificate("api.llm.test").unwrap()), "minted once");
         assert!(Minter::from_pem(&cert, "not a key").is_err());
+    }
+
+    #[test]
+    fn a_renewed_ca_signs_from_the_next_reload_and_a_bad_one_changes_nothing() {
+        let dir = std::env::temp_dir().join(format!("bulwark-intercept-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let write = |(cert, key): &(String, String)| {
+            std::fs::write(dir.join("tls.crt"), cert).unwrap();
+            std::fs::write(dir.join("tls.key"), key).unwrap();
+        };
+        let (first, second) = (ca(), ca());
+        write(&first);
+        let minter = Minter::load(&dir).unwrap();
+        let chain_ca = |m: &Minter| m.certificate("api.llm.test").unwrap().cert[1].clone();
+        let old = chain_ca(&minter);
+        assert!(!minter.reload().unwrap(), "nothing changed");
+        write(&second);
+        assert!(minter.reload().unwrap());
+        assert_ne!(chain_ca(&minter), old, "minted again, by the new CA");
+        assert_eq!(chain_ca(&minter), minter.ca());
+        std::fs::write(dir.join("tls.crt"), "garbage").unwrap();
+        assert!(minter.reload().is_err());
+        assert_eq!(chain_ca(&minter), minter.ca(), "the current CA stays");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

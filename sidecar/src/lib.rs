@@ -143,10 +143,8 @@ impl Sidecar {
         let proxy_listener =
             TcpListener::bind(opts.listen).await.with_context(|| format!("binding {}", opts.listen))?;
         let admin_listener = TcpListener::bind(opts.admin).await.with_context(|| format!("binding {}", opts.admin))?;
-        let intercept = match &opts.intercept_ca {
-            Some(dir) => Some(Arc::new(intercept::Minter::load(dir)?).server_config()),
-            None => None,
-        };
+        let minter = opts.intercept_ca.as_deref().map(intercept::Minter::load).transpose()?.map(Arc::new);
+        let intercept = minter.as_ref().map(intercept::Minter::server_config);
         let captured = match opts.transparent {
             Some(port) => transparent_listeners(port).await?,
             None => vec![],
@@ -182,6 +180,9 @@ impl Sidecar {
             tokio::spawn(reloader.run(fingerprint, opts.reload_interval, shutdown_rx.clone())),
             tokio::spawn(scraper),
         ]);
+        if let Some(m) = minter {
+            tasks.push(tokio::spawn(m.watch(shutdown_rx.clone())));
+        }
         if let Some(r) = rollouts {
             tasks.push(tokio::spawn(rollouts::drive(r, metrics.clone(), shutdown_rx.clone())));
         }
