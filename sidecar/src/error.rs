@@ -20,6 +20,8 @@ pub struct ProxyError {
     pub code: &'static str,
     pub message: String,
     pub retry_after: Option<u64>,
+    /// The request field at fault (OpenAI's `param`), e.g. `messages[2].content`.
+    pub param: Option<String>,
 }
 
 impl std::fmt::Display for ProxyError {
@@ -32,7 +34,10 @@ impl std::error::Error for ProxyError {}
 
 impl ProxyError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into(), retry_after: None }
+        Self { status, code, message: message.into(), retry_after: None, param: None }
+    }
+    pub fn with_param(self, param: impl Into<String>) -> Self {
+        Self { param: Some(param.into()), ..self }
     }
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, code, message)
@@ -74,7 +79,7 @@ impl ProxyError {
     pub fn json(&self, flavor: Flavor) -> serde_json::Value {
         match flavor {
             Flavor::OpenAi => serde_json::json!({
-                "error": {"message": self.message, "type": self.openai_type(), "param": null, "code": self.code}
+                "error": {"message": self.message, "type": self.openai_type(), "param": self.param, "code": self.code}
             }),
             Flavor::Anthropic => serde_json::json!({
                 "type": "error",

@@ -27,6 +27,7 @@ pub mod rollouts;
 pub mod runtime;
 pub mod scan;
 pub mod settle;
+pub mod shape;
 pub mod source;
 pub mod splice;
 pub mod stream;

@@ -205,6 +205,12 @@ pub fn relay(
 /// Runs the route's input scanners; rewrites the body when they redact.
 async fn scan_input(state: &AppState, route: &RouteRuntime, req: &mut LlmRequest) -> Result<Restore, ProxyError> {
     let Some(policy) = route.policy.as_ref().filter(|p| !p.input.is_empty()) else { return Ok(Restore::default()) };
+    if let Some((path, kind)) = crate::shape::unscannable(req.api, &req.body) {
+        let message = format!(
+            "`{path}` is a `{kind}` part, whose text the input scanners of this route's policy cannot read; send its text as a text part"
+        );
+        return Err(ProxyError::bad_request("unscannable_content", message).with_param(path));
+    }
     let ctx = scan::Ctx { metrics: &state.metrics, route: &route.cfg.route, backend: None, mirrored: false };
     let mut texts = scan::text::request_texts(req.api, &mut req.body);
     match scan::run_async(policy, Direction::Input, &mut texts, &ctx).await {

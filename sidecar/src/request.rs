@@ -8,7 +8,10 @@ use http::{HeaderMap, Method, StatusCode, header};
 use http_body_util::{BodyExt, Limited};
 use serde_json::{Map, Value};
 
-use crate::error::{Flavor, ProxyError};
+use crate::{
+    error::{Flavor, ProxyError},
+    shape::kind,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Api {
@@ -221,6 +224,7 @@ where
             }
         }
     }
+    crate::shape::check(api, &body)?;
     for field in ["max_tokens", "max_completion_tokens"] {
         if let Some(v) = body.get(field)
             && !v.is_null()
@@ -238,17 +242,6 @@ fn too_large(limits: &Limits) -> ProxyError {
         "request_too_large",
         format!("the request body is larger than the {} byte limit", limits.max_body_bytes),
     )
-}
-
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
 }
 
 #[cfg(test)]

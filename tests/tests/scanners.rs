@@ -322,3 +322,33 @@ async fn banned_topics_by_embedding_similarity_and_pinned_hashes() {
     assert!(r.json()["error"]["message"].as_str().unwrap().contains("does not match the pinned 0000"), "{}", r.text());
     env.sidecar.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_part_the_scanners_cannot_read_never_passes_a_policy_unscanned() {
+    let mock = MockProvider::start().await;
+    let env = start("  input:\n  - {type: secrets, action: redact}", &mock).await;
+    let hidden = json!({"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "summarize"},
+        {"type": "input_text", "input_text": "ghp_0123456789abcdefghijklmnopqrstuvwxyzAB"}]}]});
+    let r = env.client.post("/v1/chat/completions", &hidden, &[]).await.unwrap();
+    assert_eq!(r.status, 400, "{}", r.text());
+    let e = &r.json()["error"];
+    assert_eq!(
+        (e["code"].as_str(), e["param"].as_str()),
+        (Some("unscannable_content"), Some("messages[0].content[1]"))
+    );
+    let pdf = json!({"model": "claude", "max_tokens": 8, "messages": [{"role": "user", "content": [
+        {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBERi0="}}]}]});
+    let r = env.client.post("/v1/messages", &pdf, &[]).await.unwrap();
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.json()["error"]["message"].as_str().unwrap().contains("document with a base64 source"), "{}", r.text());
+    assert_eq!(mock.calls(), 0);
+
+    // A text document is read, and redacted, like any text.
+    let doc = json!({"model": "claude", "max_tokens": 8, "messages": [{"role": "user", "content": [
+        {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "key ghp_0123456789abcdefghijklmnopqrstuvwxyzAB"}}]}]});
+    let r = env.client.post("/v1/messages", &doc, &[]).await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let sent = mock.recorded()[0].body.to_string();
+    assert!(!sent.contains("ghp_") && sent.contains("key "), "{sent}");
+}

@@ -466,6 +466,62 @@ async fn bad_input_gets_openai_shaped_errors() {
 }
 
 #[tokio::test]
+async fn wrong_types_get_a_400_naming_the_field_and_unknown_fields_pass_untouched() {
+    let mock = MockProvider::start().await;
+    let env = Env::start(&route(&format!(
+        "  rules:\n  - match: {{models: [\"gpt-*\", \"claude-*\"]}}\n    backends: [{{name: a, url: '{}'}}]\n",
+        mock.url()
+    )))
+    .await;
+    let c = &env.client;
+    let bad = [
+        (json!({"model": "gpt-4", "messages": [null]}), "messages[0]"),
+        (json!({"model": "gpt-4", "messages": [{"role": "user", "content": 5}]}), "messages[0].content"),
+        (
+            json!({"model": "gpt-4", "messages": [{"role": "user", "content": [{"type": "text", "text": ["x"]}]}]}),
+            "messages[0].content[0].text",
+        ),
+        (
+            json!({"model": "gpt-4", "messages": [], "tools": [{"type": "function", "function": "f"}]}),
+            "tools[0].function",
+        ),
+    ];
+    for (body, param) in bad {
+        let r = c.post("/v1/chat/completions", &body, &[]).await.unwrap();
+        assert_eq!(r.status, 400, "{}", r.text());
+        let e = &r.json()["error"];
+        assert_eq!((e["code"].as_str(), e["param"].as_str()), (Some("invalid_field"), Some(param)), "{}", r.text());
+        assert!(e["message"].as_str().unwrap().starts_with(&format!("`{param}` must be")), "{}", r.text());
+    }
+    // Anthropic's error shape for the Messages API.
+    let r = c
+        .post(
+            "/v1/messages",
+            &json!({"model": "claude-3", "max_tokens": 8, "messages": [{"role": "user", "content": {"text": "hi"}}]}),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["type"], "error");
+    assert_eq!(r.json()["error"]["type"], "invalid_request_error");
+    assert_eq!(
+        r.json()["error"]["message"],
+        "`messages[0].content` must be a string or an array of content blocks, not an object"
+    );
+    assert_eq!(mock.calls(), 0, "nothing malformed reached the provider");
+
+    // Unknown fields, and parts of unknown types without a policy, are forwarded as sent.
+    let body = json!({"model": "gpt-4", "x_vendor": {"deep": [1, null]}, "messages": [
+        {"role": "user", "content": [{"type": "input_text", "input_text": "hi"}], "x_note": 1}]});
+    let r = c.post("/v1/chat/completions", &body, &[]).await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let sent = &mock.recorded()[0].body;
+    assert_eq!((&sent["x_vendor"], &sent["messages"]), (&body["x_vendor"], &body["messages"]));
+    env.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_slow_client_body_times_out_and_nothing_hangs() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mock = MockProvider::start().await;

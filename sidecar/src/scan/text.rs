@@ -67,8 +67,8 @@ fn message<'a>(m: &'a mut Value, out: &mut Vec<&'a mut String>) {
     }
 }
 
-/// A content field: a string, or an array of parts (`{type: text, text}`, Anthropic
-/// `tool_result` blocks with nested content, `tool_use` inputs as strings).
+/// A content field: a string, or an array of parts (`{type: text, text}`, refusals, thinking,
+/// Anthropic `tool_result` blocks with nested content, text documents).
 fn content<'a>(v: &'a mut Value, out: &mut Vec<&'a mut String>) {
     match v {
         Value::String(s) => out.push(s),
@@ -77,14 +77,27 @@ fn content<'a>(v: &'a mut Value, out: &mut Vec<&'a mut String>) {
                 let Some(obj) = part.as_object_mut() else { continue };
                 for (key, value) in obj.iter_mut() {
                     match (key.as_str(), value) {
-                        ("text", Value::String(s)) => out.push(s),
+                        ("text" | "refusal" | "thinking", Value::String(s)) => out.push(s),
                         ("content", nested) => content(nested, out),
+                        ("source", Value::Object(src)) => document(src, out),
                         _ => {}
                     }
                 }
             }
         }
         _ => {}
+    }
+}
+
+/// An Anthropic document's source: plain text, or content blocks (a PDF or a URL is not text).
+fn document<'a>(src: &'a mut serde_json::Map<String, Value>, out: &mut Vec<&'a mut String>) {
+    let kind = src.get("type").and_then(Value::as_str).unwrap_or_default().to_owned();
+    for (key, value) in src.iter_mut() {
+        match (kind.as_str(), key.as_str(), value) {
+            ("text", "data", Value::String(s)) => out.push(s),
+            ("content", "content", nested) => content(nested, out),
+            _ => {}
+        }
     }
 }
 
@@ -134,6 +147,20 @@ mod tests {
         }
         assert_eq!(body["system"][0]["text"], "BE NICE");
         assert_eq!(body["messages"][0]["content"][0]["content"][0]["text"], "RESULT");
+    }
+
+    #[test]
+    fn refusals_thinking_and_text_documents_are_read() {
+        let mut body = json!({"messages": [{"role": "user", "content": [
+            {"type": "refusal", "refusal": "no"},
+            {"type": "thinking", "thinking": "hmm", "signature": "sig"},
+            {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "doc"}},
+            {"type": "document", "source": {"type": "content", "content": [{"type": "text", "text": "inner"}]}},
+            {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBE"}}
+        ]}]});
+        let got: Vec<String> =
+            request_texts(Api::Messages, body.as_object_mut().unwrap()).into_iter().map(|s| s.clone()).collect();
+        assert_eq!(got, ["no", "hmm", "doc", "inner"]);
     }
 
     #[test]
