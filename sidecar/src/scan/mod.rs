@@ -155,8 +155,9 @@ pub struct Restore {
     pub pairs: Vec<(String, String)>,
     /// Some text was changed by a redaction.
     pub redacted: bool,
-    /// With `hold_tail`: where the earliest match that reaches the end of the text starts. It
-    /// may still grow with the next chunk, so it is neither redacted nor released yet.
+    /// With `Pass::Spans { hold_after }`: where (in the rewritten text) the earliest match that
+    /// reaches into the held tail starts. It may still grow with the next chunk, so it is
+    /// neither redacted nor released yet.
     pub held_from: Option<usize>,
 }
 
@@ -333,9 +334,13 @@ pub fn run(policy: &PolicyRuntime, d: Direction, texts: &mut [&mut String], ctx:
 pub enum Pass {
     /// Every cheap scanner: a complete request or answer.
     All,
-    /// The span scanners on a stream's held text; `hold_tail` leaves a match that reaches the
-    /// end of the text for later, as it may still grow.
-    Spans { hold_tail: bool },
+    /// The span scanners on a stream's held text, after `context` bytes of the text released
+    /// before it (so a pattern sees what precedes it, as in the whole text; matches that end
+    /// there were dealt with, and a match from there into the held text is redacted from the
+    /// held text's start). A match that ends after byte `hold_after` (in the tail still held
+    /// back) is left for later, unredacted, as it may still grow, and so is everything after
+    /// its start.
+    Spans { hold_after: Option<usize>, context: usize },
     /// A stream's whole text at its end: the scanners that judge whole documents (JSON, tokens).
     Whole,
 }
@@ -348,7 +353,10 @@ pub fn run_with(
     ctx: &Ctx<'_>,
     pass: Pass,
 ) -> Result<Restore, Blocked> {
-    let hold_tail = pass == Pass::Spans { hold_tail: true };
+    let (hold_after, context) = match pass {
+        Pass::Spans { hold_after, context } => (hold_after, context),
+        _ => (None, 0),
+    };
     let mut redactions: Vec<Vec<(Finding, &ScannerRuntime)>> = vec![vec![]; texts.len()];
     let mut blocked: Option<Blocked> = None;
     for s in policy.scanners(d).iter().filter(|s| !s.is_model()) {
@@ -362,7 +370,15 @@ pub fn run_with(
             continue;
         }
         let started = tokio::time::Instant::now();
-        let result = scan_one(s, texts);
+        let mut result = scan_one(s, texts);
+        if context > 0
+            && let Ok(found) = &mut result
+        {
+            for (_, f) in found.iter_mut() {
+                f.retain(|f| f.end > context);
+            }
+            found.retain(|(_, f)| !f.is_empty());
+        }
         let verdict = ctx.observe(policy, s, d, started.elapsed());
         let findings = match result {
             Ok(f) => f,
@@ -422,6 +438,9 @@ pub fn run_with(
         if found.is_empty() {
             continue;
         }
+        for (f, _) in &mut found {
+            f.start = f.start.max(context);
+        }
         found.sort_by_key(|(f, _)| (f.start, std::cmp::Reverse(f.end)));
         let mut out = String::with_capacity(text.len());
         let mut at = 0;
@@ -429,9 +448,11 @@ pub fn run_with(
             if f.start < at || f.end > text.len() {
                 continue; // overlaps a span already redacted
             }
-            if hold_tail && f.end == text.len() {
-                restore.held_from = Some(restore.held_from.map_or(f.start, |h| h.min(f.start)));
-                continue;
+            if hold_after.is_some_and(|h| f.end > h) {
+                // Where it starts in the rewritten text.
+                let start = out.len() + (f.start - at);
+                restore.held_from = Some(restore.held_from.map_or(start, |h| h.min(start)));
+                break;
             }
             out.push_str(&text[at..f.start]);
             let original = &text[f.start..f.end];

@@ -24,6 +24,9 @@ pub struct OutputGuard {
     partial: Vec<u8>,
     /// Scanned text not yet released to the client.
     held: String,
+    /// The text released just before `held`, as it came (at most `window` characters): what
+    /// the scanners see before it.
+    context: String,
     /// The last content event, re-used as the shape of released text.
     template: Option<(Option<String>, Value)>,
     window: usize,
@@ -91,6 +94,7 @@ impl OutputGuard {
             mirrored: false,
             partial: vec![],
             held: String::new(),
+            context: String::new(),
             template: None,
             window,
             full,
@@ -170,17 +174,26 @@ impl OutputGuard {
         }
         let ctx =
             Ctx { metrics: &self.metrics, route: &self.route, backend: Some(&self.backend), mirrored: self.mirrored };
-        let held_from = {
-            let mut texts = [&mut self.held];
-            // Whole-document scanners judge the complete answer in `judge_whole`, never a window.
-            run_with(&self.policy, Direction::Output, &mut texts, &ctx, Pass::Spans { hold_tail: !all })?.held_from
+        // The last `keep` characters stay held: the tail a match may still grow into.
+        let tail = |held: &str| {
+            let chars = held.chars().count();
+            let keep = if all { 0 } else { self.window.min(chars) };
+            held.char_indices().nth(chars - keep).map_or(held.len(), |(i, _)| i)
         };
-        let chars = self.held.chars().count();
-        let keep = if all { 0 } else { self.window.min(chars) };
-        if chars <= keep {
-            return Ok(());
-        }
-        let mut cut = self.held.char_indices().nth(chars - keep).map_or(self.held.len(), |(i, _)| i);
+        let came = self.held.clone();
+        let at = self.context.len();
+        let mut scanned = std::mem::take(&mut self.context) + &self.held;
+        let hold_after = (!all).then(|| at + tail(&self.held));
+        let held_from = {
+            let mut texts = [&mut scanned];
+            // Whole-document scanners judge the complete answer in `judge_whole`, never a window.
+            let pass = Pass::Spans { hold_after, context: at };
+            run_with(&self.policy, Direction::Output, &mut texts, &ctx, pass)?.held_from.map(|h| h - at)
+        };
+        // Redactions leave the context and the held tail as they came.
+        self.context = scanned[..at].to_owned();
+        self.held = scanned.split_off(at);
+        let mut cut = tail(&self.held);
         // A match still growing at the end stays held whole.
         if let Some(h) = held_from {
             cut = cut.min(h);
@@ -196,6 +209,13 @@ impl OutputGuard {
             return Ok(());
         }
         let released: String = self.held.drain(..cut).collect();
+        // What was released, as it came, is the context of what follows.
+        self.context.push_str(&came[..came.len() - self.held.len()]);
+        let chars = self.context.chars().count();
+        if chars > self.window {
+            let from = self.context.char_indices().nth(chars - self.window).map_or(0, |(i, _)| i);
+            self.context.drain(..from);
+        }
         if let Some(full) = &mut self.full
             && full.len() + released.len() <= MAX_FULL
         {
@@ -314,6 +334,26 @@ mod tests {
     }
 
     #[test]
+    fn a_match_that_may_still_grow_is_not_redacted_early_and_what_came_before_counts() {
+        let policy = "output:\n- {type: secrets, action: redact}\n- {type: pii, entities: [email], action: redact}\nstreaming: {windowChars: 16}";
+        let run = |pieces: &[&str]| {
+            let mut g = guard(policy, Restore::default(), Flavor::OpenAi);
+            let mut out = Vec::new();
+            for e in openai_events(pieces) {
+                out.extend_from_slice(&g.feed(e.as_bytes()).unwrap());
+            }
+            out.extend_from_slice(&g.finish().unwrap());
+            text_out(&out)
+        };
+        // `...@mail.example` is an address already; the next delta makes it a longer one.
+        assert_eq!(run(&["write to bob.smith@mail.example.", "org or call"]), "write to [REDACTED_EMAIL] or call");
+        // Glued to the word before it (released long ago) the key is no key, as in the whole text.
+        let long = "some text that is longer than the window, and then the";
+        assert_eq!(run(&[long, "xAKIAIOSFODNN7EXAMPLE end"]), format!("{long}xAKIAIOSFODNN7EXAMPLE end"));
+        assert_eq!(run(&[long, " AKIAIOSFODNN7EXAMPLE end"]), format!("{long} [REDACTED_AWS_ACCESS_KEY_ID] end"));
+    }
+
+    #[test]
     fn placeholders_are_restored_even_when_split() {
         let restore =
             Restore { pairs: vec![("[EMAIL_1]".into(), "ann@example.com".into())], redacted: true, held_from: None };
@@ -407,5 +447,100 @@ mod tests {
         let s = String::from_utf8_lossy(&out);
         assert!(s.contains("[REDACTED_EMAIL]") && !s.contains("example.org"), "{s}");
         assert!(s.trim_end().ends_with("{\"type\":\"content_block_stop\",\"index\":0}"));
+    }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// Pieces of answer text: words, spaces, punctuation, multi-byte characters, and the
+        /// values the policy redacts.
+        fn piece() -> impl Strategy<Value = &'static str> {
+            prop::sample::select(vec![
+                "hello",
+                " ",
+                "the",
+                "key",
+                "\n",
+                ", ",
+                ".",
+                "é",
+                "日本",
+                "[",
+                "]",
+                "x",
+                "AKIAIOSFODNN7EXAMPLE",
+                "ghp_0123456789abcdefghijklmnopqrstuvwxyzAB",
+                "ann@example.com",
+                "bob.smith@mail.example.org",
+                "@",
+                "-",
+                "_",
+                "9",
+            ])
+        }
+
+        /// `text` cut at the given fractions, on character boundaries.
+        fn cuts(text: &str, at: &[f64]) -> Vec<String> {
+            let chars: Vec<char> = text.chars().collect();
+            let mut points: Vec<usize> = at.iter().map(|f| (f * chars.len() as f64) as usize).collect();
+            points.extend([0, chars.len()]);
+            points.sort_unstable();
+            points.dedup();
+            points.windows(2).map(|w| chars[w[0]..w[1]].iter().collect()).collect()
+        }
+
+        /// The text with a space after every 60 characters without one: what the window
+        /// promises holds for matches no longer than the window (64), and none of these
+        /// patterns matches across whitespace.
+        fn within_window(text: &str) -> String {
+            let mut out = String::new();
+            let mut run = 0;
+            for c in text.chars() {
+                run = if c.is_whitespace() { 0 } else { run + 1 };
+                out.push(c);
+                if run == 60 {
+                    out.push(' ');
+                    run = 0;
+                }
+            }
+            out
+        }
+
+        const POLICY: &str = "output:\n- {type: secrets, action: redact}\n- {type: pii, entities: [email], action: redact}\nstreaming: {windowChars: 64}";
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+            /// However the answer is cut into deltas, and the deltas' bytes into reads, the
+            /// client gets the text that redacting the whole answer at once gives.
+            #[test]
+            fn streamed_redaction_equals_redacting_the_whole_text(
+                pieces in prop::collection::vec(piece(), 1..60),
+                deltas in prop::collection::vec(0.0f64..1.0, 0..12),
+                reads in prop::collection::vec(1usize..300, 1..8),
+            ) {
+                let text = within_window(&pieces.concat());
+                let mut g = guard(POLICY, Restore::default(), Flavor::OpenAi);
+                let wire: String = openai_events(&cuts(&text, &deltas).iter().map(String::as_str).collect::<Vec<_>>()).concat();
+                let mut out = Vec::new();
+                let (mut at, mut i) = (0, 0);
+                while at < wire.len() {
+                    let end = (at + reads[i % reads.len()]).min(wire.len());
+                    out.extend_from_slice(&g.feed(&wire.as_bytes()[at..end]).unwrap());
+                    (at, i) = (end, i + 1);
+                }
+                out.extend_from_slice(&g.finish().unwrap());
+
+                let mut whole = text.clone();
+                let spec: ScannerPolicySpec = serde_yaml::from_str(POLICY).unwrap();
+                let policy = PolicyRuntime::build("p", &spec, &super::super::super::model::ModelHub::default()).unwrap();
+                let metrics = Metrics::new();
+                let ctx = Ctx { metrics: &metrics, route: "r", backend: None, mirrored: false };
+                run_with(&policy, Direction::Output, &mut [&mut whole], &ctx, Pass::All).unwrap();
+                prop_assert_eq!(text_out(&out), whole);
+            }
+        }
     }
 }
