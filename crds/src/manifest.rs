@@ -3,6 +3,8 @@
 
 use serde::Deserialize;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
 use crate::{LLMRoute, ModelRollout, ModelServer, ScannerPolicy};
 
 pub const GROUP: &str = "bulwark.dev";
@@ -32,6 +34,27 @@ impl Resources {
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Resources defined more than once (`kind namespace/name`), which an API server would
+    /// never hold: in a directory of files, a mistake to report rather than pick one of.
+    pub fn duplicates(&self) -> Vec<String> {
+        fn names<'a>(
+            kind: &'static str,
+            metas: impl Iterator<Item = &'a ObjectMeta>,
+            seen: &mut std::collections::BTreeMap<String, usize>,
+        ) {
+            for m in metas {
+                let ns = m.namespace.as_deref().unwrap_or("default");
+                *seen.entry(format!("{kind} {ns}/{}", m.name.as_deref().unwrap_or_default())).or_default() += 1;
+            }
+        }
+        let mut seen = std::collections::BTreeMap::new();
+        names("LLMRoute", self.routes.iter().map(|r| &r.metadata), &mut seen);
+        names("ScannerPolicy", self.policies.iter().map(|r| &r.metadata), &mut seen);
+        names("ModelRollout", self.rollouts.iter().map(|r| &r.metadata), &mut seen);
+        names("ModelServer", self.servers.iter().map(|r| &r.metadata), &mut seen);
+        seen.into_iter().filter(|(_, n)| *n > 1).map(|(k, _)| k).collect()
     }
 }
 
@@ -131,7 +154,7 @@ fn typed<T: serde::de::DeserializeOwned>(value: serde_yaml::Value) -> Result<T, 
     })
 }
 
-fn default_ns(meta: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta, ns: &str) {
+fn default_ns(meta: &mut ObjectMeta, ns: &str) {
     if meta.namespace.as_deref().is_none_or(str::is_empty) {
         meta.namespace = Some(ns.to_owned());
     }

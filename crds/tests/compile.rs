@@ -668,3 +668,17 @@ fn invalid_model_servers_are_rejected_with_exact_errors() {
         server("  autoscaling: {engine: keda, minReplicas: 0, maxReplicas: 4, target: 8, activationTarget: 1}\n");
     assert!(standalone(&keda).rejected.is_empty(), "KEDA scales to zero");
 }
+
+#[test]
+fn a_resource_defined_twice_is_reported() {
+    let route = |ns: &str| {
+        format!(
+            "apiVersion: bulwark.dev/v1alpha1\nkind: LLMRoute\nmetadata: {{name: chat, namespace: {ns}}}\nspec:\n  rules:\n  - backends: [{{name: a, url: 'http://a:8000/v1'}}]\n"
+        )
+    };
+    let mut res = parse(&route("team-a"));
+    res.extend(parse(&route("team-b")));
+    assert!(res.duplicates().is_empty(), "the same name in two namespaces is two resources");
+    res.extend(parse(&route("team-a")));
+    assert_eq!(res.duplicates(), ["LLMRoute team-a/chat"]);
+}

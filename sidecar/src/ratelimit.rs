@@ -192,4 +192,60 @@ mod tests {
         assert_eq!(RateLimiter::new(Some(1), None, Some("X-User-Id")).key(&h), "h:u1");
         assert_eq!(RateLimiter::new(Some(1), None, None).key(&HeaderMap::new()), "anonymous");
     }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// Whether what was admitted at `(time in ms, amount)` stays within a bucket of
+        /// `capacity` per minute over every interval between two admissions: at most
+        /// `capacity` plus what refills in the interval.
+        fn within_budget(admitted: &[(u64, f64)], capacity: f64) -> Result<(), String> {
+            for (i, (from, _)) in admitted.iter().enumerate() {
+                let mut sum = 0.0;
+                for (to, amount) in &admitted[i..] {
+                    sum += amount;
+                    let budget = capacity + capacity * (to - from) as f64 / 60_000.0;
+                    if sum > budget + 1e-6 {
+                        return Err(format!("{sum} admitted in [{from}, {to}] ms, budget {budget}"));
+                    }
+                }
+            }
+            Ok(())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 500, ..ProptestConfig::default() })]
+
+            /// However requests arrive, and whatever they estimate and then use, no interval
+            /// admits more requests, or more tokens used, than the limits allow.
+            #[test]
+            fn a_limiter_never_admits_more_than_its_budget(
+                rpm in 1u64..50,
+                tpm in 100u64..5_000,
+                calls in prop::collection::vec((0u64..5_000, 0u64..100, 0.0f64..=1.0, 0usize..3), 1..300),
+            ) {
+                let l = RateLimiter::new(Some(rpm), Some(tpm), None);
+                let start = Instant::now();
+                let (mut at, mut requests, mut tokens) = (0u64, vec![], vec![]);
+                for (gap, estimate, used, key) in calls {
+                    at += gap;
+                    let now = start + Duration::from_millis(at);
+                    // Keys are independent: check one of them.
+                    let Ok(r) = l.acquire(format!("k{key}"), estimate.min(tpm), now) else { continue };
+                    // What a request really uses is at most its estimate here; more is delayed
+                    // by the negative level it leaves, a debt, not a grant.
+                    let actual = (r.tokens as f64 * used) as u64;
+                    l.settle(&r, actual);
+                    if key == 0 {
+                        requests.push((at, 1.0));
+                        tokens.push((at, actual as f64));
+                    }
+                }
+                prop_assert_eq!(within_budget(&requests, rpm as f64), Ok(()));
+                prop_assert_eq!(within_budget(&tokens, tpm as f64), Ok(()));
+            }
+        }
+    }
 }

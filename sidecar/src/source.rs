@@ -92,6 +92,7 @@ impl Source {
                     problems.extend(errors.iter().map(|e| format!("{}: {e}", file.0.display())));
                     resources.extend(res);
                 }
+                problems.extend(resources.duplicates().into_iter().map(|d| format!("{d} is defined more than once")));
                 if resources.is_empty() && problems.is_empty() {
                     return Err(format!("{}: no LLMRoute, ScannerPolicy or ModelRollout found", dir.display()));
                 }
