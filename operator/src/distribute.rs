@@ -16,7 +16,7 @@ use bulwark_api::control::{REPORT_PATH, Report, STREAM_PATH};
 use bytes::Bytes;
 use futures_util::stream;
 use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full, Limited, StreamBody, combinators::BoxBody};
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
 use hyper::body::{Frame as BodyFrame, Incoming};
 use parking_lot::Mutex;
 use tokio::{net::TcpListener, sync::watch};
@@ -182,9 +182,9 @@ async fn serve_pod(ctx: &Ctx, who: crate::auth::Identity, method: Method, req: R
     if method == Method::GET {
         return config_stream(ctx, &who.namespace, &who.pod);
     }
-    let body = match Limited::new(req.into_body(), 4 << 20).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) => return reply(StatusCode::BAD_REQUEST, &format!("reading the report: {e}")),
+    let body = match crate::server::read_body(req.into_body(), 4 << 20, "the report").await {
+        Ok(b) => b,
+        Err((status, why)) => return reply(status, &why),
     };
     let mut report: Report = match serde_json::from_slice(&body) {
         Ok(r) => r,

@@ -28,7 +28,7 @@ use base64::Engine as _;
 use bulwark_api::control::SIDECAR_LABEL;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt as _, Full, Limited};
+use http_body_util::{BodyExt as _, Full};
 use hyper::body::Incoming;
 use serde_json::{Value, json};
 use tokio::{net::TcpListener, sync::watch};
@@ -412,9 +412,9 @@ async fn handle(
     if req.method() != Method::POST || req.uri().path() != PATH {
         return reply(StatusCode::NOT_FOUND, "path: POST /inject (an AdmissionReview)");
     }
-    let body = match Limited::new(req.into_body(), 8 << 20).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) => return reply(StatusCode::BAD_REQUEST, &format!("reading the AdmissionReview: {e}")),
+    let body = match crate::server::read_body(req.into_body(), 8 << 20, "the AdmissionReview").await {
+        Ok(b) => b,
+        Err((status, why)) => return reply(status, &why),
     };
     let mut body: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,

@@ -153,6 +153,7 @@ impl Sidecar {
         let proxy_addr = proxy_listener.local_addr()?;
         let admin_addr = admin_listener.local_addr()?;
         let client = upstream::client(opts.upstream_ca.as_deref())?;
+        let header_timeout = opts.limits.header_timeout;
         let scraper = replicas::scrape(shared.replicas.clone(), client.clone(), metrics.clone(), shutdown_rx.clone());
         let app = Arc::new(AppState {
             runtime: rx.clone(),
@@ -176,8 +177,8 @@ impl Sidecar {
             .map(|l| tokio::spawn(transparent::serve(l, app.clone(), intercept.clone(), shutdown_rx.clone())))
             .collect();
         tasks.extend([
-            tokio::spawn(listener::serve(proxy_listener, app, proxy::handle, shutdown_rx.clone())),
-            tokio::spawn(listener::serve(admin_listener, admin, admin::handle, shutdown_rx.clone())),
+            tokio::spawn(listener::serve(proxy_listener, app, proxy::handle, header_timeout, shutdown_rx.clone())),
+            tokio::spawn(listener::serve(admin_listener, admin, admin::handle, header_timeout, shutdown_rx.clone())),
             tokio::spawn(reloader.run(fingerprint, opts.reload_interval, shutdown_rx.clone())),
             tokio::spawn(scraper),
         ]);

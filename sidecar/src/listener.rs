@@ -36,15 +36,36 @@ pub async fn accept(listener: &TcpListener, shutdown: &mut watch::Receiver<bool>
     }
 }
 
-pub async fn serve<S, F, Fut>(listener: TcpListener, state: Arc<S>, handler: F, mut shutdown: watch::Receiver<bool>)
-where
+/// Most bytes of headers an HTTP/2 request may carry (HTTP/1.1 is bounded by hyper's buffer).
+const MAX_HEADER_LIST: u32 = 64 << 10;
+
+/// The connection settings of every listener: headers must arrive within `header_timeout`, and
+/// are bounded in size.
+pub fn builder(header_timeout: Duration) -> Builder<TokioExecutor> {
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(header_timeout).keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(1024)
+        .max_header_list_size(MAX_HEADER_LIST)
+        .keep_alive_interval(Some(Duration::from_secs(60)))
+        .keep_alive_timeout(Duration::from_secs(20));
+    builder
+}
+
+pub async fn serve<S, F, Fut>(
+    listener: TcpListener,
+    state: Arc<S>,
+    handler: F,
+    header_timeout: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) where
     S: Send + Sync + 'static,
     F: Fn(Arc<S>, Request<Incoming>) -> Fut + Copy + Send + Sync + 'static,
     Fut: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
-    let mut builder = Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30)).keep_alive(true);
-    builder.http2().timer(TokioTimer::new()).max_concurrent_streams(1024);
+    let builder = builder(header_timeout);
     let graceful = GracefulShutdown::new();
     while let Some(stream) = accept(&listener, &mut shutdown).await {
         let _ = stream.set_nodelay(true);

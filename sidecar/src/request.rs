@@ -69,11 +69,17 @@ pub struct Limits {
     pub max_body_bytes: usize,
     /// Time allowed to receive the whole request body (slow clients).
     pub body_timeout: Duration,
+    /// Time allowed to receive a request's headers (slowloris).
+    pub header_timeout: Duration,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { max_body_bytes: 32 << 20, body_timeout: Duration::from_secs(30) }
+        Self {
+            max_body_bytes: 32 << 20,
+            body_timeout: Duration::from_secs(30),
+            header_timeout: Duration::from_secs(30),
+        }
     }
 }
 

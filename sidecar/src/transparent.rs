@@ -12,10 +12,7 @@
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
-use hyper_util::{
-    rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::{conn::auto::Builder, graceful::GracefulShutdown},
-};
+use hyper_util::{rt::TokioIo, server::graceful::GracefulShutdown};
 use tokio::{
     net::{TcpListener, TcpStream},
     sync::watch,
@@ -127,9 +124,7 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let acceptor = intercept.map(tokio_rustls::TlsAcceptor::from);
-    let mut builder = Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30)).keep_alive(true);
-    let builder = Arc::new(builder);
+    let builder = Arc::new(listener::builder(state.limits.header_timeout));
     let graceful = GracefulShutdown::new();
     let own = listener.local_addr().ok();
     while let Some(stream) = listener::accept(&listener, &mut shutdown).await {
