@@ -105,6 +105,13 @@ grep -q 'cert-manager.io/inject-ca-from: "bulwark-system/bulwark-operator-cert"'
   || fail "custom: cert-manager is not asked to inject the webhook's CA"
 grep -q 'bulwark.dev/dns-names: "bulwark-operator,.*bulwark-operator-webhook.bulwark-system.svc' "$tmp/defaults.yaml" \
   || fail "defaults: the certificate does not name the webhook's Service"
+# The Secret list/watch can be turned off, with the operator told so.
+grep -q 'resources: \[secrets\]' "$tmp/defaults.yaml" || fail "defaults: no Secret list/watch for the missing-Secret condition"
+render no-secret-watch --set rbac.watchSecrets=false
+validate no-secret-watch "$tmp/no-secret-watch.yaml"
+sed -n '/verbs: \[list, watch\]/{x;p;d;};x' "$tmp/no-secret-watch.yaml" | grep -q 'secrets' \
+  && fail "no-secret-watch: Secrets are still listed or watched"
+grep -q -- '- --watch-secrets=false$' "$tmp/no-secret-watch.yaml" || fail "no-secret-watch: the operator is not told"
 # ModelServers: what they run may be written; ScaledObjects only with KEDA.
 grep -q 'resources: \[deployments\]' "$tmp/defaults.yaml" || fail "defaults: the operator cannot write Deployments"
 grep -q 'keda.sh' "$tmp/defaults.yaml" && fail "defaults: ScaledObjects may be written without keda.enabled"

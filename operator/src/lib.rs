@@ -57,11 +57,14 @@ pub struct State {
     /// When the oldest change not yet pushed was seen.
     pending_since: Mutex<Option<Instant>>,
     synced: Mutex<BTreeSet<Kind>>,
+    /// How many watches must list before a compile sees the whole cluster.
+    watches: usize,
     pub leader: AtomicBool,
 }
 
 impl State {
-    pub fn new(index: Index) -> Self {
+    /// State for `watches` watches (`WATCHES`, one fewer without the Secret watch).
+    pub fn new(index: Index, watches: usize) -> Self {
         let reports = Arc::new(Mutex::default());
         let metrics = metrics::Metrics::new();
         metrics.registry.lock().register_collector(Box::new(reports::TotalsCollector(reports.clone())));
@@ -74,6 +77,7 @@ impl State {
             restatus: Notify::new(),
             pending_since: Mutex::new(None),
             synced: Mutex::default(),
+            watches,
             leader: AtomicBool::new(false),
         }
     }
@@ -96,7 +100,7 @@ impl State {
 
     /// Every watch has listed once, so a compile sees the whole cluster.
     pub fn is_synced(&self) -> bool {
-        self.synced.lock().len() == WATCHES
+        self.synced.lock().len() == self.watches
     }
 
     pub fn is_leader(&self) -> bool {
@@ -109,6 +113,8 @@ impl State {
 pub struct Settings {
     /// Watch this namespace only; `None` watches every namespace.
     pub namespace: Option<String>,
+    /// Watch Secrets' names, to report routes whose credentials name a missing one.
+    pub watch_secrets: bool,
     pub stream_listen: std::net::SocketAddr,
     pub metrics_listen: std::net::SocketAddr,
     /// Certificate and key (PEM) of the config stream; plain HTTP/2 without them.
@@ -170,7 +176,9 @@ impl Operator {
     /// Binds both listeners and starts watching, compiling, serving and (when leading) writing.
     pub async fn start(client: kube::Client, s: Settings) -> anyhow::Result<Self> {
         use anyhow::Context as _;
-        let state = Arc::new(State::new(Index::new(s.compile.clone()).checking_secrets()));
+        let index = Index::new(s.compile.clone());
+        let (index, watches) = if s.watch_secrets { (index.checking_secrets(), WATCHES) } else { (index, WATCHES - 1) };
+        let state = Arc::new(State::new(index, watches));
         let tls = s.tls.as_ref().map(|(cert, key)| tls::server_config(cert, key)).transpose()?;
         let ca = s
             .tls_ca
@@ -204,20 +212,23 @@ impl Operator {
         let (compiled_tx, compiled_rx) = tokio::sync::watch::channel(None);
         let auth = Arc::new(auth::Authenticator::new(client.clone(), s.token_audience.clone()));
         let ns = s.namespace.clone();
-        let watches = vec![
+        let mut watches = vec![
             tokio::spawn(watch::follow::<bulwark_api::LLMRoute>(client.clone(), ns.clone(), state.clone())),
             tokio::spawn(watch::follow::<bulwark_api::ScannerPolicy>(client.clone(), ns.clone(), state.clone())),
             tokio::spawn(watch::follow::<bulwark_api::ModelRollout>(client.clone(), ns.clone(), state.clone())),
             tokio::spawn(watch::follow::<k8s_openapi::api::core::v1::Pod>(client.clone(), ns.clone(), state.clone())),
-            tokio::spawn(watch::follow::<kube::core::PartialObjectMeta<k8s_openapi::api::core::v1::Secret>>(
+            tokio::spawn(watch::follow::<bulwark_api::ModelServer>(client.clone(), ns.clone(), state.clone())),
+            tokio::spawn(watch::follow::<watch::ServerPod>(client.clone(), ns.clone(), state.clone())),
+            tokio::spawn(watch::follow::<k8s_openapi::api::apps::v1::Deployment>(
                 client.clone(),
                 ns.clone(),
                 state.clone(),
             )),
-            tokio::spawn(watch::follow::<bulwark_api::ModelServer>(client.clone(), ns.clone(), state.clone())),
-            tokio::spawn(watch::follow::<watch::ServerPod>(client.clone(), ns.clone(), state.clone())),
-            tokio::spawn(watch::follow::<k8s_openapi::api::apps::v1::Deployment>(client.clone(), ns, state.clone())),
         ];
+        if s.watch_secrets {
+            type SecretNames = kube::core::PartialObjectMeta<k8s_openapi::api::core::v1::Secret>;
+            watches.push(tokio::spawn(watch::follow::<SecretNames>(client.clone(), ns, state.clone())));
+        }
         let mut tasks = vec![
             tokio::spawn(reconcile::run(state.clone(), compiled_tx, rx.clone())),
             tokio::spawn(distribute::serve(stream, tls.clone(), state.clone(), auth, rx.clone())),

@@ -16,6 +16,10 @@ struct Cli {
     /// Compete for a Lease so that only one replica writes.
     #[arg(long, default_value_t = true, action = ArgAction::Set)]
     leader_elect: bool,
+    /// List and watch Secrets (metadata only) to report a route whose credentials name a
+    /// missing Secret; `false` needs no Secret list/watch permission and reports none.
+    #[arg(long, default_value_t = true, action = ArgAction::Set)]
+    watch_secrets: bool,
     #[arg(long, default_value = "bulwark-operator")]
     lease_name: String,
     /// Namespace of the Lease: the operator's own.
@@ -86,6 +90,7 @@ fn main() -> ExitCode {
     });
     let settings = Settings {
         namespace: cli.namespace.filter(|n| !n.is_empty()),
+        watch_secrets: cli.watch_secrets,
         stream_listen: cli.stream_listen,
         metrics_listen: cli.metrics_listen,
         tls: cli.tls_cert.zip(cli.tls_key),

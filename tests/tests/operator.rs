@@ -509,3 +509,26 @@ async fn racing_replicas_agree_on_one_interception_ca() -> anyhow::Result<()> {
     assert!(secret["data"]["previous.crt"].is_null(), "one CA was kept, none replaced");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_secret_watch_routes_are_programmed_and_no_secret_is_listed() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let Some(c) = Cluster::start("bulwark-no-secret-watch").await? else { return Ok(()) };
+    c.apply(&pods(&[]))?;
+    let _op = c.operator("op-1", free_port()?, &["--watch-secrets=false"])?;
+    c.apply(&format!(
+        "apiVersion: bulwark.dev/v1alpha1\nkind: LLMRoute\nmetadata: {{name: keyed, namespace: {NS}}}\nspec:\n  rules: [{{backends: [{{name: openai, url: 'https://api.openai.com/v1', provider: openai, credentials: {{secretKeyRef: {{name: openai, key: api-key}}}}}}]}}]\n"
+    ))?;
+    // Synced without the Secret watch, so the route is compiled and its status written; with
+    // no Secret names known, a missing one is not reported.
+    await_condition(&c, "llmroute/keyed", "Accepted", "True/Accepted").await?;
+    await_condition(&c, "llmroute/keyed", "ResolvedRefs", "True/ResolvedRefs").await?;
+    // Listing or watching is a GET of the collection (`.../secrets`, `...?watch=true`).
+    let secrets: Vec<_> = c.api.audit().into_iter().filter(|(_, uri)| uri.contains("/secrets")).collect();
+    assert!(
+        !secrets.iter().any(|(verb, uri)| verb == "GET" && !uri.split('?').next().unwrap().contains("/secrets/")),
+        "Secrets were listed or watched: {secrets:?}"
+    );
+    assert!(c.api.audit().iter().any(|(_, uri)| uri.contains("/llmroutes")), "the audit log records requests");
+    Ok(())
+}

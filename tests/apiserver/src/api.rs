@@ -29,6 +29,8 @@ pub struct State {
     pub store: Store,
     pub registry: Registry,
     pub tokens: Tokens,
+    /// Every request served, as `(method, path?query)`: the audit log.
+    pub audit: Vec<(String, String)>,
     addr: SocketAddr,
 }
 
@@ -62,7 +64,8 @@ impl Reply {
 
 impl State {
     pub fn new(addr: SocketAddr) -> Self {
-        let mut state = Self { store: Store::new(), registry: Registry::new(), tokens: Tokens::default(), addr };
+        let mut state =
+            Self { store: Store::new(), registry: Registry::new(), tokens: Tokens::default(), audit: vec![], addr };
         for namespace in ["default", "kube-system", "kube-public", "kube-node-lease"] {
             // The names are valid, so creating them cannot fail.
             let _ = state.ensure_namespace(namespace);

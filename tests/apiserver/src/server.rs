@@ -58,6 +58,11 @@ impl ApiServer {
         Ok(Self { addr, state, shutdown, accept })
     }
 
+    /// Every request served so far, as `(method, path?query)`.
+    pub fn audit(&self) -> Vec<(String, String)> {
+        self.state.lock().audit.clone()
+    }
+
     /// `http://ADDR`.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
@@ -168,6 +173,8 @@ async fn serve(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let (parts, body) = req.into_parts();
+    let uri = parts.uri.path_and_query().map_or_else(|| parts.uri.path().to_owned(), ToString::to_string);
+    state.lock().audit.push((parts.method.to_string(), uri));
     let body = match Limited::new(body, MAX_BODY_BYTES).collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(error) => {

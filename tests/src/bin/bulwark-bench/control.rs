@@ -86,6 +86,7 @@ pub(crate) async fn token(client: &Client, ns: &str, pod: &str, dir: &Path) -> a
 /// The operator in this process, leading alone, its stream on TLS.
 pub(crate) async fn operator(client: &Client, certs: &bulwark_tests::cluster::Tls) -> anyhow::Result<Operator> {
     let settings = Settings {
+        watch_secrets: true,
         namespace: None,
         stream_listen: ([127, 0, 0, 1], 0).into(),
         metrics_listen: ([127, 0, 0, 1], 0).into(),
