@@ -105,6 +105,34 @@ grep -q 'cert-manager.io/inject-ca-from: "bulwark-system/bulwark-operator-cert"'
   || fail "custom: cert-manager is not asked to inject the webhook's CA"
 grep -q 'bulwark.dev/dns-names: "bulwark-operator,.*bulwark-operator-webhook.bulwark-system.svc' "$tmp/defaults.yaml" \
   || fail "defaults: the certificate does not name the webhook's Service"
+# Pod Security "restricted" for the operator's pods, and a read-only root filesystem.
+for f in "$tmp/defaults.yaml" "$tmp/single-namespace.yaml"; do
+  .venv/bin/python - "$f" <<'PY' || fail "$f: a pod or container is not restricted"
+import sys, yaml
+bad = []
+for doc in yaml.safe_load_all(open(sys.argv[1])):
+    if not doc or doc.get("kind") != "Deployment":
+        continue
+    pod = doc["spec"]["template"]["spec"]
+    psc = pod.get("securityContext", {})
+    for c in pod.get("initContainers", []) + pod["containers"]:
+        sc = c.get("securityContext", {})
+        want = {
+            "runAsNonRoot": sc.get("runAsNonRoot", psc.get("runAsNonRoot")) is True,
+            "allowPrivilegeEscalation": sc.get("allowPrivilegeEscalation") is False,
+            "capabilities.drop ALL": "ALL" in sc.get("capabilities", {}).get("drop", []),
+            "no added capabilities": not sc.get("capabilities", {}).get("add"),
+            "seccompProfile RuntimeDefault": (sc.get("seccompProfile") or psc.get("seccompProfile") or {}).get("type") == "RuntimeDefault",
+            "readOnlyRootFilesystem": sc.get("readOnlyRootFilesystem") is True,
+        }
+        bad += [f"{doc['metadata']['name']}/{c['name']}: {k}" for k, ok in want.items() if not ok]
+    if pod.get("hostNetwork") or pod.get("hostPID") or any("hostPath" in v for v in pod.get("volumes", [])):
+        bad.append(f"{doc['metadata']['name']}: host namespaces or paths")
+print("\n".join(bad), file=sys.stderr)
+sys.exit(1 if bad else 0)
+PY
+done
+echo "ok   restricted: the operator's pods meet Pod Security restricted, root filesystem read-only"
 # The Secret list/watch can be turned off, with the operator told so.
 grep -q 'resources: \[secrets\]' "$tmp/defaults.yaml" || fail "defaults: no Secret list/watch for the missing-Secret condition"
 render no-secret-watch --set rbac.watchSecrets=false
