@@ -56,21 +56,29 @@ pub struct SseTracker {
     pub content_events: u64,
     /// `data: [DONE]` (OpenAI) or `message_stop` (Anthropic) was seen.
     pub finished: bool,
+    /// The current line grew past `MAX_LINE` and is skipped to its end.
+    overlong: bool,
 }
+
+/// The longest line kept across chunks; usage lines are a few hundred bytes, and a longer line
+/// (an upstream that never sends a newline) is skipped rather than held without bound.
+const MAX_LINE: usize = 1 << 20;
 
 impl SseTracker {
     pub fn feed(&mut self, chunk: &[u8]) {
         let mut rest = chunk;
-        if !self.partial.is_empty() {
+        if !self.partial.is_empty() || self.overlong {
             match memchr::memchr(b'\n', rest) {
                 Some(i) => {
                     let mut line = std::mem::take(&mut self.partial);
                     line.extend_from_slice(&rest[..i]);
-                    self.line(&line);
+                    if !std::mem::take(&mut self.overlong) {
+                        self.line(&line);
+                    }
                     rest = &rest[i + 1..];
                 }
                 None => {
-                    self.partial.extend_from_slice(rest);
+                    self.keep(rest);
                     return;
                 }
             }
@@ -80,7 +88,17 @@ impl SseTracker {
             rest = &rest[i + 1..];
         }
         if !rest.is_empty() {
-            self.partial.extend_from_slice(rest);
+            self.keep(rest);
+        }
+    }
+
+    /// Holds the start of a line until its end arrives, up to `MAX_LINE`.
+    fn keep(&mut self, bytes: &[u8]) {
+        if self.overlong || self.partial.len() + bytes.len() > MAX_LINE {
+            self.partial = Vec::new();
+            self.overlong = true;
+        } else {
+            self.partial.extend_from_slice(bytes);
         }
     }
 
@@ -162,5 +180,18 @@ mod tests {
         let mut cut = SseTracker::default();
         cut.feed(b"data: {\"choices\":[]}\n\n");
         assert!(!cut.finished, "no end marker: a truncated stream");
+    }
+
+    #[test]
+    fn a_line_without_end_is_not_held_without_bound() {
+        let mut t = SseTracker::default();
+        let chunk = vec![b'x'; 64 << 10];
+        for _ in 0..100 {
+            t.feed(&chunk);
+        }
+        assert!(t.partial.len() <= MAX_LINE, "held {} bytes", t.partial.len());
+        t.feed(b"\ndata: {\"usage\":{\"prompt_tokens\":2,\"completion_tokens\":3}}\n");
+        assert_eq!(t.usage.total(), Some(5), "the lines after it are read again");
+        assert_eq!(t.data_events, 1, "the overlong line is skipped");
     }
 }

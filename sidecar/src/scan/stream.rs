@@ -36,6 +36,8 @@ pub struct OutputGuard {
 
 /// Most text kept for whole-document scanners; a longer stream is judged on its start.
 const MAX_FULL: usize = 4 << 20;
+/// The longest event the guard holds while it waits for the event's end.
+const MAX_EVENT: usize = 4 << 20;
 
 /// What a text event carries, by provider.
 fn text_of(flavor: Flavor, v: &Value) -> Option<&str> {
@@ -108,6 +110,15 @@ impl OutputGuard {
         while let Some(end) = find_event_end(&self.partial) {
             let event: Vec<u8> = self.partial.drain(..end.1).collect();
             self.event(&event[..end.0], &event, &mut out)?;
+        }
+        if self.partial.len() > MAX_EVENT {
+            // Neither scanned nor held without bound: the stream ends here.
+            self.partial = Vec::new();
+            return Err(Blocked {
+                policy: self.policy.name.clone(),
+                scanner: "stream",
+                reason: format!("an event longer than {} MiB cannot be scanned", MAX_EVENT >> 20),
+            });
         }
         Ok(Bytes::from(out))
     }
@@ -351,6 +362,15 @@ mod tests {
         let long = "some text that is longer than the window, and then the";
         assert_eq!(run(&[long, "xAKIAIOSFODNN7EXAMPLE end"]), format!("{long}xAKIAIOSFODNN7EXAMPLE end"));
         assert_eq!(run(&[long, " AKIAIOSFODNN7EXAMPLE end"]), format!("{long} [REDACTED_AWS_ACCESS_KEY_ID] end"));
+    }
+
+    #[test]
+    fn an_event_that_never_ends_ends_the_stream_instead_of_growing() {
+        let mut g = guard("output:\n- {type: secrets, action: redact}", Restore::default(), Flavor::OpenAi);
+        let chunk = vec![b'x'; 1 << 20];
+        let ended = (0..8).find_map(|_| g.feed(&chunk).err()).expect("refused before 8 MiB");
+        assert!(ended.reason.contains("cannot be scanned"), "{}", ended.reason);
+        assert!(g.partial.is_empty());
     }
 
     #[test]
