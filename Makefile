@@ -42,7 +42,7 @@ train-injection: models
 
 ## The quickstart: a local LLM on :18080 and the sidecar on :15080 (UPSTREAM=mock for the mock).
 run: models
-	$(CARGO) build --release -p bulwark-sidecar -p bulwark-tests --bins
+	$(CARGO) build --release --bin bulwark-sidecar --bin bulwark-mock-provider
 	BIN=target/release ORT_DYLIB_PATH=$(ORT) BULWARK_MODELS_DIR=$(MODELS) scripts/quickstart.sh
 
 test: venv models tools lint chart argocd unit e2e fuzz-smoke
@@ -79,7 +79,7 @@ crds:
 
 ## A ModelRollout advancing, then rolling back by itself when its canary starts failing (no cluster, no key).
 demo-rollout:
-	$(CARGO) build --release -p bulwark-sidecar -p bulwark-tests --bins
+	$(CARGO) build --release --bin bulwark-sidecar --bin bulwark-mock-provider
 	BIN=target/release python3 scripts/demo_rollout.py
 
 ## Coverage-guided fuzzing (AFL++ through cargo afl): every target for about FUZZ_EXECS
