@@ -144,7 +144,7 @@ fn chat(body: &Map<String, Value>) -> Check {
             }
         }
     }
-    stop(body, "stop")
+    strings(body, "stop", true)
 }
 
 /// A part of an OpenAI message's content.
@@ -158,15 +158,17 @@ fn part(path: &str, p: &Value) -> Check {
     }
 }
 
-/// `stop`: a string or an array of strings.
-fn stop(body: &Map<String, Value>, key: &str) -> Check {
+/// `key` of `body`: an array of strings, or also a single string with `or_one`.
+fn strings(body: &Map<String, Value>, key: &str, or_one: bool) -> Check {
+    let expected = if or_one { "a string or an array of strings" } else { "an array of strings" };
     match body.get(key) {
-        None | Some(Value::Null | Value::String(_)) => Ok(()),
+        None | Some(Value::Null) => Ok(()),
+        Some(Value::String(_)) if or_one => Ok(()),
         Some(Value::Array(items)) => match items.iter().enumerate().find(|(_, s)| !s.is_string()) {
             Some((i, v)) => Err(wrong(&format!("{key}[{i}]"), "a string", v)),
             None => Ok(()),
         },
-        Some(v) => Err(wrong(key, "a string or an array of strings", v)),
+        Some(v) => Err(wrong(key, expected, v)),
     }
 }
 
@@ -197,14 +199,7 @@ fn anthropic(body: &Map<String, Value>) -> Check {
             opt_object(t, &path, "input_schema")?;
         }
     }
-    match body.get("stop_sequences") {
-        None | Some(Value::Null) => Ok(()),
-        Some(Value::Array(items)) => match items.iter().enumerate().find(|(_, s)| !s.is_string()) {
-            Some((i, v)) => Err(wrong(&format!("stop_sequences[{i}]"), "a string", v)),
-            None => Ok(()),
-        },
-        Some(v) => Err(wrong("stop_sequences", "an array of strings", v)),
-    }
+    strings(body, "stop_sequences", false)
 }
 
 /// Anthropic content: a string or an array of blocks (required in a message; optional in a
@@ -379,6 +374,11 @@ mod tests {
                 "`messages[0].content[0].input` must be an object, not a string",
             ),
             (json!({"messages": [], "tools": [{"input_schema": {}}]}), "`tools[0].name` is required: a string"),
+            (
+                json!({"messages": [], "stop_sequences": "x"}),
+                "`stop_sequences` must be an array of strings, not a string",
+            ),
+            (json!({"messages": [], "stop_sequences": ["a", 1]}), "`stop_sequences[1]` must be a string, not a number"),
         ];
         for (body, want) in anthropic {
             assert_eq!(message_of(Api::Messages, body).unwrap().0, want);
