@@ -215,11 +215,6 @@ fn check(name: &str, got: &Outcome, statuses: &[u16]) {
     }
 }
 
-fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    status.lines().find_map(|l| l.strip_prefix("VmRSS:")?.trim().strip_suffix(" kB")?.parse().ok()).unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sidecars_listeners_answer_hostile_input_with_4xx_or_a_close() {
     let _serial = SERIAL.lock().await;
@@ -259,7 +254,7 @@ async fn the_sidecars_listeners_answer_hostile_input_with_4xx_or_a_close() {
                 check(&format!("round {round} {addr} {path} {name}"), &got, statuses);
             }
         }
-        rss.push(rss_kib());
+        rss.push(rss_of(std::process::id()));
     }
     // The first round sets the allocator's high-water mark; a leak would grow every round.
     let grown = rss[2] - rss[0].min(rss[2]);
@@ -297,6 +292,7 @@ async fn the_sidecars_listeners_answer_hostile_input_with_4xx_or_a_close() {
     env.sidecar.shutdown().await;
 }
 
+/// Resident memory of process `pid`, in KiB.
 fn rss_of(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status.lines().find_map(|l| l.strip_prefix("VmRSS:")?.trim().strip_suffix(" kB")?.parse().ok()).unwrap()
