@@ -5,7 +5,7 @@ PY    := $(VENV)/bin/python
 # No wheel cache (it would double the venv on disk); unpack in the project, not in a small /tmp.
 PIP   := TMPDIR=$(CURDIR)/target/pip-tmp $(VENV)/bin/pip -q --disable-pip-version-check --no-cache-dir
 
-.PHONY: all build run test unit e2e lint chart argocd tools crds bench fuzz fuzz-smoke venv models eval train-injection demo-rollout clean
+.PHONY: all build run test unit e2e lint chart argocd tools crds bench soak fuzz fuzz-smoke venv models eval train-injection demo-rollout clean
 
 # ONNX Runtime comes from the onnxruntime wheel in the virtualenv; models are built into .models/.
 ORT = $(shell $(PY) -c 'import glob, os, onnxruntime; print(glob.glob(os.path.join(os.path.dirname(onnxruntime.__file__), "capi", "libonnxruntime.so*"))[0])' 2>/dev/null)
@@ -91,6 +91,14 @@ fuzz:
 ## The same, 15 s per target (part of `make test`).
 fuzz-smoke:
 	scripts/fuzz.sh time 15
+
+## 1,000 req/s through the sidecar for 10 minutes while its config changes every 3 s; fails on
+## any failed request, change not applied, broken file not rejected, or RSS growth past 16 MB.
+SOAK_SECONDS ?= 600
+SOAK_RATE ?= 1000
+soak:
+	$(CARGO) build --release --bin bulwark-sidecar --bin bulwark-soak
+	target/release/bulwark-soak --seconds $(SOAK_SECONDS) --rate $(SOAK_RATE)
 
 bench: models
 	$(CARGO) build --release -p bulwark-sidecar -p bulwark-operator -p bulwark-tests --bins

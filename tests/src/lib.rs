@@ -4,7 +4,10 @@
 
 pub mod client;
 pub mod cluster;
+pub mod exposition;
 pub mod harness;
 pub mod mock;
+pub mod procfs;
 pub mod prometheus;
+pub mod soak;
 pub mod traffic;

@@ -9,7 +9,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
     time::Duration,
@@ -84,6 +84,8 @@ pub struct MockState {
     in_flight: AtomicUsize,
     waiting: AtomicUsize,
     recorded: Mutex<Vec<Recorded>>,
+    /// Whether calls are recorded (off for long runs, where the record would grow without end).
+    record: AtomicBool,
     /// Content chunks per streamed response.
     pub chunks: usize,
     pub chunk_delay: Duration,
@@ -115,6 +117,7 @@ impl MockProvider {
             in_flight: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
             recorded: Mutex::new(vec![]),
+            record: AtomicBool::new(true),
             chunks,
             chunk_delay,
             name: name.to_owned(),
@@ -160,6 +163,11 @@ impl MockProvider {
     /// Calls of the LLM API (not `/metrics`).
     pub fn calls(&self) -> usize {
         self.state.calls.load(Ordering::SeqCst)
+    }
+
+    /// Stops (or resumes) recording calls; they are still counted.
+    pub fn set_recording(&self, on: bool) {
+        self.state.record.store(on, Ordering::SeqCst);
     }
 
     pub fn recorded(&self) -> Vec<Recorded> {
@@ -217,7 +225,14 @@ async fn answer(st: &Arc<MockState>, req: Request<Incoming>) -> Response<MockBod
     let bytes = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
     let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
     let at = tokio::time::Instant::now();
-    st.recorded.lock().push(Recorded { at, path: path.clone(), headers: parts.headers.clone(), body: body.clone() });
+    if st.record.load(Ordering::Relaxed) {
+        st.recorded.lock().push(Recorded {
+            at,
+            path: path.clone(),
+            headers: parts.headers.clone(),
+            body: body.clone(),
+        });
+    }
     let behavior = parts
         .headers
         .get("x-mock")

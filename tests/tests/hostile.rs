@@ -7,7 +7,7 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use bulwark_tests::{harness::Harness, mock::MockProvider};
+use bulwark_tests::{harness::Harness, mock::MockProvider, procfs::rss_kib};
 use serde_json::json;
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
@@ -254,7 +254,7 @@ async fn the_sidecars_listeners_answer_hostile_input_with_4xx_or_a_close() {
                 check(&format!("round {round} {addr} {path} {name}"), &got, statuses);
             }
         }
-        rss.push(rss_of(std::process::id()));
+        rss.push(rss_kib(std::process::id()).unwrap());
     }
     // The first round sets the allocator's high-water mark; a leak would grow every round.
     let grown = rss[2] - rss[0].min(rss[2]);
@@ -292,12 +292,6 @@ async fn the_sidecars_listeners_answer_hostile_input_with_4xx_or_a_close() {
     env.sidecar.shutdown().await;
 }
 
-/// Resident memory of process `pid`, in KiB.
-fn rss_of(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status.lines().find_map(|l| l.strip_prefix("VmRSS:")?.trim().strip_suffix(" kB")?.parse().ok()).unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_operators_stream_and_webhook_answer_hostile_input_with_4xx_or_a_close() {
     let _serial = SERIAL.lock().await;
@@ -330,7 +324,7 @@ async fn the_operators_stream_and_webhook_answer_hostile_input_with_4xx_or_a_clo
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-    let before = rss_of(op.proc.pid());
+    let before = rss_kib(op.proc.pid()).unwrap();
     let auth = format!("Authorization: Bearer {}\r\n", token.trim());
     // Without a token, with one (the report's body is read), and on the webhook.
     let targets = [
@@ -358,7 +352,7 @@ async fn the_operators_stream_and_webhook_answer_hostile_input_with_4xx_or_a_clo
     // A report with a valid token and a body of the wrong shape gets a 400 that says why.
     let report = post("/v1/report", &format!("Authorization: Bearer {}\r\n", token.trim()), br#"{"outcomes": "many"}"#);
     assert_eq!(send_tls(stream_addr, &c.tls.ca, &report, None).await, Outcome::Status(400));
-    let grown = rss_of(op.proc.pid()).saturating_sub(before);
+    let grown = rss_kib(op.proc.pid()).unwrap().saturating_sub(before);
     assert!(grown < 64 << 10, "the operator's RSS grew by {grown} KiB");
     // Still serving: a real review is answered.
     let review = json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {"uid": "u-1",

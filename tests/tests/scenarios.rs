@@ -8,6 +8,7 @@ use std::time::Duration;
 use bulwark_sidecar::Sidecar;
 use bulwark_tests::{
     client::Client,
+    exposition::sum,
     harness::{self, Harness},
     mock::{Behavior, MockProvider},
 };
@@ -59,13 +60,6 @@ fn chat_stream(model: &str) -> Value {
     json!({"model": model, "stream": true, "messages": [{"role": "user", "content": "hello there"}]})
 }
 
-fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && labels.iter().all(|p| l.contains(p)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 const LONG: Duration = Duration::from_secs(10);
 
 #[tokio::test]
@@ -94,15 +88,11 @@ async fn a_chat_completion_is_proxied_with_model_rewrite_and_the_backend_key() {
     assert_eq!(seen.headers["authorization"], "Bearer sk-from-file", "the backend's key replaces the client's");
     let m = env.metrics().await;
     assert_eq!(
-        metric(
-            &m,
-            "bulwark_requests_total",
-            &["backend=\"primary\"", "status_class=\"2xx\"", "model=\"served-model\""]
-        ),
+        sum(&m, "bulwark_requests_total", &["backend=\"primary\"", "status_class=\"2xx\"", "model=\"served-model\""]),
         1.0
     );
-    assert_eq!(metric(&m, "gen_ai_client_token_usage_sum", &["gen_ai_token_type=\"output\""]), 5.0);
-    assert_eq!(metric(&m, "gen_ai_client_token_usage_sum", &["gen_ai_token_type=\"input\""]), 2.0);
+    assert_eq!(sum(&m, "gen_ai_client_token_usage_sum", &["gen_ai_token_type=\"output\""]), 5.0);
+    assert_eq!(sum(&m, "gen_ai_client_token_usage_sum", &["gen_ai_token_type=\"input\""]), 2.0);
     assert!(m.contains("gen_ai_server_time_to_first_token_seconds_bucket"));
     assert!(!m.contains("sk-from-file"));
     let config = env.admin.get("/config").await.unwrap().text();
@@ -127,9 +117,9 @@ async fn streamed_chunks_reach_the_client_as_they_arrive() {
     assert!(resp.text().ends_with("data: [DONE]\n\n"));
     assert!(total >= Duration::from_millis(400), "the mock paced the stream");
     let m = env.metrics().await;
-    assert_eq!(metric(&m, "bulwark_requests_total", &["status_class=\"2xx\""]), 1.0);
+    assert_eq!(sum(&m, "bulwark_requests_total", &["status_class=\"2xx\""]), 1.0);
     assert_eq!(
-        metric(&m, "gen_ai_client_token_usage_sum", &["gen_ai_token_type=\"output\""]),
+        sum(&m, "gen_ai_client_token_usage_sum", &["gen_ai_token_type=\"output\""]),
         6.0,
         "counted from the stream"
     );
@@ -168,7 +158,7 @@ async fn anthropic_messages_streamed_and_not() {
     let r = env.client.stream("/v1/messages", &s, &[], LONG).await.unwrap();
     assert!(r.text().contains("event: message_stop") && r.error.is_none());
     let m = env.metrics().await;
-    assert_eq!(metric(&m, "gen_ai_client_token_usage_sum", &["gen_ai_token_type=\"output\""]), 10.0, "5 + 5 from both");
+    assert_eq!(sum(&m, "gen_ai_client_token_usage_sum", &["gen_ai_token_type=\"output\""]), 10.0, "5 + 5 from both");
     // An OpenAI path on this route has no backend that speaks it.
     let r = env.client.post("/v1/chat/completions", &chat("claude-x"), &[]).await.unwrap();
     assert_eq!(r.status, 404, "{}", r.text());
@@ -192,7 +182,7 @@ async fn retries_with_backoff_then_succeeds() {
     let r = env.client.post("/v1/chat/completions", &chat("m"), &[]).await.unwrap();
     assert_eq!(r.status, 200);
     assert_eq!(mock.calls(), 3);
-    assert_eq!(metric(&env.metrics().await, "bulwark_retries_total", &["backend=\"a\""]), 2.0);
+    assert_eq!(sum(&env.metrics().await, "bulwark_retries_total", &["backend=\"a\""]), 2.0);
     env.shutdown().await;
 }
 
@@ -218,7 +208,7 @@ async fn falls_back_before_the_first_byte() {
         assert!(r.text().ends_with("data: [DONE]\n\n") && r.error.is_none(), "{behavior:?}");
     }
     assert_eq!(backup.calls(), 4);
-    assert_eq!(metric(&env.metrics().await, "bulwark_fallbacks_total", &["backend=\"backup\""]), 4.0);
+    assert_eq!(sum(&env.metrics().await, "bulwark_fallbacks_total", &["backend=\"backup\""]), 4.0);
     env.shutdown().await;
 }
 
@@ -244,7 +234,7 @@ async fn a_stream_that_breaks_after_the_first_byte_ends_with_an_error_event() {
         assert!(r.error.is_some(), "{behavior:?}: the transport is aborted too");
     }
     assert_eq!(backup.calls(), 0, "no fallback after the first byte");
-    assert_eq!(metric(&env.metrics().await, "bulwark_stream_errors_total", &[]), 3.0);
+    assert_eq!(sum(&env.metrics().await, "bulwark_stream_errors_total", &[]), 3.0);
     env.shutdown().await;
 }
 
@@ -287,11 +277,11 @@ async fn the_circuit_opens_skips_the_backend_and_probes_after_the_cooldown() {
         assert_eq!(r.header("x-bulwark-backend"), Some("backup"));
     }
     assert_eq!(primary.calls(), 2, "open: the primary is not called");
-    assert_eq!(metric(&env.metrics().await, "bulwark_circuit_state", &["backend=\"primary\""]), 1.0);
+    assert_eq!(sum(&env.metrics().await, "bulwark_circuit_state", &["backend=\"primary\""]), 1.0);
     tokio::time::sleep(Duration::from_millis(450)).await;
     let r = env.client.post("/v1/chat/completions", &chat("m"), &[]).await.unwrap();
     assert_eq!(r.header("x-bulwark-backend"), Some("primary"), "the probe succeeds");
-    assert_eq!(metric(&env.metrics().await, "bulwark_circuit_state", &["backend=\"primary\""]), 0.0);
+    assert_eq!(sum(&env.metrics().await, "bulwark_circuit_state", &["backend=\"primary\""]), 0.0);
     env.shutdown().await;
 }
 
@@ -374,14 +364,14 @@ async fn a_buffered_request_its_client_abandons_is_settled_once() {
     assert!(gave_up.await.is_err(), "the client gives up before the backend answers");
     let cancelled = r#"status_class="cancelled""#;
     for _ in 0..100 {
-        if metric(&env.metrics().await, "bulwark_requests_total", &[cancelled]) > 0.0 {
+        if sum(&env.metrics().await, "bulwark_requests_total", &[cancelled]) > 0.0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let m = env.metrics().await;
-    assert_eq!(metric(&m, "bulwark_requests_total", &[cancelled, r#"backend="a""#]), 1.0, "{m}");
-    assert_eq!(metric(&m, "bulwark_requests_total", &[]), 1.0, "counted once");
+    assert_eq!(sum(&m, "bulwark_requests_total", &[cancelled, r#"backend="a""#]), 1.0, "{m}");
+    assert_eq!(sum(&m, "bulwark_requests_total", &[]), 1.0, "counted once");
     let report = env.sidecar.metrics.outcomes.report("v");
     let a = &report.backends[0];
     assert_eq!((a.backend.as_str(), a.requests, a.error_count()), ("a", 1, 0), "sent to a, not its fault");
@@ -424,7 +414,7 @@ async fn identical_requests_are_served_from_the_cache() {
     let again = env.client.stream("/v1/chat/completions", &broken, &[], LONG).await.unwrap();
     assert_eq!(again.headers["x-bulwark-cache"], "miss");
     let m = env.metrics().await;
-    assert_eq!(metric(&m, "bulwark_cache_lookups_total", &["result=\"hit\""]), 2.0);
+    assert_eq!(sum(&m, "bulwark_cache_lookups_total", &["result=\"hit\""]), 2.0);
     env.shutdown().await;
 }
 
@@ -461,7 +451,7 @@ async fn bad_input_gets_openai_shaped_errors() {
     }
     assert_eq!(mock.calls(), 0);
     let m = env.metrics().await;
-    assert_eq!(metric(&m, "bulwark_request_errors_total", &["code=\"route_not_found\""]), 1.0);
+    assert_eq!(sum(&m, "bulwark_request_errors_total", &["code=\"route_not_found\""]), 1.0);
     env.shutdown().await;
 }
 
@@ -566,8 +556,8 @@ async fn config_reloads_live_and_a_bad_change_keeps_the_last_good_config() {
     let r = env.client.post("/v1/chat/completions", &chat("m"), &[]).await.unwrap();
     assert_eq!(r.header("x-bulwark-backend"), Some("b"), "still serving the last good config");
     let m = env.metrics().await;
-    assert!(metric(&m, "bulwark_config_reloads_total", &["result=\"error\""]) >= 1.0);
-    assert_eq!(metric(&m, "bulwark_config_info", &[&format!("version=\"{good_version}\"")]), 1.0);
+    assert!(sum(&m, "bulwark_config_reloads_total", &["result=\"error\""]) >= 1.0);
+    assert_eq!(sum(&m, "bulwark_config_info", &[&format!("version=\"{good_version}\"")]), 1.0);
     env.shutdown().await;
 }
 

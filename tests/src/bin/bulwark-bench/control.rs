@@ -15,6 +15,7 @@ use bulwark_test_apiserver::{ApiServer, Options as ApiOptions};
 use bulwark_tests::{
     cluster::{Proc, free_port, repo, tls},
     harness::temp_dir,
+    procfs::rss_kib,
 };
 use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
 use kube::{
@@ -297,9 +298,4 @@ async fn scale(bin: &Path) -> anyhow::Result<()> {
     );
     println!("  operator RSS holding them:        {:7.1} MB (target < 100 MB)", rss as f64 / 1024.0);
     Ok(())
-}
-
-fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()
 }

@@ -17,6 +17,7 @@ use std::{
     time::Duration,
 };
 
+use bulwark_tests::procfs::{cpu_seconds, memory_kib};
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
 use http::{Request, Response};
@@ -372,23 +373,8 @@ async fn closed_loop(base: &str, conns: usize, secs: u64) -> u64 {
     total
 }
 
-/// CPU seconds used so far by a process (user + system).
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit(')').next().unwrap_or_default();
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // Fields 14 and 15 of /proc/PID/stat (utime, stime), counted after the `)`.
-    (ticks(11) + ticks(12)) / 100.0
-}
-
 fn rss_mb(pid: u32, key: &str) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with(key))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0)
+    memory_kib(pid, key).map_or(f64::NAN, |kb| kb as f64 / 1024.0)
 }
 
 /// Per-chunk latency (arrival − send) of one streamed response, in µs, sorted.
@@ -470,7 +456,7 @@ async fn bench(secs: u64, rate: u64, bin: &Path) -> anyhow::Result<()> {
     let (pid, rs) = (sidecar.pid(), rss_samples.clone());
     let sampler = tokio::spawn(async move {
         loop {
-            rs.lock().push(rss_mb(pid, "VmRSS:"));
+            rs.lock().push(rss_mb(pid, "VmRSS"));
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     });
@@ -491,7 +477,7 @@ async fn bench(secs: u64, rate: u64, bin: &Path) -> anyhow::Result<()> {
         cpu / wall,
         n as f64 / cpu.max(1e-9)
     );
-    println!("  sidecar RSS under load: {rss_max:.1} MB (peak {:.1} MB)   target: < 30 MB", rss_mb(pid, "VmHWM:"));
+    println!("  sidecar RSS under load: {rss_max:.1} MB (peak {:.1} MB)   target: < 30 MB", rss_mb(pid, "VmHWM"));
 
     let mut per = vec![vec![]; 3];
     for _ in 0..6 {

@@ -6,6 +6,7 @@
 
 use std::{net::SocketAddr, os::unix::process::CommandExt as _, path::Path, process::Command, time::Duration};
 
+use bulwark_tests::procfs::cpu_seconds;
 use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
@@ -112,12 +113,12 @@ pub async fn bench(bin: &Path, rate: u64) -> anyhow::Result<()> {
         }
         let (mut direct_mb, mut passed_mb, mut cpu, mut ends) = (vec![], vec![], vec![], vec![]);
         for _ in 0..3 {
-            let before = cpu_seconds(std::process::id())?;
+            let before = cpu_seconds(std::process::id());
             direct_mb.push(bulk((UPSTREAM, 9000).into()).await?);
-            ends.push((cpu_seconds(std::process::id())? - before) / (BULK as f64 / 1e9));
-            let before = cpu_seconds(sidecar_pid)?;
+            ends.push((cpu_seconds(std::process::id()) - before) / (BULK as f64 / 1e9));
+            let before = cpu_seconds(sidecar_pid);
             passed_mb.push(bulk((UPSTREAM, 443).into()).await?);
-            cpu.push((cpu_seconds(sidecar_pid)? - before) / (BULK as f64 / 1e9));
+            cpu.push((cpu_seconds(sidecar_pid) - before) / (BULK as f64 / 1e9));
         }
         let best = |v: &[f64]| v.iter().copied().fold(0.0f64, f64::max);
         let bound = match link {
@@ -158,17 +159,6 @@ fn shape(rate: &str) -> anyhow::Result<()> {
             "1:10",
         ],
     )
-}
-
-/// CPU time (user and system, all threads) that process `pid` has used.
-fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
-    let field = |i: usize| rest.split_whitespace().nth(i).and_then(|v| v.parse::<f64>().ok());
-    let (utime, stime) = (field(11), field(12));
-    // USER_HZ: 100 ticks a second on Linux.
-    Ok((utime.unwrap_or_default() + stime.unwrap_or_default()) / 100.0)
 }
 
 fn run(bin: &str, args: &[&str]) -> anyhow::Result<()> {
