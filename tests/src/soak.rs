@@ -76,6 +76,8 @@ struct Ledger {
     applied: u32,
     bad: u32,
     rejected: u32,
+    /// The generation of the config served now.
+    last_good: u32,
     /// Milliseconds from each good write to the sidecar serving it.
     apply_ms: Vec<f64>,
     problems: Vec<String>,
@@ -222,20 +224,19 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
     let rss = Arc::new(Mutex::new(vec![]));
     let sampler = tokio::spawn(sample_rss(sidecar.pid(), started, rss.clone()));
 
-    let mut ledger = Ledger::default();
-    let mut last_good = 0;
+    let mut churn = Churn { probe: &probe, dir: &dir, config: &config, ledger: Ledger::default() };
     let mut generation: u32 = 0;
     // The last interval is left without a change, so the end is measured on a settled config.
     while Instant::now() + 2 * opts.change_every <= end {
         tokio::time::sleep(opts.change_every).await;
         generation += 1;
         if generation.is_multiple_of(5) {
-            broken_change(&probe, &dir, &config, generation, last_good, &mut ledger).await?;
+            churn.broken(generation).await?;
         } else {
-            good_change(&probe, &dir, &config, generation, last_good, &mut ledger).await?;
-            last_good = generation;
+            churn.good(generation).await?;
         }
     }
+    let mut ledger = churn.ledger;
     tokio::time::sleep_until(end).await;
     stop.store(true, Ordering::SeqCst);
     load.await?;
@@ -345,69 +346,71 @@ fn write(dir: &Path, yaml: &str) -> std::io::Result<()> {
     std::fs::rename(tmp, dir.join(FILE))
 }
 
-async fn good_change(
-    probe: &Probe,
-    dir: &Path,
-    config: &Config,
-    g: u32,
-    last_good: u32,
-    ledger: &mut Ledger,
-) -> anyhow::Result<()> {
-    ledger.good += 1;
-    let before = probe.version().await.unwrap_or_default();
-    let written = Instant::now();
-    write(dir, &config.good(g))?;
-    let served =
-        eventually(APPLY_LIMIT, "a new version", || async { probe.version().await.filter(|v| *v != before) }).await;
-    if served.is_err() {
-        ledger.problems.push(format!(
-            "change {g} was not applied within {APPLY_LIMIT:?}; the sidecar logged:\n{}",
-            probe.log_tail()
-        ));
-        return Ok(());
-    }
-    ledger.apply_ms.push(written.elapsed().as_secs_f64() * 1e3);
-    match probe.good(g, last_good).await {
-        Ok(()) => ledger.applied += 1,
-        Err(e) => ledger.problems.push(format!("change {g} was served but does not work: {e}")),
-    }
-    Ok(())
+/// Writes the config changes, one generation at a time, and checks each took effect.
+struct Churn<'a> {
+    probe: &'a Probe,
+    dir: &'a Path,
+    config: &'a Config,
+    ledger: Ledger,
 }
 
-async fn broken_change(
-    probe: &Probe,
-    dir: &Path,
-    config: &Config,
-    g: u32,
-    last_good: u32,
-    ledger: &mut Ledger,
-) -> anyhow::Result<()> {
-    ledger.bad += 1;
-    let (before, errors) = (probe.version().await.unwrap_or_default(), probe.reload_errors().await);
-    write(dir, &config.broken(g))?;
-    let noticed = eventually(APPLY_LIMIT, "the broken config to be rejected", || async {
-        (probe.reload_errors().await > errors).then_some(())
-    })
-    .await;
-    if noticed.is_err() {
-        ledger.problems.push(format!(
-            "broken change {g} was not rejected within {APPLY_LIMIT:?}; the sidecar logged:\n{}",
-            probe.log_tail()
-        ));
-        return Ok(());
-    }
-    let check = async {
-        let now = probe.version().await.unwrap_or_default();
-        anyhow::ensure!(now == before, "the version moved from {before} to {now}");
-        probe.expect(&format!("probe-{g}"), "hi", 404).await?;
-        probe.expect("soak", &format!("soak-block-{last_good}"), 400).await?;
+impl Churn<'_> {
+    /// Writes generation `g` and checks it is served and works.
+    async fn good(&mut self, g: u32) -> anyhow::Result<()> {
+        let (probe, ledger) = (self.probe, &mut self.ledger);
+        let last_good = std::mem::replace(&mut ledger.last_good, g);
+        ledger.good += 1;
+        let before = probe.version().await.unwrap_or_default();
+        let written = Instant::now();
+        write(self.dir, &self.config.good(g))?;
+        let served =
+            eventually(APPLY_LIMIT, "a new version", || async { probe.version().await.filter(|v| *v != before) }).await;
+        if served.is_err() {
+            ledger.problems.push(format!(
+                "change {g} was not applied within {APPLY_LIMIT:?}; the sidecar logged:\n{}",
+                probe.log_tail()
+            ));
+            return Ok(());
+        }
+        ledger.apply_ms.push(written.elapsed().as_secs_f64() * 1e3);
+        match probe.good(g, last_good).await {
+            Ok(()) => ledger.applied += 1,
+            Err(e) => ledger.problems.push(format!("change {g} was served but does not work: {e}")),
+        }
         Ok(())
-    };
-    match check.await {
-        Ok(()) => ledger.rejected += 1,
-        Err(e) => ledger.problems.push(format!("broken change {g} was not kept out: {e}")),
     }
-    Ok(())
+
+    /// Writes a broken generation `g` and checks it is rejected while the last good one serves.
+    async fn broken(&mut self, g: u32) -> anyhow::Result<()> {
+        let (probe, ledger) = (self.probe, &mut self.ledger);
+        let last_good = ledger.last_good;
+        ledger.bad += 1;
+        let (before, errors) = (probe.version().await.unwrap_or_default(), probe.reload_errors().await);
+        write(self.dir, &self.config.broken(g))?;
+        let noticed = eventually(APPLY_LIMIT, "the broken config to be rejected", || async {
+            (probe.reload_errors().await > errors).then_some(())
+        })
+        .await;
+        if noticed.is_err() {
+            ledger.problems.push(format!(
+                "broken change {g} was not rejected within {APPLY_LIMIT:?}; the sidecar logged:\n{}",
+                probe.log_tail()
+            ));
+            return Ok(());
+        }
+        let check = async {
+            let now = probe.version().await.unwrap_or_default();
+            anyhow::ensure!(now == before, "the version moved from {before} to {now}");
+            probe.expect(&format!("probe-{g}"), "hi", 404).await?;
+            probe.expect("soak", &format!("soak-block-{last_good}"), 400).await?;
+            Ok(())
+        };
+        match check.await {
+            Ok(()) => ledger.rejected += 1,
+            Err(e) => ledger.problems.push(format!("broken change {g} was not kept out: {e}")),
+        }
+        Ok(())
+    }
 }
 
 /// Requests that show which config the sidecar serves.
