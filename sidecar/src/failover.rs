@@ -5,7 +5,7 @@
 use std::{sync::Arc, time::Duration};
 
 use bulwark_api::route::RetryPolicy;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, StatusCode, header};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
@@ -132,7 +132,9 @@ pub async fn call(
             break;
         }
     }
-    Err(give_up(&route.cfg.route, failures, Instant::now() >= deadline))
+    let error = give_up(&route.cfg.route, failures, Instant::now() >= deadline);
+    end.gave_up(error.status);
+    Err(error)
 }
 
 /// One try on one backend, at the replica its load picks: sends, waits for the head and (for
@@ -232,12 +234,31 @@ async fn attempt_at(
         }
     }
     let ttfb = sent.elapsed();
-    let bytes = match timeout_at(deadline, Limited::new(body, MAX_RESPONSE_BYTES).collect()).await {
-        Err(_) => return Err(Failure::Timeout),
-        Ok(Err(e)) => return Err(Failure::Reset(e.to_string())),
-        Ok(Ok(c)) => c.to_bytes(),
-    };
+    let bytes = whole_body(body, first_deadline, deadline).await?;
     Ok(Committed { status, headers: parts.headers, ttfb, body: CommittedBody::Full(bytes), in_flight: None })
+}
+
+/// A whole answer's body: its first byte by `first_deadline` (a head sent early does not stop
+/// that clock), all of it by `deadline`, at most [`MAX_RESPONSE_BYTES`].
+async fn whole_body(body: Incoming, first_deadline: Instant, deadline: Instant) -> Result<Bytes, Failure> {
+    let mut body = Limited::new(body, MAX_RESPONSE_BYTES);
+    let mut out = BytesMut::new();
+    let mut until = first_deadline;
+    loop {
+        match timeout_at(until, body.frame()).await {
+            Err(_) => return Err(Failure::Timeout),
+            Ok(None) => return Ok(out.freeze()),
+            Ok(Some(Err(e))) => return Err(Failure::Reset(e.to_string())),
+            Ok(Some(Ok(frame))) => {
+                if let Ok(data) = frame.into_data()
+                    && !data.is_empty()
+                {
+                    out.extend_from_slice(&data);
+                    until = deadline;
+                }
+            }
+        }
+    }
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

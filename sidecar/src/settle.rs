@@ -42,6 +42,11 @@ impl End {
         Self { class: "cancelled", broken: false, usage, unknown_usage_costs_estimate: true, record: None }
     }
 
+    /// No backend answered; the client got an error of `class`.
+    pub fn failed(class: &'static str) -> Self {
+        Self { class, broken: false, usage: Usage::default(), unknown_usage_costs_estimate: false, record: None }
+    }
+
     /// A whole answer, as the backend sent it.
     pub fn whole(status: http::StatusCode, usage: Usage, record: Option<Bytes>) -> Self {
         let class = crate::metrics::status_class(status.as_u16());
@@ -54,6 +59,9 @@ enum Stage {
     Local,
     /// An attempt is on its way to this backend.
     Sent(BackendLabels),
+    /// The last attempt, at this backend, failed: no tokens were spent, and unless another
+    /// backend answers, the client gets an error of this status class.
+    Failed { labels: BackendLabels, class: &'static str },
     /// This backend answered, streamed or not; `None` until the answer ends.
     Answered { labels: BackendLabels, stream: bool, end: Option<End> },
 }
@@ -104,7 +112,18 @@ impl Settlement {
 
     /// The attempt failed; the failure was counted where it happened.
     pub fn attempt_failed(&mut self) {
-        self.stage = Stage::Local;
+        self.stage = match std::mem::replace(&mut self.stage, Stage::Local) {
+            Stage::Sent(labels) => Stage::Failed { labels, class: "5xx" },
+            other => other,
+        };
+    }
+
+    /// No backend answered and the client gets an error with `status`: the request counts
+    /// against the backend tried last.
+    pub fn gave_up(&mut self, status: http::StatusCode) {
+        if let Stage::Failed { class, .. } = &mut self.stage {
+            *class = crate::metrics::status_class(status.as_u16());
+        }
     }
 
     /// The replica that answers stays counted as in flight until the request ends.
@@ -135,10 +154,14 @@ impl Settlement {
         }
     }
 
+    /// What the rollout analysis sees of an answer (failed attempts were counted one by one).
+    fn report_outcome(&self, labels: &BackendLabels, end: &End) {
+        let outcome = if end.broken { "stream" } else { end.class };
+        self.metrics.outcomes.answered(&labels.route, &labels.backend, outcome, self.started.elapsed());
+    }
+
     fn record(&self, labels: &BackendLabels, end: &End) {
         let m = &self.metrics;
-        let outcome = if end.broken { "stream" } else { end.class };
-        m.outcomes.answered(&labels.route, &labels.backend, outcome, self.started.elapsed());
         let class = if end.broken { "5xx" } else { end.class };
         if self.origin == Origin::Mirror {
             let l = RequestLabels { status_class: class, ..request_labels(labels) };
@@ -174,13 +197,20 @@ impl Drop for Settlement {
         let estimate = self.reservation.as_ref().map_or(0, |(_, r)| r.tokens);
         match std::mem::replace(&mut self.stage, Stage::Local) {
             Stage::Local => self.settle_tokens(0),
+            Stage::Failed { labels, class } => {
+                self.record(&labels, &End::failed(class));
+                self.settle_tokens(0);
+            }
             // The client went away while the backend worked on it: it may have spent the tokens.
             Stage::Sent(labels) => {
-                self.record(&labels, &End::cancelled(Usage::default()));
+                let end = End::cancelled(Usage::default());
+                self.report_outcome(&labels, &end);
+                self.record(&labels, &end);
                 self.settle_tokens(estimate);
             }
             Stage::Answered { labels, stream, end } => {
                 let end = end.unwrap_or_else(|| End::cancelled(Usage::default()));
+                self.report_outcome(&labels, &end);
                 self.record(&labels, &end);
                 let unknown = if end.unknown_usage_costs_estimate { estimate } else { 0 };
                 self.settle_tokens(end.usage.total().unwrap_or(unknown));

@@ -39,7 +39,7 @@ pub enum Behavior {
     BreakAfter(usize),
     /// Stream this many chunks, then end cleanly without the end marker.
     TruncateAfter(usize),
-    /// Stream this many chunks, then send nothing more.
+    /// Stream this many chunks, then send nothing more (a whole answer: its head, then nothing).
     StallAfter(usize),
     /// Close the connection without any response.
     Drop,
@@ -287,6 +287,14 @@ async fn answer(st: &Arc<MockState>, req: Request<Incoming>) -> Response<MockBod
         );
     }
     if !stream {
+        if let Behavior::StallAfter(_) = behavior {
+            // The head goes out; the body never comes (until the client gives up).
+            let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(1);
+            tokio::spawn(async move { tx.closed().await });
+            let mut r = Response::new(http_body_util::Either::Right(ChannelBody(rx)));
+            r.headers_mut().insert(header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+            return r;
+        }
         let usage_oa = json!({"prompt_tokens": prompt_tokens, "completion_tokens": chunks, "total_tokens": prompt_tokens + chunks});
         return full(
             StatusCode::OK,

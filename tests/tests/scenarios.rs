@@ -213,6 +213,19 @@ async fn falls_back_before_the_first_byte() {
 }
 
 #[tokio::test]
+async fn a_whole_answer_whose_body_never_comes_is_cut_at_first_token() {
+    let (primary, backup) = (MockProvider::start().await, MockProvider::start().await);
+    let env = Env::start(&two_backends(&primary, &backup, "    timeouts: {firstToken: 300ms}\n")).await;
+    primary.script([Behavior::StallAfter(0)]);
+    let started = tokio::time::Instant::now();
+    let r = env.client.post("/v1/chat/completions", &chat("m"), &[]).await.unwrap();
+    assert_eq!((r.status.as_u16(), r.header("x-bulwark-backend")), (200, Some("backup")));
+    assert!(started.elapsed() < Duration::from_secs(2), "a head sent early does not stop the clock");
+    assert_eq!(backup.calls(), 1);
+    env.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_stream_that_breaks_after_the_first_byte_ends_with_an_error_event() {
     let (primary, backup) = (MockProvider::start().await, MockProvider::start().await);
     let env = Env::start(&two_backends(&primary, &backup, "    timeouts: {idle: 300ms}\n")).await;

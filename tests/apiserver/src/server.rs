@@ -93,6 +93,13 @@ impl ApiServer {
         self.state.lock().store.compact();
     }
 
+    /// Ends every open watch, as an API server restart does: clients resume from the last
+    /// resource version they saw (after [`ApiServer::compact_watch_history`], with `410 Gone`, so
+    /// they must list again).
+    pub fn drop_watches(&self) {
+        self.state.lock().store.drop_watches();
+    }
+
     /// Stops accepting, ends open watches and connections, and waits for the listener to close.
     pub async fn shutdown(mut self) {
         let _ = self.shutdown.send(true);

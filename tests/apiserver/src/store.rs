@@ -54,6 +54,8 @@ pub struct Store {
     /// Watches from resource versions below this one may have missed events.
     oldest_replayable: u64,
     events: broadcast::Sender<Arc<Event>>,
+    /// Bumped to end every open watch.
+    dropped: tokio::sync::watch::Sender<u64>,
 }
 
 impl Store {
@@ -65,6 +67,7 @@ impl Store {
             log: VecDeque::new(),
             oldest_replayable: 1,
             events: broadcast::channel(BROADCAST_CAPACITY).0,
+            dropped: tokio::sync::watch::channel(0).0,
         }
     }
 
@@ -240,6 +243,16 @@ impl Store {
     /// New events from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
         self.events.subscribe()
+    }
+
+    /// Ends every open watch (they see their response end, as when an API server restarts).
+    pub fn drop_watches(&mut self) {
+        self.dropped.send_modify(|n| *n += 1);
+    }
+
+    /// Changes when [`Store::drop_watches`] is called.
+    pub fn watch_drops(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.dropped.subscribe()
     }
 
     /// The events after `resource_version`, or `Err(oldest)` when the log no longer reaches back

@@ -40,6 +40,8 @@ pub struct Watch {
     /// Set when the first frames already end the watch (an error).
     finished: bool,
     receiver: broadcast::Receiver<Arc<Event>>,
+    /// Changes when the server drops every watch.
+    dropped: tokio::sync::watch::Receiver<u64>,
     allow_bookmarks: bool,
     timeout: Option<Duration>,
     /// The newest resource version the client has seen everything up to.
@@ -67,6 +69,7 @@ impl Watch {
             initial: Vec::new(),
             finished: false,
             receiver: store.subscribe(),
+            dropped: store.watch_drops(),
             allow_bookmarks: params.allow_bookmarks,
             timeout: params.timeout,
             seen: store.resource_version(),
@@ -145,8 +148,8 @@ impl Watch {
         Some(frame(kind, &self.versioned(event.object.clone())))
     }
 
-    /// Streams the watch as a response body until the client goes away, the timeout passes or
-    /// the server shuts down.
+    /// Streams the watch as a response body until the client goes away, the timeout passes, the
+    /// server drops every watch or shuts down.
     pub fn into_body(self, shutdown: tokio::sync::watch::Receiver<bool>) -> BoxBody<Bytes, Infallible> {
         let (tx, mut rx) = mpsc::channel::<Bytes>(64);
         tokio::spawn(self.run(tx, shutdown));
@@ -171,6 +174,7 @@ impl Watch {
             let line = tokio::select! {
                 _ = tx.closed() => return,
                 _ = shutdown.changed() => return,
+                _ = self.dropped.changed() => return,
                 _ = until(deadline) => return,
                 _ = bookmarks.tick(), if self.allow_bookmarks => self.bookmark(json!({})),
                 received = self.receiver.recv() => match received {

@@ -156,6 +156,10 @@ async fn watches_replay_from_a_resource_version_and_expire() {
     assert_eq!(current.next_named().await, ("ADDED".into(), "a".into()));
     assert_eq!(current.next_named().await, ("ADDED".into(), "c".into()));
     assert!(current.next_within(Duration::from_millis(200)).await.is_none());
+    api.server.drop_watches();
+    let dropped_at = tokio::time::Instant::now();
+    assert!(current.next_within(Duration::from_secs(5)).await.is_none());
+    assert!(dropped_at.elapsed() < Duration::from_secs(2), "dropping watches ends open streams");
 
     api.server.compact_watch_history();
     let mut expired = api.watch(&format!("{CONFIG_MAPS}?watch=true&resourceVersion={since}")).await;
