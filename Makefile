@@ -41,8 +41,9 @@ train-injection: models
 	cd models && ../$(PY) train_injection.py $(MODELS)/minilm prompt-injection/head.json
 
 ## The quickstart: a local LLM on :18080 and the sidecar on :15080 (UPSTREAM=mock for the mock).
+## Builds only what it runs: the sidecar, and the mock provider when asked for.
 run: models
-	$(CARGO) build --release --bin bulwark-sidecar --bin bulwark-mock-provider
+	$(CARGO) build --release --bin bulwark-sidecar $(if $(filter mock,$(UPSTREAM)),--bin bulwark-mock-provider)
 	BIN=target/release ORT_DYLIB_PATH=$(ORT) BULWARK_MODELS_DIR=$(MODELS) scripts/quickstart.sh
 
 test: venv models tools lint chart argocd unit e2e fuzz-smoke
