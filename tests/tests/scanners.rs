@@ -121,6 +121,30 @@ async fn redacted_prompts_and_restored_answers() {
 }
 
 #[tokio::test]
+async fn secrets_in_anthropic_tool_inputs_and_results_are_redacted_in_place() {
+    let mock = MockProvider::start().await;
+    let env = start("  input:\n  - {type: secrets, action: redact}", &mock).await;
+    let key = "AKIAIOSFODNN7EXAMPLE";
+    let body = json!({"model": "c", "max_tokens": 10, "messages": [
+        {"role": "user", "content": "deploy it"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "deploy",
+            "input": {"region": "eu", "credentials": {"aws": [key]}, "replicas": 2}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": format!("used {key}")}]}
+    ]});
+    let r = env.client.post("/v1/messages", &body, &[]).await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let sent = &mock.recorded()[0].body;
+    assert!(!sent.to_string().contains(key), "{sent}");
+    assert_eq!(
+        sent["messages"][1]["content"][0]["input"],
+        json!({"region": "eu", "credentials": {"aws": ["[REDACTED_AWS_ACCESS_KEY_ID]"]}, "replicas": 2}),
+        "the tool input keeps its shape"
+    );
+    assert_eq!(sent["messages"][2]["content"][0]["content"], "used [REDACTED_AWS_ACCESS_KEY_ID]");
+    env.sidecar.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_secret_in_a_streamed_answer_is_redacted_before_it_leaves() {
     let mock = MockProvider::start().await;
     let env = start("  output:\n  - {type: secrets, action: redact}\n  streaming: {windowChars: 64}", &mock).await;

@@ -68,7 +68,7 @@ fn message<'a>(m: &'a mut Value, out: &mut Vec<&'a mut String>) {
 }
 
 /// A content field: a string, or an array of parts (`{type: text, text}`, refusals, thinking,
-/// Anthropic `tool_result` blocks with nested content, text documents).
+/// Anthropic `tool_result` blocks with nested content, `tool_use` inputs, text documents).
 fn content<'a>(v: &'a mut Value, out: &mut Vec<&'a mut String>) {
     match v {
         Value::String(s) => out.push(s),
@@ -79,6 +79,7 @@ fn content<'a>(v: &'a mut Value, out: &mut Vec<&'a mut String>) {
                     match (key.as_str(), value) {
                         ("text" | "refusal" | "thinking", Value::String(s)) => out.push(s),
                         ("content", nested) => content(nested, out),
+                        ("input", input) => leaves(input, out),
                         ("source", Value::Object(src)) => document(src, out),
                         _ => {}
                     }
@@ -98,6 +99,17 @@ fn document<'a>(src: &'a mut serde_json::Map<String, Value>, out: &mut Vec<&'a m
             ("content", "content", nested) => content(nested, out),
             _ => {}
         }
+    }
+}
+
+/// Every string value inside a JSON value (a tool's input): rewriting them in place keeps the
+/// JSON valid and of the same shape. Keys are names, not text the model is given.
+fn leaves<'a>(v: &'a mut Value, out: &mut Vec<&'a mut String>) {
+    match v {
+        Value::String(s) => out.push(s),
+        Value::Array(items) => items.iter_mut().for_each(|item| leaves(item, out)),
+        Value::Object(fields) => fields.values_mut().for_each(|value| leaves(value, out)),
+        _ => {}
     }
 }
 
@@ -147,6 +159,27 @@ mod tests {
         }
         assert_eq!(body["system"][0]["text"], "BE NICE");
         assert_eq!(body["messages"][0]["content"][0]["content"][0]["text"], "RESULT");
+    }
+
+    #[test]
+    fn tool_use_inputs_are_read_to_every_string_and_written_back_in_shape() {
+        let mut body = json!({"messages": [{"role": "assistant", "content": [
+            {"type": "tool_use", "id": "t1", "name": "deploy",
+             "input": {"token": "sk-1", "env": {"keys": ["a", 7, null, {"deep": "b"}]}, "n": 3, "ok": true}}
+        ]}]});
+        let mut got = vec![];
+        for s in request_texts(Api::Messages, body.as_object_mut().unwrap()) {
+            got.push(s.clone());
+            *s = "[REDACTED]".into();
+        }
+        got.sort();
+        assert_eq!(got, ["a", "b", "sk-1"]);
+        assert_eq!(
+            body["messages"][0]["content"][0]["input"],
+            json!({"token": "[REDACTED]", "env": {"keys": ["[REDACTED]", 7, null, {"deep": "[REDACTED]"}]}, "n": 3, "ok": true})
+        );
+        let mut answer = json!({"content": [{"type": "tool_use", "id": "t2", "name": "f", "input": {"q": "x"}}]});
+        assert_eq!(response_texts(Api::Messages, &mut answer).len(), 1, "a tool call the model makes is output");
     }
 
     #[test]
