@@ -45,6 +45,9 @@ struct Cli {
     /// Directory holding the release binaries.
     #[arg(long, default_value = "target/release")]
     bin: PathBuf,
+    /// Only the proxy benchmarks (added latency, throughput, RSS, streaming).
+    #[arg(long)]
+    proxy_only: bool,
     /// Only the scanner benchmarks.
     #[arg(long)]
     scanners_only: bool,
@@ -105,6 +108,9 @@ fn main() -> anyhow::Result<()> {
             }
             if !cli.scanners_only {
                 bench(cli.seconds, cli.rate, &cli.bin).await?;
+            }
+            if cli.proxy_only {
+                return Ok(());
             }
             scanners::bench(&cli.bin).await?;
             if !cli.scanners_only {
