@@ -276,6 +276,54 @@ pub struct SidecarProc {
     pub admin: u16,
 }
 
+impl SidecarProc {
+    /// The config it serves (`GET /config` on the admin listener), if it answers.
+    pub async fn config(&self) -> Option<serde_json::Value> {
+        let reply = crate::client::Client::new(format!("http://127.0.0.1:{}", self.admin)).get("/config").await.ok()?;
+        Some(reply.json())
+    }
+
+    /// The version of the config it serves.
+    pub async fn version(&self) -> Option<String> {
+        self.config().await.and_then(|c| c["version"].as_str().map(str::to_owned))
+    }
+}
+
+/// An LLMRoute `chat` in `ns` for the pods labelled `app: bot`: one rule over backends `a` and
+/// `b` (base URLs of mock providers) with these weights.
+pub fn weighted_route(ns: &str, a: &str, b: &str, weights: (u32, u32)) -> String {
+    format!(
+        r#"apiVersion: bulwark.dev/v1alpha1
+kind: LLMRoute
+metadata: {{name: chat, namespace: {ns}}}
+spec:
+  workloadSelector: {{matchLabels: {{app: bot}}}}
+  rules:
+    - backends:
+        - {{name: a, provider: openai-compatible, url: "{a}/v1", weight: {}}}
+        - {{name: b, provider: openai-compatible, url: "{b}/v1", weight: {}}}
+"#,
+        weights.0, weights.1
+    )
+}
+
+/// Waits until every sidecar runs the same non-empty version other than `old`; returns it.
+pub async fn converged(sidecars: &[SidecarProc], old: &str, limit: Duration) -> anyhow::Result<String> {
+    eventually(limit, "every sidecar to apply the new config", || async {
+        let first = sidecars.first()?.version().await?;
+        if first.is_empty() || first == old {
+            return None;
+        }
+        for s in &sidecars[1..] {
+            if s.version().await? != first {
+                return None;
+            }
+        }
+        Some(first)
+    })
+    .await
+}
+
 /// Polls `check` every 5 ms until it returns `Some`, or fails after `limit`.
 pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> anyhow::Result<T>
 where

@@ -8,7 +8,7 @@ use tokio::time::Instant;
 
 use bulwark_tests::{
     client::Client,
-    cluster::{Cluster, Proc, SidecarProc, bin, eventually, free_port},
+    cluster::{Cluster, Proc, SidecarProc, bin, converged, eventually, free_port, weighted_route},
     mock::MockProvider,
 };
 use serde_json::{Value, json};
@@ -30,31 +30,11 @@ fn pods(names: &[&str]) -> String {
 }
 
 async fn has_route(s: &SidecarProc, route: &str) -> bool {
-    config_of(s).await.is_some_and(|c| c["routes"].as_array().is_some_and(|r| r.iter().any(|r| r["route"] == route)))
+    s.config().await.is_some_and(|c| c["routes"].as_array().is_some_and(|r| r.iter().any(|r| r["route"] == route)))
 }
 
 fn route(a: &str, b: &str, weight_a: u32, weight_b: u32) -> String {
-    format!(
-        r#"apiVersion: bulwark.dev/v1alpha1
-kind: LLMRoute
-metadata: {{name: chat, namespace: {NS}}}
-spec:
-  workloadSelector: {{matchLabels: {{app: bot}}}}
-  rules:
-    - backends:
-        - {{name: a, provider: openai-compatible, url: "{a}/v1", weight: {weight_a}}}
-        - {{name: b, provider: openai-compatible, url: "{b}/v1", weight: {weight_b}}}
-"#
-    )
-}
-
-async fn config_of(s: &SidecarProc) -> Option<Value> {
-    let reply = Client::new(format!("http://127.0.0.1:{}", s.admin)).get("/config").await.ok()?;
-    Some(reply.json())
-}
-
-async fn version_of(s: &SidecarProc) -> Option<String> {
-    config_of(s).await.and_then(|c| c["version"].as_str().map(str::to_owned))
+    weighted_route(NS, a, b, (weight_a, weight_b))
 }
 
 async fn chat(s: &SidecarProc) -> anyhow::Result<(u16, Option<String>)> {
@@ -62,19 +42,6 @@ async fn chat(s: &SidecarProc) -> anyhow::Result<(u16, Option<String>)> {
     let body = json!({"model": "small", "messages": [{"role": "user", "content": "hi"}]});
     let reply = client.post("/v1/chat/completions", &body, &[]).await?;
     Ok((reply.status.as_u16(), reply.header("x-bulwark-backend").map(str::to_owned)))
-}
-
-/// Waits until every sidecar runs the same non-empty version that differs from `old`.
-async fn converged(sidecars: &[SidecarProc], old: &str, limit: Duration) -> anyhow::Result<String> {
-    eventually(limit, "every sidecar to apply the new config", || async {
-        let mut versions = vec![];
-        for s in sidecars {
-            versions.push(version_of(s).await?);
-        }
-        let first = versions[0].clone();
-        (!first.is_empty() && first != old && versions.iter().all(|v| *v == first)).then_some(first)
-    })
-    .await
 }
 
 fn condition(c: &Cluster, what: &str, type_: &str) -> String {
@@ -186,7 +153,7 @@ async fn the_operator_programs_sidecars_and_they_survive_it() -> anyhow::Result<
     await_condition(&c, "llmroute/broken", "Accepted", "False/Invalid").await?;
     let message = c.get(NS, "llmroute/broken", "{.status.conditions[?(@.type==\"Accepted\")].message}")?;
     assert!(message.contains("weights are 0"), "{message}");
-    assert_eq!(version_of(&sidecars[0]).await.unwrap(), v2, "the broken route changed nothing");
+    assert_eq!(sidecars[0].version().await.unwrap(), v2, "the broken route changed nothing");
     assert_eq!(chat(&sidecars[0]).await?.0, 200);
     let events = c.kubectl(&["get", "events.events.k8s.io", "-n", NS, "-o", "json"])?;
     assert!(events.contains("Invalid") && events.contains("broken"), "a Warning event names the problem: {events}");
@@ -201,7 +168,7 @@ async fn the_operator_programs_sidecars_and_they_survive_it() -> anyhow::Result<
     await_condition(&c, "llmroute/keyed", "ResolvedRefs", "True/ResolvedRefs").await?;
 
     // The intruder's sidecar was refused and serves nothing.
-    assert!(config_of(&intruder).await.unwrap()["routes"].as_array().unwrap().is_empty());
+    assert!(intruder.config().await.unwrap()["routes"].as_array().unwrap().is_empty());
     eventually(Duration::from_secs(10), "the intruder to be refused", || async {
         intruder.proc.output().contains("403 Forbidden").then_some(())
     })
@@ -229,7 +196,7 @@ async fn the_operator_programs_sidecars_and_they_survive_it() -> anyhow::Result<
     std::fs::write(&file, &copy)?;
     let late = c.sidecar(NS, "bot-4", stream, &[&format!("--config={}", file.display())])?;
     eventually(Duration::from_secs(10), "the late sidecar to serve the copy", || async {
-        (version_of(&late).await? == v2).then_some(())
+        (late.version().await? == v2).then_some(())
     })
     .await?;
     assert_eq!(chat(&late).await?, (200, Some("b".to_owned())));
@@ -250,12 +217,12 @@ async fn the_operator_programs_sidecars_and_they_survive_it() -> anyhow::Result<
         (condition(&c, "llmroute/chat", "Ready") == "True/Programmed" && counts == "4/4").then_some(())
     })
     .await?;
-    assert_eq!(version_of(&late).await.unwrap(), v3);
+    assert_eq!(late.version().await.unwrap(), v3);
 
     // Deleting the route removes it from every config and its ConfigMap goes.
     c.kubectl(&["delete", "llmroute", "chat", "-n", NS])?;
     converged(&sidecars, &v3, Duration::from_secs(10)).await?;
-    assert!(config_of(&sidecars[0]).await.unwrap()["routes"].as_array().unwrap().is_empty());
+    assert!(sidecars[0].config().await.unwrap()["routes"].as_array().unwrap().is_empty());
     assert_eq!(chat(&sidecars[0]).await?.0, 404, "no route takes the request any more");
     // Once the new operator holds the lease (the dead one's runs out after 2 s), it deletes the
     // copies of groups that no longer exist.
@@ -402,7 +369,7 @@ async fn labelled_pods_get_a_sidecar_that_works_as_injected() -> anyhow::Result<
     // The key the config reads is the file the injected volume mounts.
     let mount = sidecar["volumeMounts"].as_array().unwrap().iter().find(|m| m["name"] == "bulwark-keys").unwrap();
     let key = format!("{}/provider/api-key", mount["mountPath"].as_str().unwrap());
-    assert!(config_of(&s).await.unwrap().to_string().contains(&key), "{key} not in the config");
+    assert!(s.config().await.unwrap().to_string().contains(&key), "{key} not in the config");
     Ok(())
 }
 

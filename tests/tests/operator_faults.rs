@@ -27,7 +27,7 @@ use tokio::{net::TcpListener, time::Instant};
 
 use bulwark_tests::{
     client::Client,
-    cluster::{Cluster, OperatorProc, SidecarProc, eventually, free_port},
+    cluster::{Cluster, OperatorProc, SidecarProc, converged, eventually, free_port, weighted_route},
     mock::MockProvider,
 };
 
@@ -52,19 +52,7 @@ fn pods(n: usize) -> String {
 }
 
 fn route(a: &str, b: &str, weights: (u32, u32)) -> String {
-    format!(
-        r#"apiVersion: bulwark.dev/v1alpha1
-kind: LLMRoute
-metadata: {{name: chat, namespace: {NS}}}
-spec:
-  workloadSelector: {{matchLabels: {{app: bot}}}}
-  rules:
-    - backends:
-        - {{name: a, provider: openai-compatible, url: "{a}/v1", weight: {}}}
-        - {{name: b, provider: openai-compatible, url: "{b}/v1", weight: {}}}
-"#,
-        weights.0, weights.1
-    )
+    weighted_route(NS, a, b, weights)
 }
 
 /// The config stream's Service: each new connection goes to the lease holder, if it is up.
@@ -185,28 +173,6 @@ impl Drop for Load {
     }
 }
 
-async fn version_of(s: &SidecarProc) -> Option<String> {
-    let reply = Client::new(format!("http://127.0.0.1:{}", s.admin)).get("/config").await.ok()?;
-    reply.json()["version"].as_str().map(str::to_owned)
-}
-
-/// Waits until every sidecar runs one version other than `old`; returns it.
-async fn fleet_converged(sidecars: &[SidecarProc], old: &str) -> anyhow::Result<String> {
-    eventually(LIMIT, "every sidecar to run the new config", || async {
-        let first = version_of(&sidecars[0]).await?;
-        if first.is_empty() || first == old {
-            return None;
-        }
-        for s in &sidecars[1..] {
-            if version_of(s).await? != first {
-                return None;
-            }
-        }
-        Some(first)
-    })
-    .await
-}
-
 /// Waits until the route's status says every sidecar runs its current generation.
 async fn status_converged(api: &Client, n: usize) -> anyhow::Result<()> {
     let expected = format!("True/Programmed {n}/{n}");
@@ -244,7 +210,7 @@ impl Fleet<'_> {
         let weights = if self.toward_b { (0, 100) } else { (100, 0) };
         self.c.apply(&route(&self.urls.0, &self.urls.1, weights))?;
         let applied = Instant::now();
-        self.version = fleet_converged(&self.sidecars, &self.version).await?;
+        self.version = converged(&self.sidecars, &self.version, LIMIT).await?;
         let programmed = Instant::now();
         status_converged(&self.api, self.sidecars.len()).await?;
         println!(
@@ -283,7 +249,7 @@ async fn a_fleet_keeps_serving_and_converges_through_operator_faults() -> anyhow
     }
     let mut fleet =
         Fleet { c: &c, api: api.clone(), sidecars, urls: (a.url(), b.url()), version: String::new(), toward_b: false };
-    fleet.version = fleet_converged(&fleet.sidecars, "").await?;
+    fleet.version = converged(&fleet.sidecars, "", LIMIT).await?;
     status_converged(&api, n).await?;
     println!("{n} sidecars started, programmed and counted in the status in {:?}", started.elapsed());
     let load = Load::start(&fleet.sidecars, 100);
