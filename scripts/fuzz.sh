@@ -13,7 +13,7 @@ mode=${1:?time SECONDS or execs N}
 amount=${2:?how long}
 shift 2
 targets=("$@")
-(( ${#targets[@]} )) || targets=(request stream_guard sse_usage compile report admission)
+(( ${#targets[@]} )) || targets=(request stream_guard sse_usage sniff compile report admission)
 case $mode in
   time) limit=(-V "$amount") ;;
   execs) limit=(-E "$amount") ;;

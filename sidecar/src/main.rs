@@ -71,6 +71,12 @@ struct Cli {
     /// Largest request body accepted, in bytes.
     #[arg(long, default_value_t = 32 << 20)]
     max_body_bytes: usize,
+    /// Time a client has to send a request's headers (slowloris), on every listener.
+    #[arg(long, default_value = "30s")]
+    header_timeout: Dur,
+    /// Time a client has to send a request's whole body.
+    #[arg(long, default_value = "30s")]
+    body_timeout: Dur,
     /// With --manifests: where the rollouts this sidecar drives keep their state, so that a
     /// restart resumes them (in the same step) instead of starting over.
     #[arg(long, value_name = "DIR", requires = "manifests")]
@@ -229,6 +235,8 @@ fn main() -> ExitCode {
     opts.listen = cli.listen;
     opts.admin = cli.admin;
     opts.limits.max_body_bytes = cli.max_body_bytes;
+    opts.limits.header_timeout = cli.header_timeout.as_std().max(Duration::from_millis(100));
+    opts.limits.body_timeout = cli.body_timeout.as_std().max(Duration::from_millis(100));
     opts.reload_interval = cli.reload_interval.as_std().max(Duration::from_millis(50));
     opts.upstream_ca = cli.upstream_ca;
     opts.state_dir = cli.state_dir;

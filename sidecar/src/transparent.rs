@@ -43,9 +43,15 @@ pub enum Sniffed {
     Tls(Option<String>),
     /// Anything else, or nothing yet.
     Other,
+    /// An HTTP head or a ClientHello begun and not finished within the header timeout.
+    Stalled(&'static str),
 }
 
-/// Looks at a connection's first bytes: `None` while they could still become an HTTP head.
+/// Looks at a connection's first bytes: `None` while they could still become an HTTP head or a
+/// ClientHello.
+///
+/// An HTTP head is decided on as soon as its `Host` line is complete, so neither a long head
+/// (many or large headers) nor a slow one can pass a routed host's request through unguarded.
 pub fn classify(bytes: &[u8]) -> Option<Sniffed> {
     if bytes.first() == Some(&0x16) {
         return match intercept::record_len(bytes) {
@@ -66,23 +72,55 @@ pub fn classify(bytes: &[u8]) -> Option<Sniffed> {
     let mut req = httparse::Request::new(&mut headers);
     match req.parse(bytes) {
         Ok(httparse::Status::Complete(_)) => {
-            let host = req.headers.iter().find(|h| h.name.eq_ignore_ascii_case("host")).and_then(|h| {
-                let mut map = http::HeaderMap::new();
-                map.insert(http::header::HOST, http::HeaderValue::from_bytes(h.value).ok()?);
-                crate::runtime::host(&map)
-            });
+            let host = req.headers.iter().find(|h| h.name.eq_ignore_ascii_case("host")).and_then(|h| host_of(h.value));
             Some(Sniffed::Http(host))
         }
-        Ok(httparse::Status::Partial) if bytes.len() < SNIFF_BYTES => None,
-        Ok(httparse::Status::Partial) => Some(Sniffed::Http(None)),
+        // The request line is good and the head goes on (or has more headers than are parsed).
+        Ok(httparse::Status::Partial) | Err(httparse::Error::TooManyHeaders) => match host_line(bytes) {
+            Some(host) => Some(Sniffed::Http(Some(host))),
+            None if bytes.len() >= SNIFF_BYTES || bytes.windows(4).any(|w| w == b"\r\n\r\n") => {
+                Some(Sniffed::Http(None))
+            }
+            None => None,
+        },
         Err(_) => Some(Sniffed::Other),
     }
 }
 
-/// Peeks at the connection until its first bytes say what it is, or it stays silent.
-async fn sniff(stream: &TcpStream) -> Sniffed {
+/// The `Host` of a head's complete header lines, if one of them names it.
+fn host_line(head: &[u8]) -> Option<String> {
+    let mut lines = head.split(|&b| b == b'\n');
+    lines.next()?;
+    // The last piece has no newline after it yet: it is not a complete line.
+    let mut complete = lines.collect::<Vec<_>>();
+    complete.pop();
+    for line in complete {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            break;
+        }
+        let Some(colon) = line.iter().position(|&b| b == b':') else { continue };
+        if line[..colon].eq_ignore_ascii_case(b"host") {
+            return host_of(line[colon + 1..].trim_ascii());
+        }
+    }
+    None
+}
+
+fn host_of(value: &[u8]) -> Option<String> {
+    let mut map = http::HeaderMap::new();
+    map.insert(http::header::HOST, http::HeaderValue::from_bytes(value).ok()?);
+    crate::runtime::host(&map)
+}
+
+/// Peeks at the connection until its first bytes say what it is, or it stays silent. A silent
+/// connection is given `SNIFF_WAIT`; one that has begun an HTTP head or a ClientHello is given
+/// `head_wait` to finish it (the header timeout of the listeners).
+async fn sniff(stream: &TcpStream, head_wait: Duration) -> Sniffed {
     let mut buf = vec![0u8; SNIFF_BYTES];
-    let deadline = Instant::now() + SNIFF_WAIT;
+    let start = Instant::now();
+    let mut deadline = start + SNIFF_WAIT;
+    let mut pause = Duration::from_millis(1);
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let n = match tokio::time::timeout(left, stream.peek(&mut buf)).await {
@@ -92,11 +130,15 @@ async fn sniff(stream: &TcpStream) -> Sniffed {
         if let Some(s) = classify(&buf[..n]) {
             return s;
         }
+        deadline = start + head_wait.max(SNIFF_WAIT);
         if Instant::now() >= deadline {
-            return Sniffed::Other;
+            // Cut like a slow head on the other listeners: passing it through would let a
+            // client that trickles its head past the guard.
+            return Sniffed::Stalled(if buf[0] == 0x16 { "tls" } else { "http" });
         }
         // The head is incomplete: wait for more of it (peek returns at once with what is there).
-        tokio::time::sleep(Duration::from_millis(2)).await;
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(50));
     }
 }
 
@@ -148,11 +190,16 @@ pub async fn serve(
                 }
             };
             let _ = stream.set_nodelay(true);
-            let sniffed = sniff(&stream).await;
+            let sniffed = sniff(&stream, state.limits.header_timeout).await;
             let (protocol, l7) = match &sniffed {
                 Sniffed::Http(host) => ("http", host.as_deref().is_some_and(|h| routed(&state, h))),
                 Sniffed::Tls(host) => ("tls", acceptor.is_some() && host.as_deref().is_some_and(|h| routed(&state, h))),
                 Sniffed::Other => ("other", false),
+                Sniffed::Stalled(protocol) => {
+                    tracing::debug!(%dst, "a captured {protocol} head did not arrive within the header timeout");
+                    state.metrics.captured.get_or_create(&CaptureLabels { protocol, action: "timeout" }).inc();
+                    return;
+                }
             };
             let action = if l7 { "routed" } else { "passthrough" };
             state.metrics.captured.get_or_create(&CaptureLabels { protocol, action }).inc();
@@ -217,7 +264,7 @@ mod tests {
     fn first_bytes_say_what_a_connection_is() {
         let http = b"POST /v1/chat/completions HTTP/1.1\r\nHost: API.OpenAI.com:80\r\nContent-Length: 2\r\n\r\n{}";
         assert_eq!(classify(http), Some(Sniffed::Http(Some("api.openai.com".into()))));
-        assert_eq!(classify(b"GET / HTTP/1.1\r\nHost: x\r\n"), None, "a head still coming");
+        assert_eq!(classify(b"GET / HTTP/1.1\r\nHos"), None, "a head still coming");
         assert_eq!(classify(b"GE"), None);
         assert_eq!(classify(b"GET / HTTP/1.1\r\n\r\n"), Some(Sniffed::Http(None)), "no Host");
         assert_eq!(classify(&[0x16, 0x03, 0x01, 0x02, 0x00]), None, "a record still coming");
@@ -226,5 +273,26 @@ mod tests {
         assert_eq!(classify(b"\x00\x01binary"), Some(Sniffed::Other));
         assert_eq!(classify(b"HELLO world\r\n"), Some(Sniffed::Other), "a word and a space, then no HTTP");
         assert_eq!(classify(&[b'A'; 40]), Some(Sniffed::Other));
+    }
+
+    #[test]
+    fn a_host_line_decides_a_long_or_slow_head() {
+        let padded = |headers: &str| format!("POST /v1/chat/completions HTTP/1.1\r\n{headers}");
+        let routed = Some(Sniffed::Http(Some("api.openai.com".into())));
+        // More headers than a parse takes, the Host among them: still the routed host.
+        let many: String = (0..100).map(|i| format!("X-H{i}: v\r\n")).collect();
+        assert_eq!(classify(padded(&format!("{many}Host: api.openai.com\r\n\r\n")).as_bytes()), routed);
+        // A head longer than is looked into, its Host first.
+        let big = padded(&format!("host: api.openai.com\r\nX-Big: {}", "b".repeat(SNIFF_BYTES)));
+        assert_eq!(classify(&big.as_bytes()[..SNIFF_BYTES]), routed);
+        // A slow head is decided once its Host line is whole, not before.
+        assert_eq!(classify(padded("X-A: 1\r\nHost: api.open").as_bytes()), None);
+        assert_eq!(classify(padded("X-A: 1\r\nHost: api.openai.com\r\n").as_bytes()), routed);
+        assert_eq!(classify(padded("X-A: 1\r\nX-B: 2\r\n").as_bytes()), None, "no Host yet");
+        // Long, with no Host in what is looked into: nothing to route by.
+        let hostless = padded(&format!("X-Big: {}", "b".repeat(SNIFF_BYTES)));
+        assert_eq!(classify(&hostless.as_bytes()[..SNIFF_BYTES]), Some(Sniffed::Http(None)));
+        // A header named like Host is not one, and the body is not the head.
+        assert_eq!(classify(padded("X-Host: a.test\r\n").as_bytes()), None);
     }
 }

@@ -160,7 +160,8 @@ def start_sidecar(tmp: Path, intercept: Path, upstream_ca: Path):
     log = open(tmp / "sidecar.log", "w")
     proc = subprocess.Popen(
         [SIDECAR, "--manifests", str(manifests), "--listen", "15080", "--admin", "15090", "--transparent", "15081",
-         "--intercept-ca", str(intercept), "--upstream-ca", str(upstream_ca)],
+         "--intercept-ca", str(intercept), "--upstream-ca", str(upstream_ca),
+         "--max-body-bytes", "65536", "--header-timeout", "1s", "--body-timeout", "1s"],
         stdout=log, stderr=subprocess.STDOUT, user=PROXY_UID, group=PROXY_UID,
         env={**os.environ, "BULWARK_LOG": "debug"},
     )
@@ -192,6 +193,165 @@ def check(ok, what):
     if not ok:
         raise AssertionError(what)
     print("ok:", what.split(":")[0])
+
+
+CLOSE = 0  # among a case's outcomes: the connection closed without a response
+
+
+def exchange(sock, data: bytes, trickle: tuple[int, float] | None) -> int:
+    """Sends `data` (with a trickle `(n, pause)`: its first n bytes, then a byte every pause) and
+    reads a response head: its status, or CLOSE. A case with neither within 8 s is a hang, and
+    fails."""
+    sock.settimeout(8)
+    try:
+        if trickle:
+            upfront, pause = trickle
+            sock.sendall(data[:upfront])
+            for i in range(upfront, len(data)):
+                time.sleep(pause)
+                sock.sendall(data[i:i + 1])
+        else:
+            sock.sendall(data)
+    except OSError:
+        pass  # closed while sending: the read says how
+    got = b""
+    try:
+        while b"\r\n\r\n" not in got and (piece := sock.recv(4096)):
+            got += piece
+    except (ConnectionResetError, ssl.SSLError):
+        pass
+    except TimeoutError:
+        raise AssertionError(f"no answer and no close within 8 s: {data[:80]!r}")
+    if not got:
+        return CLOSE
+    if not got.startswith(b"HTTP/1."):
+        raise AssertionError(f"not an HTTP response: {got[:80]!r}")
+    return int(got[9:12])
+
+
+SLOW = "POST /v1/chat/completions HTTP/1.1\r\nHost: HOST\r\nX-Slow: " + "z" * 60
+
+
+def corpus(host: str):
+    """Malformed and hostile requests to a routed host, each with the statuses it may get. Every
+    one names the host first, so every one must be routed, and answered by the sidecar."""
+    def post(body: bytes, headers: str = "", path: str = "/v1/chat/completions") -> bytes:
+        return (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                f"{headers}Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+    def head(text: str) -> bytes:
+        return text.replace("HOST", host).encode()
+
+    chat = lambda content: post(b'{"model":"m","messages":[{"role":"user","content":' + content + b"}]}")
+    many = "".join(f"X-H{i}: v\r\n" for i in range(1000))
+    return [
+        ("truncated JSON", post(b'{"model":"m","mess'), None, {400}),
+        ("deep JSON", post(b'{"model":"m","messages":' + b"[" * 20_000), None, {400}),
+        ("huge JSON", chat(b'"' + b"a" * 200_000 + b'"'), None, {413}),
+        ("invalid UTF-8", chat(b'"\xff\xfe"'), None, {400}),
+        ("lone surrogate", chat(b'"\\ud800"'), None, {400}),
+        ("NUL byte", post(b'{"model":"m",\0"messages":[]}'), None, {400}),
+        ("wrong type", chat(b"5"), None, {400}),
+        ("null message", post(b'{"model":"m","messages":[null]}'), None, {400}),
+        ("not an object", post(b"[1, 2, 3]"), None, {400}),
+        ("lying content-length", head("POST /v1/chat/completions HTTP/1.1\r\nHost: HOST\r\nContent-Length: 1000\r\n\r\n{"),
+         None, {400, 408}),
+        ("bad chunked encoding", head("POST /v1/chat/completions HTTP/1.1\r\nHost: HOST\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n"),
+         None, {400}),
+        ("two content-lengths", head("POST /v1/chat/completions HTTP/1.1\r\nHost: HOST\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}"),
+         None, {400}),
+        ("content-length and chunked", head("POST /v1/chat/completions HTTP/1.1\r\nHost: HOST\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
+         None, {400}),
+        # Heads longer than the sniffer reads, or with more headers than it parses: still routed.
+        ("oversized header", post(b"{}", "X-Big: " + "b" * 600_000 + "\r\n"), None, {431, 400}),
+        ("a thousand headers", post(b"{}", many), None, {431, 400}),
+        # A head that never finishes: routed once its Host line is in, then cut by --header-timeout;
+        # or trickled from its first byte, and cut before its Host is known (never passed through).
+        ("slowloris", head(SLOW), (len(head(SLOW)) - 60, 0.05), {408, CLOSE}),
+        ("slowloris from the first byte", head(SLOW), (0, 0.05), {408, CLOSE}),
+        ("unknown method", head("BREW /v1/chat/completions HTTP/1.1\r\nHost: HOST\r\nConnection: close\r\n\r\n"), None, {404, 405}),
+        ("path traversal", head("GET /../../etc/passwd HTTP/1.1\r\nHost: HOST\r\nConnection: close\r\n\r\n"), None, {400, 404}),
+    ]
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def hostile(proc, ca: Path):
+    """The hostile corpus on the transparent listener, over captured plain HTTP and intercepted
+    TLS: every case is routed to the sidecar's L7 path and gets its 4xx (or a close), never a
+    5xx or a hang; bytes that are not HTTP go on to the original destination; memory stays flat."""
+    client_tls = ssl.create_default_context(cafile=str(ca / "tls.crt"))
+    rss = []
+    for round_ in range(3):
+        before = metrics()
+        routed = 0
+        for addr, host, tls in ((LLM, "api.llm.test", False), (SECURE, "chat.secure.test", True)):
+            cases = corpus(host)
+            results = {}
+
+            def run(case, addr=addr, host=host, tls=tls, results=results):
+                name, data, trickle, _ = case
+                sock = socket.create_connection((addr, 443 if tls else 80), timeout=8)
+                if tls:
+                    sock = client_tls.wrap_socket(sock, server_hostname=host)
+                with sock:
+                    try:
+                        results[name] = exchange(sock, data, trickle)
+                    except AssertionError as e:
+                        results[name] = e
+
+            threads = [threading.Thread(target=run, args=(c,)) for c in cases]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(20)
+            for name, _, _, allowed in cases:
+                got = results.get(name)
+                check(got in allowed, f"round {round_} {host} {name}: got {got}, expected one of {sorted(allowed)}")
+            routed += len(cases)
+        after = metrics()
+        grew = lambda protocol, action: counter(after, f'bulwark_transparent_connections_total{{protocol="{protocol}",action="{action}"}}') \
+            - counter(before, f'bulwark_transparent_connections_total{{protocol="{protocol}",action="{action}"}}')
+        # Over plain HTTP the head trickled from its first byte is cut by the sniffer; over TLS the
+        # ClientHello came at once and the head is cut by the L7 listener.
+        n = routed // 2
+        got = (grew("http", "routed"), grew("http", "timeout"), grew("tls", "routed"), grew("http", "passthrough"))
+        check(got == (n - 1, 1, n, 0), f"every case is routed by its Host, none passed through: {got}")
+        rss.append(rss_kib(proc.pid))
+
+    # Bytes that are not HTTP, or not an HTTP/1 head, go to the original destination, which
+    # answers them itself; a ClientHello that never finishes is closed by the sidecar.
+    before = metrics()
+    for data in (b"\x00\x01\x02\xff\xfe garbage \r\n\r\n", b"GET / HTTP/7.0\r\nHost: api.llm.test\r\n\r\n",
+                 b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"):
+        with socket.create_connection((LLM, 80), timeout=8) as sock:
+            sock.sendall(data)
+            got = b""
+            try:
+                while piece := sock.recv(4096):
+                    got += piece
+            except ConnectionResetError:
+                pass
+            # Python's server answers the garbage as HTTP/0.9 (a bare page), HTTP/7.0 with a 505.
+            origin = b"Error response" in got
+            check(origin == (data[0] != 0x16), f"passed on to the provider, or closed: {data[:12]!r} {got[:60]!r}")
+    after = metrics()
+    grew = lambda protocol, action: counter(after, f'bulwark_transparent_connections_total{{protocol="{protocol}",action="{action}"}}') \
+        - counter(before, f'bulwark_transparent_connections_total{{protocol="{protocol}",action="{action}"}}')
+    got = (grew("other", "passthrough"), grew("tls", "timeout"), grew("tls", "passthrough"))
+    check(got == (2, 1, 0), f"non-HTTP bytes passed through, a cut ClientHello closed: {got}")
+
+    grown = rss[2] - min(rss[0], rss[2])
+    check(grown < 16 << 10, f"RSS flat from the first round to the third: {rss} KiB")
+    m = metrics()
+    bad = [l for l in m.splitlines() if l.startswith("bulwark_requests_total") and 'status_class="5xx"' in l
+           and not l.endswith(" 0")]
+    check(not bad, f"no 5xx from the sidecar: {bad}")
 
 
 def main():
@@ -283,6 +443,8 @@ def main():
               f"connections counted once each: {routed, plain, tls_n, other, tls_routed}")
         up = counter(m, 'bulwark_transparent_passthrough_bytes_total{direction="upstream"}')
         check(up >= len(blob), f"passthrough bytes counted: {up}")
+
+        hostile(proc, ca)
 
         # The rules: idempotent, and removable.
         sh(SIDECAR, "redirect", "--proxy-uid", str(PROXY_UID), "--redirect-port", "15081", "--exclude-ports", "15080,15090")
