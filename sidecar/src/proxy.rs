@@ -212,8 +212,11 @@ async fn scan_input(state: &AppState, route: &RouteRuntime, req: &mut LlmRequest
         return Err(ProxyError::bad_request("unscannable_content", message).with_param(path));
     }
     let ctx = scan::Ctx { metrics: &state.metrics, route: &route.cfg.route, backend: None, mirrored: false };
+    let arguments = scan::text::ToolArguments::parse(req.api, &mut req.body);
     let mut texts = scan::text::request_texts(req.api, &mut req.body);
-    match scan::run_async(policy, Direction::Input, &mut texts, &ctx).await {
+    let scanned = scan::run_async(policy, Direction::Input, &mut texts, &ctx).await;
+    arguments.put_back(req.api, &mut req.body);
+    match scanned {
         Ok(restore) => {
             if restore.redacted {
                 req.raw = Bytes::from(serde_json::to_vec(&req.body).unwrap_or_default());
@@ -245,6 +248,7 @@ async fn scan_output(
         backend: Some(&backend.cfg.name),
         mirrored: origin == Origin::Mirror,
     };
+    let arguments = v.as_object_mut().map(|o| scan::text::ToolArguments::parse(api, o)).unwrap_or_default();
     let mut texts = scan::text::response_texts(api, &mut v);
     let blocked = match scan::run_async(policy, Direction::Output, &mut texts, &ctx).await {
         Ok(_) => {
@@ -261,6 +265,9 @@ async fn scan_output(
             Some(b)
         }
     };
+    if let Some(o) = v.as_object_mut() {
+        arguments.put_back(api, o);
+    }
     (Bytes::from(serde_json::to_vec(&v).unwrap_or_default()), blocked)
 }
 

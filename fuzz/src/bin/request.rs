@@ -26,6 +26,7 @@ fn main() {
         let Ok(mut req) = rt.block_on(read) else { return };
         let _ = bulwark_sidecar::shape::unscannable(req.api, &req.body);
         let _ = req.prompt_chars();
+        let arguments = text::ToolArguments::parse(req.api, &mut req.body);
         let mut texts = text::request_texts(req.api, &mut req.body);
         let ctx = bulwark_sidecar::scan::Ctx { metrics, route: "fuzz", backend: None, mirrored: false };
         let _ = bulwark_sidecar::scan::run_with(
@@ -35,6 +36,7 @@ fn main() {
             &ctx,
             bulwark_sidecar::scan::Pass::All,
         );
+        arguments.put_back(req.api, &mut req.body);
         // What is forwarded must still be JSON.
         serde_json::to_vec(&req.body).expect("a request body serializes");
     });

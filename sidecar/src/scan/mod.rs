@@ -7,6 +7,7 @@ pub mod invisible;
 pub mod json;
 pub mod language;
 pub mod model;
+pub mod partial_json;
 pub mod patterns;
 pub mod pii;
 pub mod secrets;

@@ -1,13 +1,22 @@
 //! Output scanning of a streamed response, as it streams. Text deltas are held back on a
 //! sliding window (`streaming.windowChars`) so a secret split across chunks is still caught;
 //! released text is redacted and restored, then re-emitted as events of the same shape.
+//!
+//! The deltas scanned are the answer's text, Anthropic thinking, and tool calls' arguments
+//! (OpenAI `delta.tool_calls[].function.arguments`, Anthropic `input_json_delta`). Arguments
+//! are JSON arriving in pieces: each string value in them is scanned as a text of its own, with
+//! its escapes decoded, and encoded again, so a redacted argument is still valid JSON.
 
 use std::sync::Arc;
 
 use bytes::Bytes;
 use serde_json::Value;
 
-use super::{Blocked, Ctx, Direction, Pass, PolicyRuntime, Restore, run_with};
+use super::{
+    Blocked, Ctx, Direction, Pass, PolicyRuntime, Restore,
+    partial_json::{self, PartialJson, Piece},
+    run_with,
+};
 use crate::{error::Flavor, metrics::Metrics};
 
 pub struct OutputGuard {
@@ -22,16 +31,52 @@ pub struct OutputGuard {
     mirrored: bool,
     /// Bytes of an event not complete yet.
     partial: Vec<u8>,
+    /// The part of the answer whose deltas are being scanned.
+    part: Option<Delta>,
     /// Scanned text not yet released to the client.
     held: String,
     /// The text released just before `held`, as it came (at most `window` characters): what
     /// the scanners see before it.
     context: String,
-    /// The last content event, re-used as the shape of released text.
-    template: Option<(Option<String>, Value)>,
+    /// The last event of the part, re-used as the shape of released text.
+    template: Option<Template>,
+    /// The readers of tool-call arguments, by part.
+    arguments: Vec<(Part, PartialJson)>,
     window: usize,
     /// The whole text, for scanners that judge a complete document at the end (bounded).
     full: Option<String>,
+}
+
+/// Which part of an answer a delta adds to. The guard scans one part at a time, in the order
+/// the deltas come: a delta of another part first releases all of the one before.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Part {
+    /// OpenAI's answer text (`delta.content`, or a completion's `text`).
+    Text,
+    /// An OpenAI tool call, by its index.
+    ToolCall(u64),
+    /// An Anthropic content block, by its index.
+    Block(u64),
+}
+
+/// A delta the guard scans: its part, and where its text is in the event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Delta {
+    part: Part,
+    /// JSON pointer of the text in the event.
+    slot: &'static str,
+    /// Tool-call arguments, JSON, rather than text.
+    json: bool,
+    /// The answer's text, which whole-document scanners judge at the end (not thinking, not
+    /// tool calls).
+    whole: bool,
+}
+
+/// An event to write released text into.
+struct Template {
+    name: Option<String>,
+    event: Value,
+    slot: &'static str,
 }
 
 /// Most text kept for whole-document scanners; a longer stream is judged on its start.
@@ -39,33 +84,108 @@ const MAX_FULL: usize = 4 << 20;
 /// The longest event the guard holds while it waits for the event's end.
 const MAX_EVENT: usize = 4 << 20;
 
-/// What a text event carries, by provider.
-fn text_of(flavor: Flavor, v: &Value) -> Option<&str> {
+const OPENAI_TEXT: &str = "/choices/0/delta/content";
+const OPENAI_ARGUMENTS: &str = "/choices/0/delta/tool_calls/0/function/arguments";
+
+/// The delta an event carries, if it carries one the guard scans.
+fn delta_of(flavor: Flavor, v: &Value) -> Option<Delta> {
+    let text = |part, slot, whole| Some(Delta { part, slot, json: false, whole });
     match flavor {
         Flavor::OpenAi => {
             let choice = v.get("choices")?.get(0)?;
-            choice.get("delta").and_then(|d| d.get("content")).or_else(|| choice.get("text"))?.as_str()
+            let delta = choice.get("delta");
+            if let Some([call]) = delta.and_then(|d| d.get("tool_calls")?.as_array()).map(Vec::as_slice)
+                && call.pointer("/function/arguments").is_some_and(Value::is_string)
+            {
+                let part = Part::ToolCall(call.get("index").and_then(Value::as_u64).unwrap_or(0));
+                return Some(Delta { part, slot: OPENAI_ARGUMENTS, json: true, whole: false });
+            }
+            if delta.and_then(|d| d.get("content")).is_some_and(Value::is_string) {
+                return text(Part::Text, OPENAI_TEXT, true);
+            }
+            choice.get("text")?.as_str()?;
+            text(Part::Text, "/choices/0/text", true)
         }
         Flavor::Anthropic => {
+            if v.get("type")?.as_str()? != "content_block_delta" {
+                return None;
+            }
+            let part = Part::Block(v.get("index").and_then(Value::as_u64).unwrap_or(0));
             let d = v.get("delta")?;
-            (d.get("type")?.as_str()? == "text_delta").then(|| d.get("text")?.as_str())?
+            let (slot, json, whole) = match d.get("type")?.as_str()? {
+                "text_delta" => ("/delta/text", false, true),
+                "thinking_delta" => ("/delta/thinking", false, false),
+                "input_json_delta" => ("/delta/partial_json", true, false),
+                _ => return None,
+            };
+            v.pointer(slot)?.as_str()?;
+            Some(Delta { part, slot, json, whole })
         }
     }
 }
 
-fn set_text(flavor: Flavor, v: &mut Value, text: &str) {
-    let slot = match flavor {
-        Flavor::OpenAi => v.pointer_mut("/choices/0/delta/content"),
-        Flavor::Anthropic => v.pointer_mut("/delta/text"),
+/// An OpenAI event with text and a tool call, or several tool calls, as one event each, so that
+/// each delta has a single part. The event's own fields ride on the first; its finish on the last.
+fn split(flavor: Flavor, v: Value) -> Vec<Value> {
+    let calls = match v.pointer("/choices/0/delta/tool_calls").and_then(Value::as_array) {
+        Some(calls) if flavor == Flavor::OpenAi => calls.clone(),
+        _ => return vec![v],
     };
-    match slot {
-        Some(s) => *s = Value::String(text.to_owned()),
-        None => {
-            if let Some(t) = v.pointer_mut("/choices/0/text") {
-                *t = Value::String(text.to_owned());
-            }
+    let text = v.pointer(OPENAI_TEXT).and_then(Value::as_str).is_some_and(|t| !t.is_empty());
+    if calls.len() + usize::from(text) <= 1 {
+        return vec![v];
+    }
+    let finish = v.pointer("/choices/0/finish_reason").cloned();
+    let mut first = with_delta(&v, v.pointer("/choices/0/delta").cloned().unwrap_or_default());
+    let mut out = vec![];
+    let mut calls = calls.into_iter();
+    if let Some(delta) = first.pointer_mut("/choices/0/delta").and_then(Value::as_object_mut) {
+        if text {
+            delta.remove("tool_calls");
+        } else {
+            delta.insert("tool_calls".into(), Value::Array(calls.next().into_iter().collect()));
         }
     }
+    out.push(first);
+    out.extend(calls.map(|call| with_delta(&v, serde_json::json!({"tool_calls": [call]}))));
+    if let (Some(last), Some(finish)) = (out.last_mut(), finish)
+        && let Some(slot) = last.pointer_mut("/choices/0/finish_reason")
+    {
+        *slot = finish;
+    }
+    out
+}
+
+/// `v` with `delta` as its first choice's delta, no finish and no usage.
+fn with_delta(v: &Value, delta: Value) -> Value {
+    let mut ev = v.clone();
+    if let Some(obj) = ev.as_object_mut() {
+        obj.remove("usage");
+    }
+    if let Some(choice) = ev.pointer_mut("/choices/0").and_then(Value::as_object_mut) {
+        choice.insert("delta".into(), delta);
+        choice.insert("finish_reason".into(), Value::Null);
+    }
+    ev
+}
+
+/// The shape of a tool call's later pieces: its index and arguments only (its id and name went
+/// out with its first piece, and must not be repeated: clients join the pieces).
+fn arguments_template(flavor: Flavor, v: &Value) -> Value {
+    match flavor {
+        Flavor::Anthropic => v.clone(),
+        Flavor::OpenAi => {
+            let index = v.pointer("/choices/0/delta/tool_calls/0/index").cloned().unwrap_or(Value::from(0));
+            with_delta(v, serde_json::json!({"tool_calls": [{"index": index, "function": {"arguments": ""}}]}))
+        }
+    }
+}
+
+fn write_event(out: &mut Vec<u8>, name: Option<&str>, event: &Value) {
+    if let Some(n) = name {
+        out.extend_from_slice(format!("event: {n}\n").as_bytes());
+    }
+    out.extend_from_slice(format!("data: {event}\n\n").as_bytes());
 }
 
 impl OutputGuard {
@@ -95,9 +215,11 @@ impl OutputGuard {
             backend,
             mirrored: false,
             partial: vec![],
+            part: None,
             held: String::new(),
             context: String::new(),
             template: None,
+            arguments: vec![],
             window,
             full,
         }
@@ -126,7 +248,7 @@ impl OutputGuard {
     /// The upstream ended: scan and release what is held, and any trailing bytes.
     pub fn finish(&mut self) -> Result<Bytes, Blocked> {
         let mut out = Vec::new();
-        self.release(true, &mut out)?;
+        self.flush(&mut out)?;
         self.judge_whole()?;
         out.append(&mut self.partial);
         Ok(Bytes::from(out))
@@ -160,16 +282,22 @@ impl OutputGuard {
                 data.push_str(v.strip_prefix(' ').unwrap_or(v));
             }
         }
-        let parsed: Option<Value> = serde_json::from_str(&data).ok();
-        if let Some(v) = parsed
-            && let Some(t) = text_of(self.flavor, &v)
-        {
-            self.held.push_str(t);
-            self.template = Some((name, v));
-            return self.release(false, out);
+        let events = serde_json::from_str::<Value>(&data).map(|v| split(self.flavor, v)).unwrap_or_default();
+        if events.iter().any(|v| delta_of(self.flavor, v).is_some()) {
+            for v in events {
+                match delta_of(self.flavor, &v) {
+                    Some(delta) => self.delta(name.clone(), v, delta, out)?,
+                    None => {
+                        self.flush(out)?;
+                        write_event(out, name.as_deref(), &v);
+                    }
+                }
+            }
+            return Ok(());
         }
-        // Anything else (role, tool calls, finish, usage, [DONE]): flush the text first, keep order.
-        self.release(true, out)?;
+        // Anything else (role, finish, usage, block starts and stops, [DONE]): release what is
+        // held first, to keep the order.
+        self.flush(out)?;
         if data == "[DONE]" || name.as_deref() == Some("message_stop") {
             // The end marker leaves only once the whole answer passed.
             self.judge_whole()?;
@@ -178,10 +306,85 @@ impl OutputGuard {
         Ok(())
     }
 
-    /// Scans the held text; releases all of it (`all`) or all but the window.
-    fn release(&mut self, all: bool, out: &mut Vec<u8>) -> Result<(), Blocked> {
-        if self.held.is_empty() {
+    /// A delta of text or of tool-call arguments.
+    fn delta(&mut self, name: Option<String>, mut v: Value, delta: Delta, out: &mut Vec<u8>) -> Result<(), Blocked> {
+        if self.part.map(|p| p.part) != Some(delta.part) {
+            self.flush(out)?;
+            self.context.clear();
+        }
+        self.part = Some(delta);
+        let piece = v.pointer(delta.slot).and_then(Value::as_str).unwrap_or_default().to_owned();
+        if !delta.json {
+            self.held.push_str(&piece);
+            self.template = Some(Template { name, event: v, slot: delta.slot });
+            let released = self.release(false)?;
+            self.emit(&released, out);
             return Ok(());
+        }
+        let at = self.arguments.iter().position(|(p, _)| *p == delta.part).unwrap_or_else(|| {
+            self.arguments.push((delta.part, PartialJson::default()));
+            self.arguments.len() - 1
+        });
+        let reader = &mut self.arguments[at].1;
+        let pieces = reader.feed(&piece);
+        let open = reader.in_value();
+        let mut json = String::new();
+        for piece in pieces {
+            match piece {
+                Piece::Raw(raw) => json.push_str(&raw),
+                Piece::Text(text) => self.held.push_str(&text),
+                // A string value ended: all of it is judged, and the next one starts afresh.
+                Piece::End => {
+                    json.push_str(&partial_json::encode(&self.release(true)?));
+                    self.context.clear();
+                }
+            }
+        }
+        if open {
+            json.push_str(&partial_json::encode(&self.release(false)?));
+        }
+        let later = arguments_template(self.flavor, &v);
+        if let Some(slot) = v.pointer_mut(delta.slot) {
+            *slot = Value::String(json.clone());
+        }
+        // A piece wholly held back leaves nothing, unless it carries more (a call's id and name).
+        if !json.is_empty() || v != later {
+            write_event(out, name.as_deref(), &v);
+        }
+        self.template = Some(Template { name, event: later, slot: delta.slot });
+        Ok(())
+    }
+
+    /// Releases all that is held of the current part.
+    fn flush(&mut self, out: &mut Vec<u8>) -> Result<(), Blocked> {
+        let released = self.release(true)?;
+        if self.part.is_some_and(|p| p.json) {
+            self.emit(&partial_json::encode(&released), out);
+        } else {
+            self.emit(&released, out);
+        }
+        Ok(())
+    }
+
+    /// Writes released text (or encoded arguments) into the part's last event.
+    fn emit(&self, released: &str, out: &mut Vec<u8>) {
+        if released.is_empty() {
+            return;
+        }
+        if let Some(t) = &self.template {
+            let mut ev = t.event.clone();
+            if let Some(slot) = ev.pointer_mut(t.slot) {
+                *slot = Value::String(released.to_owned());
+            }
+            write_event(out, t.name.as_deref(), &ev);
+        }
+    }
+
+    /// Scans the held text; releases all of it (`all`) or all but the window, redacted and
+    /// restored.
+    fn release(&mut self, all: bool) -> Result<String, Blocked> {
+        if self.held.is_empty() {
+            return Ok(String::new());
         }
         let ctx =
             Ctx { metrics: &self.metrics, route: &self.route, backend: Some(&self.backend), mirrored: self.mirrored };
@@ -217,7 +420,7 @@ impl OutputGuard {
             cut = open;
         }
         if cut == 0 {
-            return Ok(());
+            return Ok(String::new());
         }
         let released: String = self.held.drain(..cut).collect();
         // What was released, as it came, is the context of what follows.
@@ -227,21 +430,13 @@ impl OutputGuard {
             let from = self.context.char_indices().nth(chars - self.window).map_or(0, |(i, _)| i);
             self.context.drain(..from);
         }
-        if let Some(full) = &mut self.full
+        if self.part.is_some_and(|p| p.whole)
+            && let Some(full) = &mut self.full
             && full.len() + released.len() <= MAX_FULL
         {
             full.push_str(&released);
         }
-        let released = if self.restore.is_empty() { released } else { self.restore.apply(&released) };
-        if let Some((name, template)) = &self.template {
-            let mut ev = template.clone();
-            set_text(self.flavor, &mut ev, &released);
-            if let Some(n) = name {
-                out.extend_from_slice(format!("event: {n}\n").as_bytes());
-            }
-            out.extend_from_slice(format!("data: {ev}\n\n").as_bytes());
-        }
-        Ok(())
+        Ok(if self.restore.is_empty() { released } else { self.restore.apply(&released) })
     }
 
     /// The events that end a stream whose output was blocked.
@@ -251,9 +446,9 @@ impl OutputGuard {
         match self.flavor {
             Flavor::OpenAi => {
                 let mut stop = serde_json::json!({"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {}, "finish_reason": "content_filter"}]});
-                if let Some((_, t)) = &self.template {
+                if let Some(t) = &self.template {
                     for k in ["id", "created", "model"] {
-                        if let Some(v) = t.get(k) {
+                        if let Some(v) = t.event.get(k) {
                             stop[k] = v.clone();
                         }
                     }
@@ -314,7 +509,7 @@ mod tests {
             .split("\n\n")
             .filter_map(|e| e.strip_prefix("data: "))
             .filter_map(|d| serde_json::from_str::<Value>(d).ok())
-            .filter_map(|v| text_of(Flavor::OpenAi, &v).map(str::to_owned))
+            .filter_map(|v| v.pointer(OPENAI_TEXT).and_then(Value::as_str).map(str::to_owned))
             .collect()
     }
 
@@ -469,6 +664,139 @@ mod tests {
         assert!(s.trim_end().ends_with("{\"type\":\"content_block_stop\",\"index\":0}"));
     }
 
+    /// The OpenAI tool-call events of `pieces` of arguments: the first carries the id and name.
+    fn openai_tool_events(calls: &[(u64, &[&str])]) -> String {
+        let mut wire = String::new();
+        for (index, pieces) in calls {
+            for (i, piece) in pieces.iter().enumerate() {
+                let mut call = serde_json::json!({"index": index, "function": {"arguments": piece}});
+                if i == 0 {
+                    call["id"] = format!("call_{index}").into();
+                    call["type"] = "function".into();
+                    call["function"]["name"] = "deploy".into();
+                }
+                let ev = serde_json::json!({"id": "c1", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"tool_calls": [call]}, "finish_reason": null}]});
+                wire.push_str(&format!("data: {ev}\n\n"));
+            }
+        }
+        wire.push_str("data: {\"id\":\"c1\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"tool_calls\"}]}\n\ndata: [DONE]\n\n");
+        wire
+    }
+
+    /// What a client assembles from OpenAI tool-call events: per index, ids, names, arguments.
+    fn assembled_calls(bytes: &[u8]) -> Vec<(String, String, String)> {
+        let mut calls: Vec<(String, String, String)> = vec![];
+        for data in String::from_utf8_lossy(bytes).split("\n\n").filter_map(|e| e.strip_prefix("data: ")) {
+            let Ok(v) = serde_json::from_str::<Value>(data) else { continue };
+            for call in v.pointer("/choices/0/delta/tool_calls").and_then(Value::as_array).into_iter().flatten() {
+                let i = usize::try_from(call["index"].as_u64().unwrap()).unwrap();
+                if calls.len() <= i {
+                    calls.resize(i + 1, Default::default());
+                }
+                let field = |p: &str| call.pointer(p).and_then(Value::as_str).unwrap_or_default().to_owned();
+                calls[i].0 += &field("/id");
+                calls[i].1 += &field("/function/name");
+                calls[i].2 += &field("/function/arguments");
+            }
+        }
+        calls
+    }
+
+    const SECRETS: &str = "output:\n- {type: secrets, action: redact}\nstreaming: {windowChars: 32}";
+
+    #[test]
+    fn a_secret_split_across_openai_tool_argument_chunks_is_redacted_and_the_arguments_stay_json() {
+        // The key is cut inside a string, across events, and one piece hides it behind escapes.
+        let pieces: &[&str] = &[
+            "{\"region\": \"eu\", \"aws_key\": \"AKIA",
+            "IOSFOD",
+            "NN7EXAMPLE\", \"n",
+            "ote\": \"say \\\"hi",
+            "\\\"\"}",
+        ];
+        let escaped: &[&str] = &["{\"k\": \"\\u0041KIAIOSFODNN7EXAMPLE\"}"];
+        let wire = openai_tool_events(&[(0, pieces), (1, escaped)]);
+        for split in [1, 9, 64, 4096] {
+            let mut g = guard(SECRETS, Restore::default(), Flavor::OpenAi);
+            let mut out = Vec::new();
+            for chunk in wire.as_bytes().chunks(split) {
+                out.extend_from_slice(&g.feed(chunk).unwrap());
+            }
+            out.extend_from_slice(&g.finish().unwrap());
+            let text = String::from_utf8_lossy(&out);
+            assert!(!text.contains("IOSFOD") && !text.contains("EXAMPLE"), "chunks of {split}: {text}");
+            let calls = assembled_calls(&out);
+            assert_eq!((calls[0].0.as_str(), calls[0].1.as_str()), ("call_0", "deploy"), "id and name once: {text}");
+            assert_eq!((calls[1].0.as_str(), calls[1].1.as_str()), ("call_1", "deploy"));
+            let args: Value = serde_json::from_str(&calls[0].2).unwrap();
+            assert_eq!(
+                args,
+                serde_json::json!({"region": "eu", "aws_key": "[REDACTED_AWS_ACCESS_KEY_ID]", "note": "say \"hi\""})
+            );
+            let args: Value = serde_json::from_str(&calls[1].2).unwrap();
+            assert_eq!(args, serde_json::json!({"k": "[REDACTED_AWS_ACCESS_KEY_ID]"}), "escapes are decoded first");
+            assert!(text.contains("\"finish_reason\":\"tool_calls\"") && text.ends_with("data: [DONE]\n\n"));
+        }
+    }
+
+    #[test]
+    fn several_tool_calls_in_one_event_are_each_scanned() {
+        let ev = serde_json::json!({"id": "c1", "choices": [{"index": 0, "delta": {"content": "calling", "tool_calls": [
+            {"index": 0, "id": "a", "function": {"name": "f", "arguments": "{\"x\": \"AKIAIOSFODNN7EXAMPLE\"}"}},
+            {"index": 1, "id": "b", "function": {"name": "g", "arguments": "{\"y\": \"ok\"}"}}
+        ]}, "finish_reason": "tool_calls"}]});
+        let mut g = guard(SECRETS, Restore::default(), Flavor::OpenAi);
+        let mut out = g.feed(format!("data: {ev}\n\n").as_bytes()).unwrap().to_vec();
+        out.extend_from_slice(&g.finish().unwrap());
+        let text = String::from_utf8_lossy(&out);
+        assert!(!text.contains("AKIAIOSFODNN7EXAMPLE"), "{text}");
+        let calls = assembled_calls(&out);
+        assert_eq!(calls[0], ("a".into(), "f".into(), "{\"x\": \"[REDACTED_AWS_ACCESS_KEY_ID]\"}".into()));
+        assert_eq!(calls[1], ("b".into(), "g".into(), "{\"y\": \"ok\"}".into()));
+        assert_eq!(text_out(&out), "calling");
+        assert_eq!(text.matches("\"finish_reason\":\"tool_calls\"").count(), 1, "{text}");
+    }
+
+    #[test]
+    fn anthropic_tool_input_and_thinking_deltas_are_scanned() {
+        let ev = |index: u64, delta: Value| {
+            format!(
+                "event: content_block_delta\ndata: {}\n\n",
+                serde_json::json!({"type": "content_block_delta", "index": index, "delta": delta})
+            )
+        };
+        let stop = |index: u64| {
+            format!("event: content_block_stop\ndata: {{\"type\":\"content_block_stop\",\"index\":{index}}}\n\n")
+        };
+        let wire = [
+            ev(0, serde_json::json!({"type": "thinking_delta", "thinking": "the key AKIAIOSF"})),
+            ev(0, serde_json::json!({"type": "thinking_delta", "thinking": "ODNN7EXAMPLE works"})),
+            stop(0),
+            "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":1,\"content_block\":{\"type\":\"tool_use\",\"id\":\"t\",\"name\":\"f\",\"input\":{}}}\n\n".to_owned(),
+            ev(1, serde_json::json!({"type": "input_json_delta", "partial_json": "{\"key\": \"AKIAIOSF"})),
+            ev(1, serde_json::json!({"type": "input_json_delta", "partial_json": "ODNN7EXAMPLE\"}"})),
+            stop(1),
+        ]
+        .concat();
+        let mut g = guard(SECRETS, Restore::default(), Flavor::Anthropic);
+        let mut out = g.feed(wire.as_bytes()).unwrap().to_vec();
+        out.extend_from_slice(&g.finish().unwrap());
+        let text = String::from_utf8_lossy(&out);
+        assert!(!text.contains("ODNN7EXAMPLE"), "{text}");
+        let (mut thinking, mut input) = (String::new(), String::new());
+        for data in text.split("\n\n").filter_map(|e| e.split_once("data: ").map(|(_, d)| d)) {
+            let v: Value = serde_json::from_str(data).unwrap();
+            thinking += v.pointer("/delta/thinking").and_then(Value::as_str).unwrap_or_default();
+            input += v.pointer("/delta/partial_json").and_then(Value::as_str).unwrap_or_default();
+        }
+        assert_eq!(thinking, "the key [REDACTED_AWS_ACCESS_KEY_ID] works");
+        assert_eq!(
+            serde_json::from_str::<Value>(&input).unwrap(),
+            serde_json::json!({"key": "[REDACTED_AWS_ACCESS_KEY_ID]"})
+        );
+        assert!(text.trim_end().ends_with("{\"type\":\"content_block_stop\",\"index\":1}"), "{text}");
+    }
+
     mod properties {
         use proptest::prelude::*;
 
@@ -560,6 +888,31 @@ mod tests {
                 let ctx = Ctx { metrics: &metrics, route: "r", backend: None, mirrored: false };
                 run_with(&policy, Direction::Output, &mut [&mut whole], &ctx, Pass::All).unwrap();
                 prop_assert_eq!(text_out(&out), whole);
+            }
+
+            /// The same for a tool call's arguments: a string value in JSON cut anywhere (inside
+            /// escapes too) comes out as redacting the whole value gives, and still valid JSON.
+            #[test]
+            fn streamed_tool_arguments_equal_redacting_each_whole_value(
+                pieces in prop::collection::vec(piece(), 1..40),
+                deltas in prop::collection::vec(0.0f64..1.0, 0..12),
+            ) {
+                let text = within_window(&pieces.concat());
+                let json = serde_json::json!({"a": text, "n": 1, "b": ["x", text]}).to_string();
+                let cut = cuts(&json, &deltas);
+                let wire = openai_tool_events(&[(0, &cut.iter().map(String::as_str).collect::<Vec<_>>())]);
+                let mut g = guard(POLICY, Restore::default(), Flavor::OpenAi);
+                let mut out = g.feed(wire.as_bytes()).unwrap().to_vec();
+                out.extend_from_slice(&g.finish().unwrap());
+
+                let mut whole = text.clone();
+                let spec: ScannerPolicySpec = serde_yaml::from_str(POLICY).unwrap();
+                let policy = PolicyRuntime::build("p", &spec, &super::super::super::model::ModelHub::default()).unwrap();
+                let metrics = Metrics::new();
+                let ctx = Ctx { metrics: &metrics, route: "r", backend: None, mirrored: false };
+                run_with(&policy, Direction::Output, &mut [&mut whole], &ctx, Pass::All).unwrap();
+                let args: Value = serde_json::from_str(&assembled_calls(&out)[0].2).unwrap();
+                prop_assert_eq!(args, serde_json::json!({"a": whole, "n": 1, "b": ["x", whole]}));
             }
         }
     }

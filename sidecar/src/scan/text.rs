@@ -55,14 +55,62 @@ fn message<'a>(m: &'a mut Value, out: &mut Vec<&'a mut String>) {
     for (key, value) in obj.iter_mut() {
         match key.as_str() {
             "content" => content(value, out),
-            "tool_calls" => {
-                for call in value.as_array_mut().into_iter().flatten() {
-                    if let Some(Value::String(args)) = call.get_mut("function").and_then(|f| f.get_mut("arguments")) {
-                        out.push(args);
-                    }
-                }
-            }
+            // Parsed by `ToolArguments` to what they hold; arguments that are not JSON stay a string.
+            "tool_calls" => arguments_of(value).into_iter().for_each(|args| leaves(args, out)),
             _ => {}
+        }
+    }
+}
+
+/// The `function.arguments` of a message's `tool_calls`, in order.
+fn arguments_of(tool_calls: &mut Value) -> Vec<&mut Value> {
+    let calls = tool_calls.as_array_mut().into_iter().flatten();
+    calls.filter_map(|call| call.get_mut("function")?.get_mut("arguments")).collect()
+}
+
+/// Every OpenAI tool-call `arguments` of a request's messages or an answer's choices.
+fn arguments(api: Api, body: &mut Map<String, Value>) -> Vec<&mut Value> {
+    if api != Api::ChatCompletions {
+        return vec![];
+    }
+    let messages: Vec<&mut Value> = if body.contains_key("messages") {
+        body.get_mut("messages").and_then(Value::as_array_mut).into_iter().flatten().collect()
+    } else {
+        let choices = body.get_mut("choices").and_then(Value::as_array_mut).into_iter().flatten();
+        choices.filter_map(|c| c.get_mut("message")).collect()
+    };
+    messages.into_iter().filter_map(|m| m.get_mut("tool_calls")).flat_map(arguments_of).collect()
+}
+
+/// OpenAI tool-call arguments are JSON inside a string. For scanning they are parsed, so that
+/// every string in them is read with its escapes decoded and a redaction rewrites only string
+/// values, keeping the arguments valid JSON of the same shape; `put_back` turns them into
+/// strings again, the unchanged ones byte for byte. Arguments that are not JSON stay a string
+/// and are read as one text.
+#[derive(Debug, Default)]
+pub struct ToolArguments(Vec<Option<(String, Value)>>);
+
+impl ToolArguments {
+    /// Parses the arguments of a request body (`messages`) or an answer (`choices`) in place.
+    pub fn parse(api: Api, body: &mut Map<String, Value>) -> Self {
+        let parsed = arguments(api, body).into_iter().map(|slot| {
+            let Value::String(raw) = slot else { return None };
+            let value = serde_json::from_str::<Value>(raw).ok()?;
+            let raw = std::mem::take(raw);
+            *slot = value.clone();
+            Some((raw, value))
+        });
+        Self(parsed.collect())
+    }
+
+    /// Writes the parsed arguments back as strings.
+    pub fn put_back(self, api: Api, body: &mut Map<String, Value>) {
+        if self.0.iter().all(Option::is_none) {
+            return;
+        }
+        for (slot, kept) in arguments(api, body).into_iter().zip(self.0) {
+            let Some((raw, before)) = kept else { continue };
+            *slot = Value::String(if *slot == before { raw } else { slot.to_string() });
         }
     }
 }
@@ -145,7 +193,53 @@ mod tests {
         });
         let texts = request_texts(Api::ChatCompletions, body.as_object_mut().unwrap());
         let got: Vec<String> = texts.into_iter().map(|s| s.clone()).collect();
-        assert_eq!(got, ["sys", "part", "{\"a\":1}"]);
+        assert_eq!(got, ["sys", "part", "{\"a\":1}"], "arguments not parsed are one text");
+    }
+
+    #[test]
+    fn tool_arguments_are_read_decoded_and_written_back_as_valid_json_of_the_same_shape() {
+        let args = r#"{"token": "sk\u002dlive", "note": "a\u200bb", "list": ["x", 2], "quote": "say \"hi\""}"#;
+        let untouched = r#"{ "q" : "weather"  }"#;
+        let mut body = json!({"messages": [
+            {"role": "assistant", "content": null, "tool_calls": [
+                {"id": "1", "type": "function", "function": {"name": "f", "arguments": args}},
+                {"id": "2", "type": "function", "function": {"name": "g", "arguments": untouched}},
+                {"id": "3", "type": "function", "function": {"name": "h", "arguments": "{\"cut"}}
+            ]}
+        ]});
+        let body = body.as_object_mut().unwrap();
+        let parsed = ToolArguments::parse(Api::ChatCompletions, body);
+        let mut got = vec![];
+        for s in request_texts(Api::ChatCompletions, body) {
+            got.push(s.clone());
+            if s.starts_with("sk-") || s.contains('\u{200b}') {
+                *s = "[REDACTED]".into();
+            }
+        }
+        // Decoded, in key order.
+        assert_eq!(got, ["x", "a\u{200b}b", "say \"hi\"", "sk-live", "weather", "{\"cut"]);
+        parsed.put_back(Api::ChatCompletions, body);
+        let calls = &body["messages"][0]["tool_calls"];
+        let redacted: Value = serde_json::from_str(calls[0]["function"]["arguments"].as_str().unwrap()).unwrap();
+        assert_eq!(
+            redacted,
+            json!({"token": "[REDACTED]", "note": "[REDACTED]", "list": ["x", 2], "quote": "say \"hi\""})
+        );
+        assert_eq!(calls[1]["function"]["arguments"], untouched, "unchanged arguments keep their bytes");
+        assert_eq!(calls[2]["function"]["arguments"], "{\"cut", "arguments that are not JSON stay as they came");
+
+        let mut answer = json!({"choices": [{"index": 0, "message": {"role": "assistant", "tool_calls": [
+            {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{\"k\": \"v\"}"}}]}}]});
+        let answer = answer.as_object_mut().unwrap();
+        let parsed = ToolArguments::parse(Api::ChatCompletions, answer);
+        let mut v = Value::Object(std::mem::take(answer));
+        assert_eq!(
+            response_texts(Api::ChatCompletions, &mut v).into_iter().map(|s| s.clone()).collect::<Vec<_>>(),
+            ["v"]
+        );
+        let mut back = v.as_object().unwrap().clone();
+        parsed.put_back(Api::ChatCompletions, &mut back);
+        assert_eq!(back["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"], "{\"k\": \"v\"}");
     }
 
     #[test]

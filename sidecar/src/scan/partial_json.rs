@@ -1,0 +1,267 @@
+//! JSON read as it streams in pieces (a tool call's arguments, a piece per event): its structure
+//! and its keys pass through as they came, and the text of each string value is decoded for the
+//! scanners, then encoded again, so a redaction keeps the JSON valid and of the same shape.
+
+/// What a piece of JSON holds, in order.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Piece {
+    /// Structure, keys, numbers and literals, and the quotes around string values: as they came.
+    Raw(String),
+    /// Decoded text of the string value being read.
+    Text(String),
+    /// The string value being read has ended (its closing quote is the next `Raw`).
+    End,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Frame {
+    /// In an object; whether the next string is a key.
+    Object {
+        key_next: bool,
+    },
+    Array,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum State {
+    #[default]
+    Between,
+    /// In a key (passed through); after a backslash, whether the next character is escaped.
+    Key { escaped: bool },
+    /// In a string value (decoded).
+    Value,
+}
+
+/// The reader of one JSON document arriving in pieces.
+#[derive(Debug, Default)]
+pub struct PartialJson {
+    stack: Vec<Frame>,
+    state: State,
+    /// The start of an escape sequence cut off at the end of the last piece.
+    pending: String,
+}
+
+/// How deep the structure is tracked; deeper JSON is still passed on, read as if flat.
+const MAX_DEPTH: usize = 128;
+
+impl PartialJson {
+    /// Whether a string value is open: its text so far may still grow.
+    pub fn in_value(&self) -> bool {
+        self.state == State::Value
+    }
+
+    /// Reads the next piece of the document.
+    pub fn feed(&mut self, piece: &str) -> Vec<Piece> {
+        let input = std::mem::take(&mut self.pending) + piece;
+        let mut out = Pieces::default();
+        let mut rest = input.as_str();
+        while let Some(c) = rest.chars().next() {
+            let len = c.len_utf8();
+            match self.state {
+                State::Between => {
+                    self.structure(c);
+                    out.raw(c);
+                }
+                State::Key { escaped } => {
+                    out.raw(c);
+                    self.state = match c {
+                        _ if escaped => State::Key { escaped: false },
+                        '\\' => State::Key { escaped: true },
+                        '"' => State::Between,
+                        _ => State::Key { escaped: false },
+                    };
+                }
+                State::Value if c == '"' => {
+                    out.end();
+                    out.raw(c);
+                    self.state = State::Between;
+                }
+                State::Value if c == '\\' => match unescape(rest) {
+                    Escape::Char(ch, used) => {
+                        out.text(ch);
+                        rest = &rest[used..];
+                        continue;
+                    }
+                    Escape::Incomplete => {
+                        self.pending = rest.to_owned();
+                        break;
+                    }
+                },
+                State::Value => out.text(c),
+            }
+            rest = &rest[len..];
+        }
+        out.0
+    }
+
+    /// A character between strings: opens and closes containers, and tells keys from values.
+    fn structure(&mut self, c: char) {
+        match c {
+            '{' | '[' if self.stack.len() < MAX_DEPTH => {
+                self.stack.push(if c == '{' { Frame::Object { key_next: true } } else { Frame::Array });
+            }
+            '}' | ']' => {
+                self.stack.pop();
+            }
+            ':' | ',' => {
+                if let Some(Frame::Object { key_next }) = self.stack.last_mut() {
+                    *key_next = c == ',';
+                }
+            }
+            '"' => {
+                self.state = match self.stack.last() {
+                    Some(Frame::Object { key_next: true }) => State::Key { escaped: false },
+                    _ => State::Value,
+                };
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Pieces as they are read, runs of the same kind joined.
+#[derive(Default)]
+struct Pieces(Vec<Piece>);
+
+impl Pieces {
+    fn raw(&mut self, c: char) {
+        match self.0.last_mut() {
+            Some(Piece::Raw(s)) => s.push(c),
+            _ => self.0.push(Piece::Raw(c.into())),
+        }
+    }
+
+    fn text(&mut self, c: char) {
+        match self.0.last_mut() {
+            Some(Piece::Text(s)) => s.push(c),
+            _ => self.0.push(Piece::Text(c.into())),
+        }
+    }
+
+    fn end(&mut self) {
+        self.0.push(Piece::End);
+    }
+}
+
+enum Escape {
+    /// The character an escape stands for, and the bytes it took.
+    Char(char, usize),
+    /// The escape goes on in the next piece.
+    Incomplete,
+}
+
+/// Decodes the escape at the start of `s` (which begins with a backslash). One that is not JSON
+/// stands for itself, so nothing is lost; a lone surrogate becomes U+FFFD.
+fn unescape(s: &str) -> Escape {
+    let b = s.as_bytes();
+    let Some(&kind) = b.get(1) else { return Escape::Incomplete };
+    let simple = match kind {
+        b'"' => '"',
+        b'\\' => '\\',
+        b'/' => '/',
+        b'b' => '\u{8}',
+        b'f' => '\u{c}',
+        b'n' => '\n',
+        b'r' => '\r',
+        b't' => '\t',
+        b'u' => return unicode(s),
+        _ => return Escape::Char('\\', 1),
+    };
+    Escape::Char(simple, 2)
+}
+
+/// A `\uXXXX` escape, or a surrogate pair of two.
+fn unicode(s: &str) -> Escape {
+    let hex = |at: usize| -> Option<Option<u32>> {
+        let digits = s.get(at..at + 4)?;
+        Some(u32::from_str_radix(digits, 16).ok().filter(|_| digits.bytes().all(|b| b.is_ascii_hexdigit())))
+    };
+    let Some(first) = hex(2) else {
+        // Fewer than four characters after `\u` so far (or a cut inside a multi-byte one).
+        return if s.len() < 6 { Escape::Incomplete } else { Escape::Char('\\', 1) };
+    };
+    let Some(high) = first else { return Escape::Char('\\', 1) };
+    if !(0xD800..0xDC00).contains(&high) {
+        return Escape::Char(char::from_u32(high).unwrap_or('\u{FFFD}'), 6);
+    }
+    // A high surrogate: its low half should follow as a second escape, maybe in the next piece.
+    let next = &s[6..];
+    let may_follow = next.len() < 6
+        && next.bytes().enumerate().all(|(i, b)| match i {
+            0 => b == b'\\',
+            1 => b == b'u',
+            _ => b.is_ascii_hexdigit(),
+        });
+    if may_follow {
+        return Escape::Incomplete;
+    }
+    match (s.get(6..8), hex(8)) {
+        (Some("\\u"), Some(Some(low))) if (0xDC00..0xE000).contains(&low) => {
+            let c = 0x10000 + ((high - 0xD800) << 10) + (low - 0xDC00);
+            Escape::Char(char::from_u32(c).unwrap_or('\u{FFFD}'), 12)
+        }
+        _ => Escape::Char('\u{FFFD}', 6),
+    }
+}
+
+/// Text as the inside of a JSON string.
+pub fn encode(text: &str) -> String {
+    let quoted = serde_json::Value::String(text.to_owned()).to_string();
+    quoted[1..quoted.len() - 1].to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reads `json` in pieces of `size` characters; returns the decoded string values and the
+    /// document written back with each value's text passed through `f`.
+    fn read(json: &str, size: usize, f: impl Fn(&str) -> String) -> (Vec<String>, String) {
+        let chars: Vec<char> = json.chars().collect();
+        let mut reader = PartialJson::default();
+        let (mut values, mut current, mut back) = (vec![], String::new(), String::new());
+        for piece in chars.chunks(size) {
+            for p in reader.feed(&piece.iter().collect::<String>()) {
+                match p {
+                    Piece::Raw(s) => back.push_str(&s),
+                    Piece::Text(t) => current.push_str(&t),
+                    Piece::End => {
+                        back.push_str(&encode(&f(&current)));
+                        values.push(std::mem::take(&mut current));
+                    }
+                }
+            }
+        }
+        (values, back)
+    }
+
+    #[test]
+    fn values_are_decoded_and_keys_and_structure_pass_through_in_any_pieces() {
+        let json =
+            r#"{"token": "sk\u002dA\"B\\C", "nested": {"list": ["x\ud83d\ude00y", 2, true, null]}, "k\"ey": "v\/w\n"}"#;
+        for size in [1, 2, 3, 5, 7, 200] {
+            let (values, back) = read(json, size, str::to_owned);
+            assert_eq!(values, ["sk-A\"B\\C", "x😀y", "v/w\n"], "pieces of {size}");
+            let same: serde_json::Value = serde_json::from_str(&back).unwrap();
+            assert_eq!(same, serde_json::from_str::<serde_json::Value>(json).unwrap(), "pieces of {size}");
+        }
+    }
+
+    #[test]
+    fn a_rewritten_value_keeps_the_document_valid() {
+        let json = r#"{"a": "secret \"quoted\"", "b": ["keep", "secret"]}"#;
+        let (_, back) = read(json, 4, |t| if t.contains("secret") { "said \"no\" \\ [X]".into() } else { t.into() });
+        let v: serde_json::Value = serde_json::from_str(&back).unwrap();
+        assert_eq!(v, serde_json::json!({"a": "said \"no\" \\ [X]", "b": ["keep", "said \"no\" \\ [X]"]}));
+    }
+
+    #[test]
+    fn broken_escapes_and_lone_surrogates_lose_nothing_and_never_panic() {
+        let (values, _) = read(r#"["\q", "\u12G4", "\ud800x", "\ud800\u0041", "é\u00e9"]"#, 1, str::to_owned);
+        assert_eq!(values, ["\\q", "\\u12G4", "\u{FFFD}x", "\u{FFFD}A", "éé"]);
+        let mut reader = PartialJson::default();
+        for junk in ["}}]]\"", "\\", "u", "d8", "00", "\\", "\"", "{\"a\":\"\\u", "é"] {
+            let _ = reader.feed(junk);
+        }
+    }
+}
