@@ -19,7 +19,7 @@ use tokio::time::{Instant, Sleep};
 use crate::{
     body::BoxError,
     error::{Flavor, ProxyError},
-    scan::stream::OutputGuard,
+    scan::{judge::StreamJudge, stream::OutputGuard},
     settle::{End, Settlement},
     usage::{SseTracker, Usage},
 };
@@ -46,6 +46,10 @@ pub struct Relay {
     /// Settles the request when the stream ends, or when the relay is dropped before.
     end: Option<Settlement>,
     guard: Option<Box<OutputGuard>>,
+    /// Holds what the guard released until the model-based scanners judged it.
+    judge: Option<Box<StreamJudge>>,
+    /// The upstream completed; the judge still clears what it holds.
+    upstream_done: bool,
     blocked: bool,
 }
 
@@ -65,12 +69,15 @@ impl Relay {
             state: State::Streaming,
             end: Some(end),
             guard: None,
+            judge: None,
+            upstream_done: false,
             blocked: false,
         }
     }
 
     /// Scans the streamed text with a policy's output scanners before it leaves.
     pub fn with_guard(mut self, guard: OutputGuard) -> Self {
+        self.judge = guard.judge().map(Box::new);
         self.guard = Some(Box::new(guard));
         self
     }
@@ -82,20 +89,30 @@ impl Relay {
         let out = match &mut self.guard {
             None => chunk,
             Some(g) => match g.feed(&chunk) {
-                Ok(b) => b,
-                Err(blocked) => {
-                    tracing::info!("{blocked}");
-                    let events = g.blocked_events(&blocked);
-                    self.blocked = true;
-                    self.record = None;
-                    self.state = State::Done;
-                    self.finish(false);
-                    events
-                }
+                Ok(b) => match &mut self.judge {
+                    Some(judge) => {
+                        judge.push(&b, &g.take_text());
+                        return Bytes::new();
+                    }
+                    None => b,
+                },
+                Err(blocked) => return self.blocked_by(&blocked),
             },
         };
         self.keep(&out);
         out
+    }
+
+    /// A scanner blocked the answer: the events that say so end the stream.
+    fn blocked_by(&mut self, blocked: &crate::scan::Blocked) -> Bytes {
+        tracing::info!("{blocked}");
+        let events = self.guard.as_ref().map(|g| g.blocked_events(blocked)).unwrap_or_default();
+        self.blocked = true;
+        self.record = None;
+        self.judge = None;
+        self.state = State::Done;
+        self.finish(false);
+        events
     }
 
     fn keep(&mut self, out: &Bytes) {
@@ -159,6 +176,30 @@ impl Body for Relay {
             if matches!(this.state, State::Done) {
                 return Poll::Ready(None);
             }
+            if let Some(judge) = &mut this.judge {
+                match judge.poll_cleared(cx) {
+                    Poll::Ready(Some(Ok(cleared))) => {
+                        this.keep(&cleared);
+                        if cleared.is_empty() {
+                            continue;
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(cleared))));
+                    }
+                    Poll::Ready(Some(Err(blocked))) => {
+                        return Poll::Ready(Some(Ok(Frame::data(this.blocked_by(&blocked)))));
+                    }
+                    Poll::Ready(None) if this.upstream_done => {
+                        this.state = State::Done;
+                        this.finish(false);
+                        return Poll::Ready(None);
+                    }
+                    _ => {}
+                }
+                if this.upstream_done {
+                    // Only the judgement is waited for; its task wakes this one.
+                    return Poll::Pending;
+                }
+            }
             let Poll::Ready(next) = Pin::new(&mut this.inner).poll_frame(cx) else { break };
             match next {
                 Some(Ok(frame)) => match frame.into_data() {
@@ -171,6 +212,11 @@ impl Body for Relay {
                     Err(frame) => return Poll::Ready(Some(Ok(frame))),
                 },
                 Some(Err(e)) => return this.fail("upstream_stream_broken", format!("the upstream stream broke: {e}")),
+                None if this.tracker.finished && this.judge.is_some() => {
+                    if let Some(events) = this.end_judged() {
+                        return Poll::Ready(Some(Ok(Frame::data(events))));
+                    }
+                }
                 None if this.tracker.finished => return Poll::Ready(this.end()),
                 None => {
                     return this.fail(
@@ -200,6 +246,23 @@ impl Relay {
         self.keep(&rest);
         self.finish(false);
         (!rest.is_empty()).then(|| Ok(Frame::data(rest)))
+    }
+}
+
+impl Relay {
+    /// The upstream completed with a judge: the guard's last release goes to the judge, which
+    /// clears it before the end. Returns the events that end a blocked stream.
+    fn end_judged(&mut self) -> Option<Bytes> {
+        let (Some(g), Some(judge)) = (&mut self.guard, &mut self.judge) else { return None };
+        match g.finish() {
+            Ok(rest) => {
+                judge.push(&rest, &g.take_text());
+                judge.end();
+                self.upstream_done = true;
+                None
+            }
+            Err(blocked) => Some(self.blocked_by(&blocked)),
+        }
     }
 }
 

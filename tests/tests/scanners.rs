@@ -376,3 +376,45 @@ async fn a_part_the_scanners_cannot_read_never_passes_a_policy_unscanned() {
     let sent = mock.recorded()[0].body.to_string();
     assert!(!sent.contains("ghp_") && sent.contains("key "), "{sent}");
 }
+
+#[tokio::test]
+async fn a_streamed_answer_is_judged_by_model_scanners_a_sentence_at_a_time_before_it_leaves() {
+    let Some(models) = models() else { return };
+    // A chunk every 5 ms, as a model writes.
+    let mock = MockProvider::start_with("mock", 5, Duration::from_millis(5), "127.0.0.1:0".parse().unwrap()).await;
+    let env = start_with(
+        "  output:\n  - {type: banTopics, topics: [medical diagnosis and medication advice], threshold: 0.35}",
+        &mock,
+        models,
+    )
+    .await;
+    // An ordinary answer of several sentences still streams, piece by piece, whole.
+    let calm = "Sourdough needs a lively starter and patience. Mix the flour and water, then rest it for an hour. \
+                Fold the dough every half hour and let it rise overnight. Bake it hot in a covered pot.";
+    let s = env.client.stream("/v1/chat/completions", &chat(&format!("echo: {calm}"), true), &[], LONG).await.unwrap();
+    let text = s.text();
+    assert_eq!(stream_text(&text), calm);
+    assert!(s.chunks.len() > 2, "released a piece at a time, not all at the end: {} chunks", s.chunks.len());
+    assert!(text.ends_with("data: [DONE]\n\n"));
+
+    // A banned topic in the first sentence: none of it reaches the client, and the stream ends
+    // with content_filter and an error event.
+    let medical = "Take two of these pills for your chest pain and fever every four hours. Then call me.";
+    let s =
+        env.client.stream("/v1/chat/completions", &chat(&format!("echo: {medical}"), true), &[], LONG).await.unwrap();
+    let text = s.text();
+    assert!(!text.contains("pills") && !text.contains("fever"), "{text}");
+    assert!(text.contains("\"finish_reason\":\"content_filter\"") && text.contains("output_blocked"), "{text}");
+    assert!(text.contains("banTopics found banned-topic"), "{text}");
+    assert!(!text.contains("[DONE]"));
+    let metrics = env.metrics().await.unwrap();
+    assert!(
+        metrics.lines().any(|l| l.starts_with("bulwark_scanner_verdicts_total")
+            && l.contains("scanner=\"banTopics\"")
+            && l.contains("direction=\"output\"")
+            && l.contains("outcome=\"block\"")
+            && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+    env.sidecar.shutdown().await;
+}

@@ -5,6 +5,7 @@
 pub mod injection;
 pub mod invisible;
 pub mod json;
+pub mod judge;
 pub mod language;
 pub mod model;
 pub mod partial_json;
@@ -86,7 +87,8 @@ pub struct ScannerRuntime {
 }
 
 impl ScannerRuntime {
-    fn is_model(&self) -> bool {
+    /// Judged by a model on the inference threads, not in place.
+    pub fn is_model(&self) -> bool {
         self.check
             .as_ref()
             .map_or(matches!(self.spec.type_, ScannerType::PromptInjection | ScannerType::BanTopics), Check::is_model)
@@ -493,24 +495,44 @@ pub async fn run_async(
     ctx: &Ctx<'_>,
 ) -> Result<Restore, Blocked> {
     let restore = run(policy, d, texts, ctx)?;
-    let models: Vec<&ScannerRuntime> = policy
-        .scanners(d)
-        .iter()
-        .filter(|s| s.is_model())
-        .filter(|s| s.spec.sampling.is_none_or(|p| rand::random::<f64>() < p))
-        .collect();
+    let models = policy.sampled_models(d);
     if models.is_empty() {
         return Ok(restore);
     }
     let owned: Vec<String> = texts.iter().map(|t| t.to_string()).collect();
-    let owned = &owned;
+    run_models(policy, d, &models, &owned, ctx).await?;
+    Ok(restore)
+}
+
+impl PolicyRuntime {
+    /// The model-based scanners of a direction that one request (or stream) is judged by: each
+    /// scanner's `sampling` decides once.
+    pub fn sampled_models(&self, d: Direction) -> Vec<usize> {
+        let scanners = self.scanners(d).iter().enumerate();
+        let sampled =
+            scanners.filter(|(_, s)| s.is_model() && s.spec.sampling.is_none_or(|p| rand::random::<f64>() < p));
+        sampled.map(|(i, _)| i).collect()
+    }
+}
+
+/// Runs the model-based scanners `models` (indexes into the direction's scanners) over `texts`,
+/// concurrently on the inference threads.
+pub async fn run_models(
+    policy: &PolicyRuntime,
+    d: Direction,
+    models: &[usize],
+    texts: &[String],
+    ctx: &Ctx<'_>,
+) -> Result<(), Blocked> {
+    let scanners = policy.scanners(d);
     let mut running: FuturesUnordered<_> = models
-        .into_iter()
+        .iter()
+        .filter_map(|&i| scanners.get(i))
         .map(|s| async move {
             let started = tokio::time::Instant::now();
             let limit = s.spec.timeout.map_or(Duration::from_secs(2), |t| t.as_std());
             let result = match &s.check {
-                Ok(check) => match tokio::time::timeout(limit, check.score(owned)).await {
+                Ok(check) => match tokio::time::timeout(limit, check.score(texts)).await {
                     Ok(r) => r,
                     Err(_) => Err(format!("timed out after {}ms", limit.as_millis())),
                 },
@@ -558,7 +580,7 @@ pub async fn run_async(
         }
         blocked.get_or_insert(b);
     }
-    blocked.map_or(Ok(restore), Err)
+    blocked.map_or(Ok(()), Err)
 }
 
 /// Findings per text index; `WHOLE` for findings about all texts together.

@@ -45,6 +45,8 @@ pub struct OutputGuard {
     window: usize,
     /// The whole text, for scanners that judge a complete document at the end (bounded).
     full: Option<String>,
+    /// The answer text released since `take_text`, for the model-based scanners.
+    for_models: Option<String>,
 }
 
 /// Which part of an answer a delta adds to. The guard scans one part at a time, in the order
@@ -203,9 +205,13 @@ impl OutputGuard {
         route: String,
         backend: String,
     ) -> Self {
-        // Hold back enough to restore a placeholder split across chunks, too.
-        let window = policy.window.max(restore.longest() + 1);
+        // Span scanners need the window; restoring needs enough to put back a placeholder split
+        // across chunks. Without either, text is released as it comes.
+        let spans = policy.output.iter().any(|s| !s.is_model() && !s.judges_whole());
+        let window =
+            if spans { policy.window } else { 0 }.max(if restore.is_empty() { 0 } else { restore.longest() + 1 });
         let full = policy.output.iter().any(|s| s.judges_whole()).then(String::new);
+        let for_models = policy.output.iter().any(|s| s.is_model()).then(String::new);
         Self {
             policy,
             restore,
@@ -222,7 +228,24 @@ impl OutputGuard {
             arguments: vec![],
             window,
             full,
+            for_models,
         }
+    }
+
+    /// What judges this stream's text with the policy's model-based scanners, if it has any.
+    pub fn judge(&self) -> Option<super::judge::StreamJudge> {
+        super::judge::StreamJudge::new(
+            self.policy.clone(),
+            self.metrics.clone(),
+            &self.route,
+            &self.backend,
+            self.mirrored,
+        )
+    }
+
+    /// The answer text released since the last call (with a judge).
+    pub fn take_text(&mut self) -> String {
+        self.for_models.as_mut().map(std::mem::take).unwrap_or_default()
     }
 
     /// Takes upstream bytes; returns the bytes to send now (possibly none).
@@ -436,7 +459,13 @@ impl OutputGuard {
         {
             full.push_str(&released);
         }
-        Ok(if self.restore.is_empty() { released } else { self.restore.apply(&released) })
+        let released = if self.restore.is_empty() { released } else { self.restore.apply(&released) };
+        if self.part.is_some_and(|p| p.whole)
+            && let Some(text) = &mut self.for_models
+        {
+            text.push_str(&released);
+        }
+        Ok(released)
     }
 
     /// The events that end a stream whose output was blocked.
