@@ -156,6 +156,46 @@ pub struct Scanner {
     /// Model-based scanners: bring your own ONNX export.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<ModelRef>,
+    /// Input `promptInjection`: which texts are scored, by where they come from. Default `[user,
+    /// tool, document]`: what users type and what tools and retrieval bring in, the untrusted
+    /// input of agent traffic; system prompts and earlier assistant turns are the app's own.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sources: Vec<Source>,
+    /// Input `promptInjection`: a threshold per source, for those that should have their own
+    /// (a lower one for tool results and documents); the others use `threshold`.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub source_thresholds: std::collections::BTreeMap<Source, f64>,
+}
+
+/// Where a text in a request comes from.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[serde(rename_all = "camelCase")]
+pub enum Source {
+    /// System (and developer) prompts.
+    System,
+    /// What the user sent: user messages, a completion's prompt, embeddings input.
+    User,
+    /// Earlier assistant turns: their text and the tool calls the model made.
+    Assistant,
+    /// Tool results: OpenAI `tool` messages, Anthropic `tool_result` blocks.
+    Tool,
+    /// Documents and retrieved content: Anthropic `document` and `search_result` blocks.
+    Document,
+}
+
+impl Source {
+    /// What `sources` means when it is not set.
+    pub const UNTRUSTED: [Self; 3] = [Self::User, Self::Tool, Self::Document];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::System => "system",
+            Self::User => "user",
+            Self::Assistant => "assistant",
+            Self::Tool => "tool",
+            Self::Document => "document",
+        }
+    }
 }
 
 fn any_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {

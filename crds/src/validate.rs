@@ -309,6 +309,7 @@ pub fn scanner_policy(spec: &ScannerPolicySpec) -> Vec<FieldError> {
                 }
                 _ => {}
             }
+            sources(&mut e, &p, side, s);
             if let Some(m) = &s.model {
                 if !matches!(t, ScannerType::PromptInjection | ScannerType::BanTopics) {
                     e.add(format!("{p}.model"), format!("{t:?} uses no model"));
@@ -322,6 +323,29 @@ pub fn scanner_policy(spec: &ScannerPolicySpec) -> Vec<FieldError> {
         }
     }
     e.0
+}
+
+/// `sources` and `sourceThresholds`: where the texts an input promptInjection scanner scores come
+/// from, and their own thresholds.
+fn sources(e: &mut Errors, p: &str, side: &str, s: &crate::policy::Scanner) {
+    if s.sources.is_empty() && s.source_thresholds.is_empty() {
+        return;
+    }
+    if s.type_ != ScannerType::PromptInjection || side != "input" {
+        let field = if s.sources.is_empty() { "sourceThresholds" } else { "sources" };
+        e.add(format!("{p}.{field}"), "only input promptInjection scanners score texts by their source");
+        return;
+    }
+    let listed: &[crate::policy::Source] =
+        if s.sources.is_empty() { &crate::policy::Source::UNTRUSTED } else { &s.sources };
+    for (source, threshold) in &s.source_thresholds {
+        let at = format!("{p}.sourceThresholds.{}", source.as_str());
+        if !(0.0..=1.0).contains(threshold) {
+            e.add(at, "must be between 0 and 1");
+        } else if !listed.contains(source) {
+            e.add(at, format!("{} is not among the sources scored; add it to sources", source.as_str()));
+        }
+    }
 }
 
 pub fn model_rollout(spec: &ModelRolloutSpec) -> Vec<FieldError> {

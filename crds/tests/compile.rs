@@ -200,6 +200,26 @@ fn invalid_policies_and_rollouts_are_rejected_with_exact_errors() {
             "spec.input[0].action: PromptInjection cannot redact; use block or audit",
         ),
         (
+            "sources on output",
+            policy("  output: [{type: promptInjection, sources: [tool]}]"),
+            "spec.output[0].sources: only input promptInjection scanners score texts by their source",
+        ),
+        (
+            "sources on banTopics",
+            policy("  input: [{type: banTopics, topics: [x], sources: [user]}]"),
+            "spec.input[0].sources: only input promptInjection scanners score texts by their source",
+        ),
+        (
+            "threshold of a source not scored",
+            policy("  input: [{type: promptInjection, sources: [user], sourceThresholds: {tool: 0.3}}]"),
+            "spec.input[0].sourceThresholds.tool: tool is not among the sources scored; add it to sources",
+        ),
+        (
+            "source threshold out of range",
+            policy("  input: [{type: promptInjection, sourceThresholds: {document: 2}}]"),
+            "spec.input[0].sourceThresholds.document: must be between 0 and 1",
+        ),
+        (
             "unknown pii",
             policy("  input: [{type: pii, entities: [passport]}]"),
             "spec.input[0].entities[0]: unknown entity \"passport\"; use email, phone, creditCard, iban, ssn, ipAddress",

@@ -213,8 +213,8 @@ async fn scan_input(state: &AppState, route: &RouteRuntime, req: &mut LlmRequest
     }
     let ctx = scan::Ctx { metrics: &state.metrics, route: &route.cfg.route, backend: None, mirrored: false };
     let arguments = scan::text::ToolArguments::parse(req.api, &mut req.body);
-    let mut texts = scan::text::request_texts(req.api, &mut req.body);
-    let scanned = scan::run_async(policy, Direction::Input, &mut texts, &ctx).await;
+    let (sources, mut texts): (Vec<_>, Vec<_>) = scan::text::request_slots(req.api, &mut req.body).into_iter().unzip();
+    let scanned = scan::run_async(policy, Direction::Input, &mut texts, Some(&sources), &ctx).await;
     arguments.put_back(req.api, &mut req.body);
     match scanned {
         Ok(restore) => {
@@ -250,7 +250,7 @@ async fn scan_output(
     };
     let arguments = v.as_object_mut().map(|o| scan::text::ToolArguments::parse(api, o)).unwrap_or_default();
     let mut texts = scan::text::response_texts(api, &mut v);
-    let blocked = match scan::run_async(policy, Direction::Output, &mut texts, &ctx).await {
+    let blocked = match scan::run_async(policy, Direction::Output, &mut texts, None, &ctx).await {
         Ok(_) => {
             if !restore.is_empty() {
                 for t in texts {

@@ -120,7 +120,7 @@ impl StreamJudge {
         let (route, backend, mirrored) = (self.route.clone(), self.backend.clone(), self.mirrored);
         let handle = tokio::spawn(async move {
             let ctx = Ctx { metrics: &metrics, route: &route, backend: Some(&backend), mirrored };
-            run_models(&policy, Direction::Output, &models, &[scored], &ctx).await
+            run_models(&policy, Direction::Output, &models, &[scored], None, &ctx).await
         });
         self.running = Some((bytes, handle));
     }

@@ -21,7 +21,7 @@ use std::{collections::HashMap, path::PathBuf, sync::Arc, time::Duration};
 
 use futures_util::{StreamExt, stream::FuturesUnordered};
 
-use bulwark_api::policy::{Action, Mode, OnScannerError, Scanner, ScannerPolicySpec, ScannerType};
+use bulwark_api::policy::{Action, Mode, OnScannerError, Scanner, ScannerPolicySpec, ScannerType, Source};
 use sha2::{Digest, Sha256};
 
 use crate::metrics::{Metrics, ScannerLabels, VerdictLabels};
@@ -65,18 +65,56 @@ impl Check {
         !matches!(self, Self::Text(_))
     }
 
-    /// The highest score over the texts, and what it means.
-    async fn score(&self, texts: &[String]) -> Result<(f32, &'static str), String> {
-        let mut best = 0f32;
-        for t in texts.iter().filter(|t| !t.trim().is_empty()) {
-            let s = match self {
-                Self::Injection(i) => i.score(t).await?,
-                Self::Topics(topics) => topics.score(t).await?,
+    /// Scores each text against its threshold: the verdict of the one furthest over it (or,
+    /// when none is over, closest to it).
+    async fn judge(&self, texts: &[Judged<'_>]) -> Result<Verdict, String> {
+        let kind = if matches!(self, Self::Topics(_)) { "banned-topic" } else { "prompt-injection" };
+        let mut worst = Verdict { score: 0.0, threshold: 1.0, source: None, kind };
+        for t in texts.iter().filter(|t| !t.text.trim().is_empty()) {
+            let score = match self {
+                Self::Injection(i) => i.score(t.text).await?,
+                Self::Topics(topics) => topics.score(t.text).await?,
                 Self::Text(_) => 0.0,
             };
-            best = best.max(s);
+            if f64::from(score) - t.threshold > f64::from(worst.score) - worst.threshold {
+                worst = Verdict { score, threshold: t.threshold, source: t.source, kind };
+            }
         }
-        Ok((best, if matches!(self, Self::Topics(_)) { "banned-topic" } else { "prompt-injection" }))
+        Ok(worst)
+    }
+}
+
+/// A text a model-based scanner scores, with the threshold it is held to.
+struct Judged<'a> {
+    text: &'a str,
+    threshold: f64,
+    source: Option<Source>,
+}
+
+/// What a model-based scanner found, at its worst.
+struct Verdict {
+    score: f32,
+    threshold: f64,
+    /// Where the text came from, when its source has a say in how it is scored.
+    source: Option<Source>,
+    kind: &'static str,
+}
+
+impl Verdict {
+    fn fires(&self) -> bool {
+        f64::from(self.score) >= self.threshold
+    }
+
+    fn found(&self) -> String {
+        let found = format!("found {} (score {:.2})", self.kind, self.score);
+        match self.source {
+            None => found,
+            Some(Source::User) => format!("{found} in user text"),
+            Some(Source::Tool) => format!("{found} in a tool result"),
+            Some(Source::Document) => format!("{found} in a document"),
+            Some(Source::System) => format!("{found} in the system prompt"),
+            Some(Source::Assistant) => format!("{found} in an assistant turn"),
+        }
     }
 }
 
@@ -92,6 +130,30 @@ impl ScannerRuntime {
         self.check
             .as_ref()
             .map_or(matches!(self.spec.type_, ScannerType::PromptInjection | ScannerType::BanTopics), Check::is_model)
+    }
+
+    /// The texts this scanner scores, and the threshold of each. An input `promptInjection`
+    /// scores the texts of its `sources` (by default the untrusted ones: user, tool, document),
+    /// each held to its source's threshold; every other scanner scores every text.
+    fn judged<'t>(&self, texts: &'t [String], sources: Option<&[Source]>) -> Vec<Judged<'t>> {
+        let by_source = sources.filter(|_| self.spec.type_ == ScannerType::PromptInjection);
+        let listed: &[Source] = if self.spec.sources.is_empty() { &Source::UNTRUSTED } else { &self.spec.sources };
+        texts
+            .iter()
+            .enumerate()
+            .filter_map(|(i, text)| match by_source {
+                None => Some(Judged { text, threshold: self.threshold(), source: None }),
+                Some(sources) => {
+                    let source = sources.get(i).copied().unwrap_or(Source::User);
+                    let own = self.spec.source_thresholds.get(&source).copied();
+                    listed.contains(&source).then(|| Judged {
+                        text,
+                        threshold: own.unwrap_or_else(|| self.threshold()),
+                        source: Some(source),
+                    })
+                }
+            })
+            .collect()
     }
 
     /// The policy's threshold, else the calibrated one of the bundled head, else 0.5 for
@@ -488,10 +550,14 @@ pub fn run_with(
 /// Runs every scanner of a direction: the cheap ones first, in place (judging and redacting),
 /// then the model-based ones concurrently on the inference threads. With `failFast`, the first
 /// block returns at once and drops (cancels) the model scans still running.
+///
+/// `sources` says where each of `texts` comes from (a request's); an input `promptInjection`
+/// scores texts by it.
 pub async fn run_async(
     policy: &PolicyRuntime,
     d: Direction,
     texts: &mut [&mut String],
+    sources: Option<&[Source]>,
     ctx: &Ctx<'_>,
 ) -> Result<Restore, Blocked> {
     let restore = run(policy, d, texts, ctx)?;
@@ -500,7 +566,7 @@ pub async fn run_async(
         return Ok(restore);
     }
     let owned: Vec<String> = texts.iter().map(|t| t.to_string()).collect();
-    run_models(policy, d, &models, &owned, ctx).await?;
+    run_models(policy, d, &models, &owned, sources, ctx).await?;
     Ok(restore)
 }
 
@@ -522,6 +588,7 @@ pub async fn run_models(
     d: Direction,
     models: &[usize],
     texts: &[String],
+    sources: Option<&[Source]>,
     ctx: &Ctx<'_>,
 ) -> Result<(), Blocked> {
     let scanners = policy.scanners(d);
@@ -531,8 +598,9 @@ pub async fn run_models(
         .map(|s| async move {
             let started = tokio::time::Instant::now();
             let limit = s.spec.timeout.map_or(Duration::from_secs(2), |t| t.as_std());
+            let judged = s.judged(texts, sources);
             let result = match &s.check {
-                Ok(check) => match tokio::time::timeout(limit, check.score(texts)).await {
+                Ok(check) => match tokio::time::timeout(limit, check.judge(&judged)).await {
                     Ok(r) => r,
                     Err(_) => Err(format!("timed out after {}ms", limit.as_millis())),
                 },
@@ -557,18 +625,14 @@ pub async fn run_models(
                     reason: format!("could not run ({e}) and the policy fails closed"),
                 }
             }
-            Ok((score, kind)) if f64::from(score) >= s.threshold() => {
+            Ok(found) if found.fires() => {
                 if s.spec.mode == Mode::Audit || s.spec.action == Action::Audit {
                     verdict("audit");
-                    tracing::info!(policy = %policy.name, scanner = s.name, route = ctx.route, score, "audit: {kind}");
+                    tracing::info!(policy = %policy.name, scanner = s.name, route = ctx.route, score = found.score, "audit: {}", found.found());
                     continue;
                 }
                 verdict("block");
-                Blocked {
-                    policy: policy.name.clone(),
-                    scanner: s.name,
-                    reason: format!("found {kind} (score {score:.2})"),
-                }
+                Blocked { policy: policy.name.clone(), scanner: s.name, reason: found.found() }
             }
             Ok(_) => {
                 verdict("pass");
@@ -690,13 +754,13 @@ mod tests {
         let ctx = Ctx { metrics: &metrics, route: "r", backend: None, mirrored: false };
         let mut text = "hello".to_owned();
         let closed = policy("input:\n- {type: promptInjection, threshold: 0.5}");
-        let r = run_async(&closed, Direction::Input, &mut [&mut text], &ctx).await;
+        let r = run_async(&closed, Direction::Input, &mut [&mut text], None, &ctx).await;
         assert_eq!(
             r.unwrap_err().reason,
             "could not run (no models directory is configured (--models-dir)) and the policy fails closed"
         );
         let open = policy("onScannerError: failOpen\ninput:\n- {type: promptInjection, threshold: 0.5}");
-        assert!(run_async(&open, Direction::Input, &mut [&mut text], &ctx).await.is_ok());
+        assert!(run_async(&open, Direction::Input, &mut [&mut text], None, &ctx).await.is_ok());
         assert!(
             run(&closed, Direction::Input, &mut [&mut text], &ctx).is_ok(),
             "the in-place pass leaves models to run_async"

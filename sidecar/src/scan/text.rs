@@ -2,12 +2,21 @@
 //! parts), system prompts, tool-call arguments, prompts and inputs. Yields mutable slots so
 //! scanners read them and redaction writes them back in place.
 
+use bulwark_api::policy::Source;
 use serde_json::{Map, Value};
 
 use crate::request::Api;
 
+/// Text slots and where each comes from.
+type Slots<'a> = Vec<(Source, &'a mut String)>;
+
 /// Text slots of a request body, in document order.
 pub fn request_texts(api: Api, body: &mut Map<String, Value>) -> Vec<&mut String> {
+    request_slots(api, body).into_iter().map(|(_, t)| t).collect()
+}
+
+/// Text slots of a request body, in document order, with where each comes from.
+pub fn request_slots(api: Api, body: &mut Map<String, Value>) -> Slots<'_> {
     let mut out = vec![];
     for (key, value) in body.iter_mut() {
         match (api, key.as_str()) {
@@ -16,7 +25,7 @@ pub fn request_texts(api: Api, body: &mut Map<String, Value>) -> Vec<&mut String
                     message(m, &mut out);
                 }
             }
-            (Api::Messages, "system") => content(value, &mut out),
+            (Api::Messages, "system") => content(Source::System, value, &mut out),
             (Api::Completions, "prompt") | (Api::Embeddings, "input") => strings(value, &mut out),
             _ => {}
         }
@@ -30,7 +39,7 @@ pub fn response_texts(api: Api, body: &mut Value) -> Vec<&mut String> {
     match api {
         Api::Messages => {
             if let Some(blocks) = body.get_mut("content") {
-                content(blocks, &mut out);
+                content(Source::Assistant, blocks, &mut out);
             }
         }
         Api::ChatCompletions | Api::Completions => {
@@ -39,7 +48,7 @@ pub fn response_texts(api: Api, body: &mut Value) -> Vec<&mut String> {
                 for (key, value) in obj.iter_mut() {
                     match (key.as_str(), value) {
                         ("message", m) => message(m, &mut out),
-                        ("text", Value::String(s)) => out.push(s),
+                        ("text", Value::String(s)) => out.push((Source::Assistant, s)),
                         _ => {}
                     }
                 }
@@ -47,16 +56,27 @@ pub fn response_texts(api: Api, body: &mut Value) -> Vec<&mut String> {
         }
         Api::Embeddings | Api::Models => {}
     }
-    out
+    out.into_iter().map(|(_, t)| t).collect()
 }
 
-fn message<'a>(m: &'a mut Value, out: &mut Vec<&'a mut String>) {
+/// Where a message's text comes from, by its role (an answer's message is the assistant's).
+fn source_of(role: Option<&str>) -> Source {
+    match role {
+        Some("system" | "developer") => Source::System,
+        Some("assistant") | None => Source::Assistant,
+        Some("tool" | "function") => Source::Tool,
+        Some(_) => Source::User,
+    }
+}
+
+fn message<'a>(m: &'a mut Value, out: &mut Slots<'a>) {
     let Some(obj) = m.as_object_mut() else { return };
+    let source = source_of(obj.get("role").and_then(Value::as_str));
     for (key, value) in obj.iter_mut() {
         match key.as_str() {
-            "content" => content(value, out),
+            "content" => content(source, value, out),
             // Parsed by `ToolArguments` to what they hold; arguments that are not JSON stay a string.
-            "tool_calls" => arguments_of(value).into_iter().for_each(|args| leaves(args, out)),
+            "tool_calls" => arguments_of(value).into_iter().for_each(|args| leaves(source, args, out)),
             _ => {}
         }
     }
@@ -117,17 +137,23 @@ impl ToolArguments {
 
 /// A content field: a string, or an array of parts (`{type: text, text}`, refusals, thinking,
 /// Anthropic `tool_result` blocks with nested content, `tool_use` inputs, text documents).
-fn content<'a>(v: &'a mut Value, out: &mut Vec<&'a mut String>) {
+fn content<'a>(source: Source, v: &'a mut Value, out: &mut Slots<'a>) {
     match v {
-        Value::String(s) => out.push(s),
+        Value::String(s) => out.push((source, s)),
         Value::Array(parts) => {
             for part in parts {
                 let Some(obj) = part.as_object_mut() else { continue };
+                // What a tool returned, or a document, came from elsewhere than the message's author.
+                let source = match obj.get("type").and_then(Value::as_str) {
+                    Some("tool_result") => Source::Tool,
+                    Some("document" | "search_result") => Source::Document,
+                    _ => source,
+                };
                 for (key, value) in obj.iter_mut() {
                     match (key.as_str(), value) {
-                        ("text" | "refusal" | "thinking", Value::String(s)) => out.push(s),
-                        ("content", nested) => content(nested, out),
-                        ("input", input) => leaves(input, out),
+                        ("text" | "refusal" | "thinking", Value::String(s)) => out.push((source, s)),
+                        ("content", nested) => content(source, nested, out),
+                        ("input", input) => leaves(source, input, out),
                         ("source", Value::Object(src)) => document(src, out),
                         _ => {}
                     }
@@ -139,12 +165,12 @@ fn content<'a>(v: &'a mut Value, out: &mut Vec<&'a mut String>) {
 }
 
 /// An Anthropic document's source: plain text, or content blocks (a PDF or a URL is not text).
-fn document<'a>(src: &'a mut serde_json::Map<String, Value>, out: &mut Vec<&'a mut String>) {
+fn document<'a>(src: &'a mut serde_json::Map<String, Value>, out: &mut Slots<'a>) {
     let kind = src.get("type").and_then(Value::as_str).unwrap_or_default().to_owned();
     for (key, value) in src.iter_mut() {
         match (kind.as_str(), key.as_str(), value) {
-            ("text", "data", Value::String(s)) => out.push(s),
-            ("content", "content", nested) => content(nested, out),
+            ("text", "data", Value::String(s)) => out.push((Source::Document, s)),
+            ("content", "content", nested) => content(Source::Document, nested, out),
             _ => {}
         }
     }
@@ -152,22 +178,22 @@ fn document<'a>(src: &'a mut serde_json::Map<String, Value>, out: &mut Vec<&'a m
 
 /// Every string value inside a JSON value (a tool's input): rewriting them in place keeps the
 /// JSON valid and of the same shape. Keys are names, not text the model is given.
-fn leaves<'a>(v: &'a mut Value, out: &mut Vec<&'a mut String>) {
+fn leaves<'a>(source: Source, v: &'a mut Value, out: &mut Slots<'a>) {
     match v {
-        Value::String(s) => out.push(s),
-        Value::Array(items) => items.iter_mut().for_each(|item| leaves(item, out)),
-        Value::Object(fields) => fields.values_mut().for_each(|value| leaves(value, out)),
+        Value::String(s) => out.push((source, s)),
+        Value::Array(items) => items.iter_mut().for_each(|item| leaves(source, item, out)),
+        Value::Object(fields) => fields.values_mut().for_each(|value| leaves(source, value, out)),
         _ => {}
     }
 }
 
-fn strings<'a>(v: &'a mut Value, out: &mut Vec<&'a mut String>) {
+fn strings<'a>(v: &'a mut Value, out: &mut Slots<'a>) {
     match v {
-        Value::String(s) => out.push(s),
+        Value::String(s) => out.push((Source::User, s)),
         Value::Array(items) => {
             for item in items {
                 if let Value::String(s) = item {
-                    out.push(s);
+                    out.push((Source::User, s));
                 }
             }
         }
@@ -274,6 +300,49 @@ mod tests {
         );
         let mut answer = json!({"content": [{"type": "tool_use", "id": "t2", "name": "f", "input": {"q": "x"}}]});
         assert_eq!(response_texts(Api::Messages, &mut answer).len(), 1, "a tool call the model makes is output");
+    }
+
+    #[test]
+    fn each_text_is_known_by_where_it_comes_from() {
+        use Source::*;
+        let mut chat = json!({"messages": [
+            {"role": "developer", "content": "dev"},
+            {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+            {"role": "assistant", "content": "ok", "tool_calls": [{"function": {"name": "f", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "1", "content": "result"}
+        ]});
+        let got: Vec<_> = request_slots(Api::ChatCompletions, chat.as_object_mut().unwrap())
+            .into_iter()
+            .map(|(s, t)| (s, t.clone()))
+            .collect();
+        let want = [(System, "dev"), (User, "hi"), (Assistant, "ok"), (Assistant, "{}"), (Tool, "result")];
+        assert_eq!(got, want.map(|(s, t)| (s, t.to_owned())));
+        let mut msgs = json!({"system": "sys", "messages": [
+            {"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": "t", "content": [{"type": "text", "text": "tool says"}]},
+                {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "doc"}},
+                {"type": "search_result", "source": "https://x", "title": "t", "content": [{"type": "text", "text": "found"}]},
+                {"type": "text", "text": "question"}
+            ]},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "f", "input": {"q": "call"}}]}
+        ]});
+        let got: Vec<_> = request_slots(Api::Messages, msgs.as_object_mut().unwrap())
+            .into_iter()
+            .map(|(s, t)| (s, t.clone()))
+            .collect();
+        let want = [
+            (User, "question"),
+            (Tool, "tool says"),
+            (Document, "doc"),
+            (Document, "found"),
+            (Assistant, "call"),
+            (System, "sys"),
+        ];
+        let mut got_sorted = got.clone();
+        got_sorted.sort_by(|a, b| a.1.cmp(&b.1));
+        let mut want_sorted: Vec<_> = want.map(|(s, t)| (s, t.to_owned())).into();
+        want_sorted.sort_by(|a, b| a.1.cmp(&b.1));
+        assert_eq!(got_sorted, want_sorted);
     }
 
     #[test]
