@@ -277,7 +277,14 @@ pub fn compile(res: &Resources, workload: Option<&Workload>, opts: &CompileOptio
 
     // Most specific first; ties keep resource order (oldest first), then rule order.
     routes.sort_by_key(|r| std::cmp::Reverse(specificity(&r.matches)));
-    let scanner_policies = policies.into_iter().filter(|(k, _)| used_policies.contains(k)).collect();
+    let scanner_policies = policies
+        .into_iter()
+        .filter(|(k, _)| used_policies.contains(k))
+        .map(|(k, mut spec)| {
+            mounted_secrets(&mut spec, opts);
+            (k, spec)
+        })
+        .collect();
     let mut config = SidecarConfig { routes, scanner_policies, ..SidecarConfig::default() };
     config.version = version_of(&config);
     Compiled { config, rejected }
@@ -325,6 +332,25 @@ fn match_key(m: &RouteMatch) -> String {
 fn specificity(m: &RouteMatch) -> (bool, bool, usize, bool, bool) {
     let exact = m.models.iter().any(|p| !p.contains(['*', '?', '[']));
     (!m.hosts.is_empty(), exact, m.headers.len(), !m.models.is_empty(), !m.paths.is_empty())
+}
+
+/// Secrets a policy's webhooks name, as the files the sidecar reads them from: a token's
+/// `secretKeyRef` and a client certificate's TLS Secret (`tls.crt`, `tls.key`), under
+/// `opts.secrets_dir`.
+fn mounted_secrets(spec: &mut crate::policy::ScannerPolicySpec, opts: &CompileOptions) {
+    for hook in spec.input.iter_mut().chain(spec.output.iter_mut()).filter_map(|s| s.webhook.as_mut()) {
+        if let Some(c) = &mut hook.bearer_token
+            && let Some(s) = c.secret_key_ref.take()
+        {
+            c.file = Some(format!("{}/{}/{}", opts.secrets_dir, s.name, s.key));
+        }
+        if let Some(c) = &mut hook.client_certificate
+            && let Some(name) = c.secret_name.take()
+        {
+            c.cert_file = Some(format!("{}/{name}/tls.crt", opts.secrets_dir));
+            c.key_file = Some(format!("{}/{name}/tls.key", opts.secrets_dir));
+        }
+    }
 }
 
 /// The ModelServers of the snapshot, by namespace and name.

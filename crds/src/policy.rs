@@ -81,6 +81,8 @@ pub enum ScannerType {
     BanSubstrings,
     Language,
     Json,
+    /// An external guardrail service, called over HTTP (see `webhook`).
+    Webhook,
 }
 
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -156,6 +158,9 @@ pub struct Scanner {
     /// Model-based scanners: bring your own ONNX export.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<ModelRef>,
+    /// `webhook`: the service to call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<Webhook>,
     /// Input `promptInjection`: which texts are scored, by where they come from. Default `[user,
     /// tool, document]`: what users type and what tools and retrieval bring in, the untrusted
     /// input of agent traffic; system prompts and earlier assistant turns are the app's own.
@@ -165,6 +170,50 @@ pub struct Scanner {
     /// (a lower one for tool results and documents); the others use `threshold`.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub source_thresholds: std::collections::BTreeMap<Source, f64>,
+}
+
+/// An external guardrail service. It is POSTed the texts as JSON and answers pass, redact (with
+/// the texts rewritten) or block (with a reason); see the README for the contract.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Webhook {
+    /// `http://` or `https://` URL of the service.
+    pub url: String,
+    /// Time allowed per attempt, waiting for a free slot included. Default 1s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Duration>,
+    /// Further attempts after a connection failure, a timeout, a 429 or a 5xx. Default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<u32>,
+    /// Calls in flight at once from one sidecar; more wait for a slot. Default 16.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrency: Option<u32>,
+    /// What a failed call means; default: the policy's `onScannerError`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_error: Option<OnScannerError>,
+    /// A token sent as `Authorization: Bearer <token>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bearer_token: Option<crate::route::Credentials>,
+    /// A client certificate for mutual TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_certificate: Option<ClientCertificate>,
+    /// CA (PEM file) that signed the service's certificate, besides the system roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
+}
+
+/// A client certificate and its key: a `kubernetes.io/tls` Secret (`tls.crt`, `tls.key`), or
+/// files (standalone use).
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClientCertificate {
+    /// A TLS Secret in the policy's namespace, mounted into the sidecar.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<String>,
 }
 
 /// Where a text in a request comes from.

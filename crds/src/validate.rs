@@ -254,8 +254,19 @@ pub fn scanner_policy(spec: &ScannerPolicySpec) -> Vec<FieldError> {
                     | ScannerType::BanSubstrings
                     | ScannerType::InvisibleText
             );
-            if s.action == Action::Redact && !redacts {
+            if s.action == Action::Redact && t == ScannerType::Webhook {
+                e.add(
+                    format!("{p}.action"),
+                    "a webhook scanner follows the service's verdict (pass, redact or block): leave action unset, or set audit to only log it",
+                );
+            } else if s.action == Action::Redact && !redacts {
                 e.add(format!("{p}.action"), format!("{t:?} cannot redact; use block or audit"));
+            }
+            match (&s.webhook, t) {
+                (Some(w), ScannerType::Webhook) => webhook(&mut e, &format!("{p}.webhook"), w),
+                (None, ScannerType::Webhook) => e.add(format!("{p}.webhook"), "a webhook scanner needs webhook.url"),
+                (Some(_), _) => e.add(format!("{p}.webhook"), format!("{t:?} calls no webhook")),
+                (None, _) => {}
             }
             if s.restore_in_response.is_some() && t != ScannerType::Pii {
                 e.add(format!("{p}.restoreInResponse"), "only pii scanners restore values");
@@ -323,6 +334,30 @@ pub fn scanner_policy(spec: &ScannerPolicySpec) -> Vec<FieldError> {
         }
     }
     e.0
+}
+
+fn webhook(e: &mut Errors, p: &str, w: &crate::policy::Webhook) {
+    match w.url.parse::<http::Uri>() {
+        Ok(uri) if matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some() => {}
+        _ => e.add(format!("{p}.url"), format!("{:?} is not an http:// or https:// URL", w.url)),
+    }
+    if w.timeout.is_some_and(|t| t.as_std().is_zero()) {
+        e.add(format!("{p}.timeout"), "must be more than 0");
+    }
+    if w.max_concurrency == Some(0) {
+        e.add(format!("{p}.maxConcurrency"), "must be at least 1");
+    }
+    if let Some(c) = &w.bearer_token {
+        credentials(e, c, &format!("{p}.bearerToken"));
+    }
+    if let Some(c) = &w.client_certificate {
+        let files = (c.cert_file.is_some(), c.key_file.is_some());
+        match (&c.secret_name, files) {
+            (Some(name), (false, false)) if !name.is_empty() => {}
+            (None, (true, true)) => {}
+            _ => e.add(format!("{p}.clientCertificate"), "set secretName, or both certFile and keyFile"),
+        }
+    }
 }
 
 /// `sources` and `sourceThresholds`: where the texts an input promptInjection scanner scores come

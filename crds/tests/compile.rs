@@ -200,6 +200,36 @@ fn invalid_policies_and_rollouts_are_rejected_with_exact_errors() {
             "spec.input[0].action: PromptInjection cannot redact; use block or audit",
         ),
         (
+            "webhook without one",
+            policy("  input: [{type: webhook}]"),
+            "spec.input[0].webhook: a webhook scanner needs webhook.url",
+        ),
+        (
+            "webhook url",
+            policy("  input: [{type: webhook, webhook: {url: 'ftp://x'}}]"),
+            "spec.input[0].webhook.url: \"ftp://x\" is not an http:// or https:// URL",
+        ),
+        (
+            "webhook on secrets",
+            policy("  input: [{type: secrets, webhook: {url: 'http://x'}}]"),
+            "spec.input[0].webhook: Secrets calls no webhook",
+        ),
+        (
+            "webhook redact",
+            policy("  input: [{type: webhook, action: redact, webhook: {url: 'http://x'}}]"),
+            "spec.input[0].action: a webhook scanner follows the service's verdict (pass, redact or block): leave action unset, or set audit to only log it",
+        ),
+        (
+            "webhook half a certificate",
+            policy("  input: [{type: webhook, webhook: {url: 'https://x', clientCertificate: {certFile: /c}}}]"),
+            "spec.input[0].webhook.clientCertificate: set secretName, or both certFile and keyFile",
+        ),
+        (
+            "webhook token",
+            policy("  input: [{type: webhook, webhook: {url: 'https://x', bearerToken: {env: A, file: /b}}}]"),
+            "spec.input[0].webhook.bearerToken: set exactly one of secretKeyRef, env or file",
+        ),
+        (
             "sources on output",
             policy("  output: [{type: promptInjection, sources: [tool]}]"),
             "spec.output[0].sources: only input promptInjection scanners score texts by their source",
@@ -701,4 +731,20 @@ fn a_resource_defined_twice_is_reported() {
     assert!(res.duplicates().is_empty(), "the same name in two namespaces is two resources");
     res.extend(parse(&route("team-a")));
     assert_eq!(res.duplicates(), ["LLMRoute team-a/chat"]);
+}
+
+#[test]
+fn webhook_secrets_become_the_files_they_are_mounted_as() {
+    let yaml = format!(
+        "{OK_ROUTE}      scannerPolicyRef: {{name: guard}}\n---\napiVersion: bulwark.dev/v1alpha1\nkind: ScannerPolicy\nmetadata: {{name: guard, namespace: team-a}}\nspec:\n  input:\n  - type: webhook\n    webhook: {{url: 'https://guard.svc/check', bearerToken: {{secretKeyRef: {{name: guard, key: token}}}}, clientCertificate: {{secretName: guard-tls}}}}\n"
+    );
+    let out = standalone(&yaml);
+    assert!(out.rejected.is_empty(), "{:?}", out.rejected);
+    let hook = out.config.scanner_policies["team-a/guard"].input[0].webhook.clone().unwrap();
+    let token = hook.bearer_token.unwrap();
+    assert_eq!((token.secret_key_ref, token.file.as_deref()), (None, Some("/var/run/secrets/bulwark/guard/token")));
+    let cert = hook.client_certificate.unwrap();
+    assert_eq!(cert.cert_file.as_deref(), Some("/var/run/secrets/bulwark/guard-tls/tls.crt"));
+    assert_eq!(cert.key_file.as_deref(), Some("/var/run/secrets/bulwark/guard-tls/tls.key"));
+    assert_eq!(cert.secret_name, None);
 }

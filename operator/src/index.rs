@@ -163,15 +163,31 @@ impl Index {
         out
     }
 
-    /// The Secrets (name, key) that the routes selecting a pod with these labels reference.
+    /// The Secrets (name, key) that the routes selecting a pod with these labels reference:
+    /// their backends' keys, and their policies' webhook tokens and client certificates.
     pub fn secret_refs(&self, ns: &str, labels: &Labels) -> BTreeSet<(String, String)> {
-        self.selected(ns, labels)
+        let routes: Vec<&LLMRoute> = self.selected(ns, labels).iter().filter_map(|name| self.route(ns, name)).collect();
+        let keys = routes
             .iter()
-            .filter_map(|name| self.route(ns, name))
             .flat_map(|r| r.spec.all_backends())
             .filter_map(|b| b.credentials.as_ref()?.secret_key_ref.as_ref())
-            .map(|s| (s.name.clone(), s.key.clone()))
-            .collect()
+            .map(|s| (s.name.clone(), s.key.clone()));
+        let policies = routes
+            .iter()
+            .flat_map(|r| r.spec.rules.iter().filter_map(|rule| rule.scanner_policy_ref.as_ref()))
+            .filter_map(|p| self.policies.get(&(ns.to_owned(), p.name.clone())));
+        let hooks = policies
+            .flat_map(|p| p.spec.input.iter().chain(&p.spec.output))
+            .filter_map(|s| s.webhook.as_ref())
+            .flat_map(|w| {
+                let token = w.bearer_token.as_ref().and_then(|c| c.secret_key_ref.as_ref());
+                let token = token.map(|s| (s.name.clone(), s.key.clone()));
+                let cert = w.client_certificate.as_ref().and_then(|c| c.secret_name.clone());
+                let cert =
+                    cert.into_iter().flat_map(|n| [(n.clone(), "tls.crt".to_owned()), (n, "tls.key".to_owned())]);
+                token.into_iter().chain(cert)
+            });
+        keys.chain(hooks).collect()
     }
 
     /// Stores a route; true when what the sidecars get may change (not for status-only writes).
@@ -569,6 +585,24 @@ mod tests {
         assert!(rejected[0].message.contains("Secret a/openai (key api-key, backend b)"), "{}", rejected[0].message);
         assert!(ix.apply_secret("a", "openai"));
         assert!(ix.compile().1.is_empty());
+    }
+
+    #[test]
+    fn pods_get_the_secrets_of_their_routes_backends_and_policies_webhooks() {
+        let mut route = mk_route("a", "r", None, "m");
+        route.spec.rules[0].backends[0].credentials =
+            Some(serde_yaml::from_str("secretKeyRef: {name: openai, key: api-key}").unwrap());
+        route.spec.rules[0].scanner_policy_ref = Some(serde_yaml::from_str("name: guard").unwrap());
+        let policy: ScannerPolicy = serde_yaml::from_str(
+            "apiVersion: bulwark.dev/v1alpha1\nkind: ScannerPolicy\nmetadata: {name: guard, namespace: a}\nspec:\n  input: [{type: webhook, webhook: {url: 'https://g', bearerToken: {secretKeyRef: {name: g, key: token}}, clientCertificate: {secretName: g-tls}}}]\n",
+        )
+        .unwrap();
+        let mut ix = Index::default();
+        ix.apply_route(route);
+        ix.apply_policy(policy);
+        let refs: Vec<(String, String)> = ix.secret_refs("a", &labels("x")).into_iter().collect();
+        let want = [("g", "token"), ("g-tls", "tls.crt"), ("g-tls", "tls.key"), ("openai", "api-key")];
+        assert_eq!(refs, want.map(|(n, k)| (n.to_owned(), k.to_owned())));
     }
 
     #[test]

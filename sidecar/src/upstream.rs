@@ -41,6 +41,21 @@ pub enum Ca {
 /// A rustls connector trusting the system roots plus `extra_ca`; `h2_only` speaks HTTP/2 alone
 /// (ALPN on TLS, prior knowledge on plain TCP).
 pub fn connector(extra_ca: Option<&Ca>, h2_only: bool) -> anyhow::Result<HttpsConnector<HttpConnector>> {
+    connector_as(extra_ca, None, h2_only)
+}
+
+/// A client certificate chain and its key, PEM files.
+pub struct Identity<'a> {
+    pub cert: &'a Path,
+    pub key: &'a Path,
+}
+
+/// `connector`, presenting `identity` to servers that ask for a client certificate.
+pub fn connector_as(
+    extra_ca: Option<&Ca>,
+    identity: Option<Identity<'_>>,
+    h2_only: bool,
+) -> anyhow::Result<HttpsConnector<HttpConnector>> {
     let mut roots = rustls::RootCertStore::empty();
     let native = rustls_native_certs::load_native_certs();
     for cert in native.certs {
@@ -64,8 +79,21 @@ pub fn connector(extra_ca: Option<&Ca>, h2_only: bool) -> anyhow::Result<HttpsCo
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
     let tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let tls = match identity {
+        None => tls.with_no_client_auth(),
+        Some(id) => {
+            let read = |p: &Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+            let certs = rustls_pemfile::certs(&mut read(id.cert)?.as_slice())
+                .collect::<Result<Vec<_>, _>>()
+                .with_context(|| format!("parsing {}", id.cert.display()))?;
+            anyhow::ensure!(!certs.is_empty(), "{} holds no PEM certificate", id.cert.display());
+            let key = rustls_pemfile::private_key(&mut read(id.key)?.as_slice())
+                .with_context(|| format!("parsing {}", id.key.display()))?
+                .with_context(|| format!("{} holds no PEM private key", id.key.display()))?;
+            tls.with_client_auth_cert(certs, key).context("the client certificate and key do not go together")?
+        }
+    };
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);

@@ -16,6 +16,7 @@ pub mod stream;
 pub mod text;
 pub mod tokens;
 pub mod topics;
+pub mod webhook;
 
 use std::{collections::HashMap, path::PathBuf, sync::Arc, time::Duration};
 
@@ -58,6 +59,8 @@ pub enum Check {
     Text(Arc<dyn Detector>),
     Injection(injection::Injection),
     Topics(topics::Topics),
+    /// An external service; it runs with the model-based scanners, off the request's thread.
+    Webhook(Box<webhook::Webhook>),
 }
 
 impl Check {
@@ -74,7 +77,7 @@ impl Check {
             let score = match self {
                 Self::Injection(i) => i.score(t.text).await?,
                 Self::Topics(topics) => topics.score(t.text).await?,
-                Self::Text(_) => 0.0,
+                Self::Text(_) | Self::Webhook(_) => 0.0,
             };
             if f64::from(score) - t.threshold > f64::from(worst.score) - worst.threshold {
                 worst = Verdict { score, threshold: t.threshold, source: t.source, kind };
@@ -127,9 +130,29 @@ pub struct ScannerRuntime {
 impl ScannerRuntime {
     /// Judged by a model on the inference threads, not in place.
     pub fn is_model(&self) -> bool {
-        self.check
-            .as_ref()
-            .map_or(matches!(self.spec.type_, ScannerType::PromptInjection | ScannerType::BanTopics), Check::is_model)
+        self.check.as_ref().map_or(
+            matches!(self.spec.type_, ScannerType::PromptInjection | ScannerType::BanTopics | ScannerType::Webhook),
+            Check::is_model,
+        )
+    }
+
+    fn webhook(&self) -> Option<&webhook::Webhook> {
+        match &self.check {
+            Ok(Check::Webhook(w)) => Some(w),
+            _ => None,
+        }
+    }
+
+    /// Whether this scanner calls a service, whose failures its own `onError` may decide.
+    fn is_webhook(&self) -> bool {
+        self.spec.type_ == ScannerType::Webhook
+    }
+
+    /// Whether a failure of this scanner lets the text pass: a webhook's `onError`, else the
+    /// policy's `onScannerError`.
+    fn fails_open(&self, policy: &PolicyRuntime) -> bool {
+        let own = self.spec.webhook.as_ref().and_then(|w| w.on_error);
+        own.unwrap_or(policy.spec.on_scanner_error) == OnScannerError::FailOpen
     }
 
     /// The texts this scanner scores, and the threshold of each. An input `promptInjection`
@@ -257,6 +280,7 @@ pub fn type_name(t: ScannerType) -> &'static str {
         ScannerType::BanSubstrings => "banSubstrings",
         ScannerType::Language => "language",
         ScannerType::Json => "json",
+        ScannerType::Webhook => "webhook",
     }
 }
 
@@ -277,6 +301,10 @@ fn check(s: &Scanner, hub: &model::ModelHub) -> Result<Check, String> {
         }
         ScannerType::Language => text(Arc::new(language::Language::new(&s.languages))),
         ScannerType::Json => text(Arc::new(json::Json::new(s.schema.as_ref())?)),
+        ScannerType::Webhook => {
+            let spec = s.webhook.as_ref().ok_or("a webhook scanner needs webhook.url")?;
+            Ok(Check::Webhook(Box::new(webhook::Webhook::new(spec)?)))
+        }
         ScannerType::PromptInjection => match &s.model {
             Some(m) => Ok(Check::Injection(injection::Injection::Classifier(hub.get(
                 &PathBuf::from(&m.path),
@@ -313,8 +341,13 @@ impl PolicyRuntime {
             list.iter()
                 .map(|s| {
                     let d = check(s, hub);
+                    // A model or a service may come later (a file, a mounted Secret): the
+                    // scanner waits, unavailable; anything else is a broken config.
                     if let Err(e) = &d
-                        && !matches!(s.type_, ScannerType::PromptInjection | ScannerType::BanTopics)
+                        && !matches!(
+                            s.type_,
+                            ScannerType::PromptInjection | ScannerType::BanTopics | ScannerType::Webhook
+                        )
                     {
                         return Err(format!("ScannerPolicy {name}: {} scanner: {e}", type_name(s.type_)));
                     }
@@ -548,11 +581,12 @@ pub fn run_with(
 }
 
 /// Runs every scanner of a direction: the cheap ones first, in place (judging and redacting),
-/// then the model-based ones concurrently on the inference threads. With `failFast`, the first
-/// block returns at once and drops (cancels) the model scans still running.
+/// then the webhooks in order (each may rewrite the texts), then the model-based ones
+/// concurrently on the inference threads. With `failFast`, the first block returns at once and
+/// drops (cancels) the model scans still running.
 ///
 /// `sources` says where each of `texts` comes from (a request's); an input `promptInjection`
-/// scores texts by it.
+/// scores texts by it, and webhooks are told.
 pub async fn run_async(
     policy: &PolicyRuntime,
     d: Direction,
@@ -560,8 +594,12 @@ pub async fn run_async(
     sources: Option<&[Source]>,
     ctx: &Ctx<'_>,
 ) -> Result<Restore, Blocked> {
-    let restore = run(policy, d, texts, ctx)?;
-    let models = policy.sampled_models(d);
+    let mut restore = run(policy, d, texts, ctx)?;
+    let (hooks, models): (Vec<usize>, Vec<usize>) =
+        policy.sampled_models(d).into_iter().partition(|&i| policy.scanners(d)[i].is_webhook());
+    for i in hooks {
+        restore.redacted |= run_webhook(policy, d, &policy.scanners(d)[i], texts, sources, ctx).await?;
+    }
     if models.is_empty() {
         return Ok(restore);
     }
@@ -571,8 +609,8 @@ pub async fn run_async(
 }
 
 impl PolicyRuntime {
-    /// The model-based scanners of a direction that one request (or stream) is judged by: each
-    /// scanner's `sampling` decides once.
+    /// The model-based scanners and webhooks of a direction that one request (or stream) is
+    /// judged by: each scanner's `sampling` decides once.
     pub fn sampled_models(&self, d: Direction) -> Vec<usize> {
         let scanners = self.scanners(d).iter().enumerate();
         let sampled =
@@ -581,8 +619,82 @@ impl PolicyRuntime {
     }
 }
 
-/// Runs the model-based scanners `models` (indexes into the direction's scanners) over `texts`,
-/// concurrently on the inference threads.
+/// Why a scanner that could not run stops the text (or `None`: it fails open, logged).
+fn failed(policy: &PolicyRuntime, s: &ScannerRuntime, route: &str, e: &str) -> Option<Blocked> {
+    if s.fails_open(policy) {
+        tracing::warn!(policy = %policy.name, scanner = s.name, route, "scanner failed open: {e}");
+        return None;
+    }
+    Some(Blocked {
+        policy: policy.name.clone(),
+        scanner: s.name,
+        reason: format!("could not run ({e}) and the policy fails closed"),
+    })
+}
+
+/// Asks a webhook about the texts; applies its redactions. Returns whether it rewrote any.
+async fn run_webhook(
+    policy: &PolicyRuntime,
+    d: Direction,
+    s: &ScannerRuntime,
+    texts: &mut [&mut String],
+    sources: Option<&[Source]>,
+    ctx: &Ctx<'_>,
+) -> Result<bool, Blocked> {
+    let started = tokio::time::Instant::now();
+    let answer = match s.webhook() {
+        Some(hook) => {
+            let sent: Vec<&str> = texts.iter().map(|t| t.as_str()).collect();
+            hook.call(d.as_str(), &policy.name, ctx.route, &sent, sources).await
+        }
+        None => Err(s.unavailable().unwrap_or("unavailable").to_owned()),
+    };
+    let verdict = ctx.observe(policy, s, d, started.elapsed());
+    let audit = s.spec.mode == Mode::Audit || s.spec.action == Action::Audit;
+    match answer {
+        Err(e) => {
+            verdict("error");
+            failed(policy, s, ctx.route, &e).map_or(Ok(false), Err)
+        }
+        Ok(webhook::Answer::Pass) => {
+            verdict("pass");
+            Ok(false)
+        }
+        Ok(webhook::Answer::Block { reason }) => {
+            let reason = format!("said block: {}", reason.as_deref().unwrap_or("no reason given"));
+            if audit {
+                verdict("audit");
+                tracing::info!(policy = %policy.name, scanner = s.name, route = ctx.route, "audit: {reason}");
+                return Ok(false);
+            }
+            verdict("block");
+            Err(Blocked { policy: policy.name.clone(), scanner: s.name, reason })
+        }
+        Ok(webhook::Answer::Redact { texts: rewritten, reason }) => {
+            if audit {
+                verdict("audit");
+                let reason = reason.as_deref().unwrap_or("no reason given");
+                tracing::info!(policy = %policy.name, scanner = s.name, route = ctx.route, "audit: would redact: {reason}");
+                return Ok(false);
+            }
+            verdict("redact");
+            let mut changed = false;
+            for (text, new) in texts.iter_mut().zip(rewritten) {
+                if let Some(new) = new
+                    && new != **text
+                {
+                    **text = new;
+                    changed = true;
+                }
+            }
+            Ok(changed)
+        }
+    }
+}
+
+/// Runs the model-based scanners (and webhooks, judging only) `models` (indexes into the
+/// direction's scanners) over `texts`, concurrently. A webhook that asks to redact a text that
+/// cannot be rewritten any more (a streamed piece) blocks it.
 pub async fn run_models(
     policy: &PolicyRuntime,
     d: Direction,
@@ -597,15 +709,7 @@ pub async fn run_models(
         .filter_map(|&i| scanners.get(i))
         .map(|s| async move {
             let started = tokio::time::Instant::now();
-            let limit = s.spec.timeout.map_or(Duration::from_secs(2), |t| t.as_std());
-            let judged = s.judged(texts, sources);
-            let result = match &s.check {
-                Ok(check) => match tokio::time::timeout(limit, check.judge(&judged)).await {
-                    Ok(r) => r,
-                    Err(_) => Err(format!("timed out after {}ms", limit.as_millis())),
-                },
-                Err(e) => Err(e.clone()),
-            };
+            let result = judge(policy, d, s, texts, sources, ctx).await;
             (s, result, started.elapsed())
         })
         .collect();
@@ -615,26 +719,21 @@ pub async fn run_models(
         let b = match result {
             Err(e) => {
                 verdict("error");
-                if policy.spec.on_scanner_error == OnScannerError::FailOpen {
-                    tracing::warn!(policy = %policy.name, scanner = s.name, route = ctx.route, "scanner failed open: {e}");
-                    continue;
-                }
-                Blocked {
-                    policy: policy.name.clone(),
-                    scanner: s.name,
-                    reason: format!("could not run ({e}) and the policy fails closed"),
+                match failed(policy, s, ctx.route, &e) {
+                    Some(b) => b,
+                    None => continue,
                 }
             }
-            Ok(found) if found.fires() => {
+            Ok(Some(found)) => {
                 if s.spec.mode == Mode::Audit || s.spec.action == Action::Audit {
                     verdict("audit");
-                    tracing::info!(policy = %policy.name, scanner = s.name, route = ctx.route, score = found.score, "audit: {}", found.found());
+                    tracing::info!(policy = %policy.name, scanner = s.name, route = ctx.route, "audit: {found}");
                     continue;
                 }
                 verdict("block");
-                Blocked { policy: policy.name.clone(), scanner: s.name, reason: found.found() }
+                Blocked { policy: policy.name.clone(), scanner: s.name, reason: found }
             }
-            Ok(_) => {
+            Ok(None) => {
                 verdict("pass");
                 continue;
             }
@@ -645,6 +744,36 @@ pub async fn run_models(
         blocked.get_or_insert(b);
     }
     blocked.map_or(Ok(()), Err)
+}
+
+/// One scanner's verdict on the texts: what it found, if it fires.
+async fn judge(
+    policy: &PolicyRuntime,
+    d: Direction,
+    s: &ScannerRuntime,
+    texts: &[String],
+    sources: Option<&[Source]>,
+    ctx: &Ctx<'_>,
+) -> Result<Option<String>, String> {
+    let check = s.check.as_ref().map_err(Clone::clone)?;
+    if let Check::Webhook(hook) = check {
+        let sent: Vec<&str> = texts.iter().map(String::as_str).collect();
+        return Ok(match hook.call(d.as_str(), &policy.name, ctx.route, &sent, sources).await? {
+            webhook::Answer::Pass => None,
+            webhook::Answer::Block { reason } => {
+                Some(format!("said block: {}", reason.as_deref().unwrap_or("no reason given")))
+            }
+            webhook::Answer::Redact { .. } => {
+                Some("asked to redact text that was already committed to the stream".into())
+            }
+        });
+    }
+    let limit = s.spec.timeout.map_or(Duration::from_secs(2), |t| t.as_std());
+    let judged = s.judged(texts, sources);
+    match tokio::time::timeout(limit, check.judge(&judged)).await {
+        Ok(verdict) => verdict.map(|v| v.fires().then(|| v.found())),
+        Err(_) => Err(format!("timed out after {}ms", limit.as_millis())),
+    }
 }
 
 /// Findings per text index; `WHOLE` for findings about all texts together.
