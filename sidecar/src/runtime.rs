@@ -239,7 +239,9 @@ pub fn host(headers: &http::HeaderMap) -> Option<String> {
         Some(v6) => v6.split(']').next()?,
         None => h.rsplit_once(':').filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit())).map_or(h, |(n, _)| n),
     };
-    Some(name.trim_end_matches('.').to_ascii_lowercase())
+    let name = name.trim_end_matches('.');
+    // An empty Host (or one that is only a port) names no host.
+    (!name.is_empty()).then(|| name.to_ascii_lowercase())
 }
 
 /// A backend's endpoints: its replicas with where each serves metrics, or its URL.

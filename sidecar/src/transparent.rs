@@ -107,6 +107,7 @@ fn host_line(head: &[u8]) -> Option<String> {
     None
 }
 
+/// A `Host` value as routes match it.
 fn host_of(value: &[u8]) -> Option<String> {
     let mut map = http::HeaderMap::new();
     map.insert(http::header::HOST, http::HeaderValue::from_bytes(value).ok()?);
@@ -294,5 +295,8 @@ mod tests {
         assert_eq!(classify(&hostless.as_bytes()[..SNIFF_BYTES]), Some(Sniffed::Http(None)));
         // A header named like Host is not one, and the body is not the head.
         assert_eq!(classify(padded("X-Host: a.test\r\n").as_bytes()), None);
+        // An empty Host names nothing, whole head or not (found by the `sniff` fuzz target).
+        assert_eq!(classify(b"GET / HTTP/1.0\r\nHost: \r\n\r\n"), Some(Sniffed::Http(None)));
+        assert_eq!(classify(b"GET / HTTP/1.0\r\nHost: \r\nX-A"), None);
     }
 }
