@@ -27,8 +27,10 @@ $(VENV)/.installed: tests/e2e/requirements.txt models/requirements.txt charts/re
 	touch $@
 
 ## The default encoder (all-MiniLM-L6-v2 to int8 ONNX); nothing to do when it is built already.
+## Then every model directory is signed with a key generated for local use (model-signing.pub).
 models: venv
 	$(PY) models/build_encoder.py $(MODELS)/minilm
+	scripts/sign-models.sh $(MODELS)
 
 ## Precision, recall and F1 of the prompt-injection head on held-out data.
 eval: models
@@ -44,7 +46,7 @@ train-injection: models
 ## Builds only what it runs: the sidecar, and the mock provider when asked for.
 run: models
 	$(CARGO) build --release --bin bulwark-sidecar $(if $(filter mock,$(UPSTREAM)),--bin bulwark-mock-provider)
-	BIN=target/release ORT_DYLIB_PATH=$(ORT) BULWARK_MODELS_DIR=$(MODELS) scripts/quickstart.sh
+	BIN=target/release ORT_DYLIB_PATH=$(ORT) BULWARK_MODELS_DIR=$(MODELS) BULWARK_MODEL_PUBLIC_KEY=$(MODELS)/model-signing.pub scripts/quickstart.sh
 
 test: venv models tools lint chart argocd unit e2e fuzz-smoke
 
@@ -67,12 +69,12 @@ lint:
 
 unit: models tools
 	$(CARGO) build --workspace --bins
-	ORT_DYLIB_PATH=$(ORT) BULWARK_MODELS_DIR=$(MODELS) BULWARK_REQUIRE_MODELS=1 BULWARK_REQUIRE_KUBECTL=1 \
+	ORT_DYLIB_PATH=$(ORT) BULWARK_MODELS_DIR=$(MODELS) BULWARK_MODEL_PUBLIC_KEY=$(MODELS)/model-signing.pub BULWARK_REQUIRE_MODELS=1 BULWARK_REQUIRE_KUBECTL=1 \
 	  KUBECTL=$(CURDIR)/.tools/bin/kubectl $(CARGO) test --workspace
 
 e2e: venv models tools
 	$(CARGO) build --workspace --bins
-	ORT_DYLIB_PATH=$(ORT) BULWARK_MODELS_DIR=$(MODELS) BULWARK_BIN=target/debug $(PY) -m pytest -q -p no:cacheprovider tests/e2e
+	ORT_DYLIB_PATH=$(ORT) BULWARK_MODELS_DIR=$(MODELS) BULWARK_MODEL_PUBLIC_KEY=$(MODELS)/model-signing.pub BULWARK_BIN=target/debug $(PY) -m pytest -q -p no:cacheprovider tests/e2e
 
 ## Regenerate the CRD YAML from the Rust types.
 crds:
@@ -103,7 +105,7 @@ soak:
 
 bench: models
 	$(CARGO) build --release -p bulwark-sidecar -p bulwark-operator -p bulwark-tests --bins
-	ORT_DYLIB_PATH=$(ORT) BULWARK_MODELS_DIR=$(MODELS) target/release/bulwark-bench
+	ORT_DYLIB_PATH=$(ORT) BULWARK_MODELS_DIR=$(MODELS) BULWARK_MODEL_PUBLIC_KEY=$(MODELS)/model-signing.pub target/release/bulwark-bench
 
 clean:
 	$(CARGO) clean

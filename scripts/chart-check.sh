@@ -153,6 +153,13 @@ render interception --set tlsInterception.enabled=true
 grep -q 'resourceNames: \[bulwark-intercept-ca\]' "$tmp/interception.yaml" || fail "interception: the CA Secret cannot be written"
 grep -q -- '- --tls-interception$' "$tmp/interception.yaml" || fail "interception: no --tls-interception"
 validate interception "$tmp/interception.yaml"
+# Signed models: the key reaches the operator, which hands it to the sidecars it injects.
+grep -q 'BULWARK_MODEL_PUBLIC_KEY' "$tmp/defaults.yaml" && fail "defaults: a model key without models.publicKey"
+render signed-models --set-string 'models.publicKey=-----BEGIN PUBLIC KEY-----
+MCowBQYDK2VwAyEA+c4Nvy+oHXjLZihwBKPQt2Ey04wIun92XRksiNSXZ/E=
+-----END PUBLIC KEY-----'
+grep -q 'name: BULWARK_MODEL_PUBLIC_KEY' "$tmp/signed-models.yaml" || fail "signed-models: the operator gets no BULWARK_MODEL_PUBLIC_KEY"
+validate signed-models "$tmp/signed-models.yaml"
 render no-webhook --set webhook.enabled=false
 grep -qE 'MutatingWebhookConfiguration|webhook-listen|9443' "$tmp/no-webhook.yaml" && fail "webhook.enabled=false still renders the webhook"
 validate no-webhook "$tmp/no-webhook.yaml"

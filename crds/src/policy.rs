@@ -259,6 +259,10 @@ pub struct ModelRef {
     /// Expected sha256 of `model.onnx`, hex.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sha256: Option<String>,
+    /// The ed25519 key the directory's manifest must be signed with (`manifest.sig`): a PEM
+    /// `PUBLIC KEY`, or the 32 raw bytes in base64. Default: the sidecar's `--model-public-key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key: Option<String>,
 }
 
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
@@ -272,4 +276,33 @@ pub struct ScannerPolicyStatus {
     /// Sidecars whose routes use this policy, and how many run the current config.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sidecars: Option<crate::route::SidecarCounts>,
+}
+
+/// The DER prefix of an ed25519 `SubjectPublicKeyInfo`, before the 32 key bytes.
+const ED25519_SPKI: [u8; 12] = [0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00];
+
+/// An ed25519 public key that signs model manifests, from a PEM `PUBLIC KEY` (as `openssl pkey
+/// -pubout` writes it) or the 32 raw bytes in base64.
+pub fn model_key(text: &str) -> Result<[u8; 32], String> {
+    use base64::Engine as _;
+    let text = text.trim();
+    let body: String = match text.strip_prefix("-----BEGIN PUBLIC KEY-----") {
+        Some(rest) => rest
+            .split("-----END PUBLIC KEY-----")
+            .next()
+            .unwrap_or_default()
+            .chars()
+            .filter(|c| !c.is_whitespace())
+            .collect(),
+        None => text.to_owned(),
+    };
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(body)
+        .map_err(|e| format!("not a PEM public key or base64: {e}"))?;
+    let raw = match der.len() {
+        32 => der.as_slice(),
+        44 if der[..12] == ED25519_SPKI => &der[12..],
+        _ => return Err("not an ed25519 public key".into()),
+    };
+    raw.try_into().map_err(|_| "not an ed25519 public key".to_owned())
 }

@@ -330,6 +330,9 @@ pub fn scanner_policy(spec: &ScannerPolicySpec) -> Vec<FieldError> {
                 {
                     e.add(format!("{p}.model.sha256"), "must be 64 hex digits");
                 }
+                if let Some(Err(err)) = m.public_key.as_deref().map(crate::policy::model_key) {
+                    e.add(format!("{p}.model.publicKey"), err);
+                }
             }
         }
     }

@@ -230,6 +230,11 @@ fn invalid_policies_and_rollouts_are_rejected_with_exact_errors() {
             "spec.input[0].webhook.bearerToken: set exactly one of secretKeyRef, env or file",
         ),
         (
+            "model key",
+            policy("  input: [{type: banTopics, topics: [x], model: {path: /m, publicKey: bm90IGEga2V5}}]"),
+            "spec.input[0].model.publicKey: not an ed25519 public key",
+        ),
+        (
             "sources on output",
             policy("  output: [{type: promptInjection, sources: [tool]}]"),
             "spec.output[0].sources: only input promptInjection scanners score texts by their source",

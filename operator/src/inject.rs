@@ -86,6 +86,8 @@ pub struct Injection {
     /// Pods may ask for TLS interception (`--tls-interception`): the operator keeps a CA per
     /// namespace.
     pub tls_interception: bool,
+    /// The key sidecars check model signatures with (`BULWARK_MODEL_PUBLIC_KEY`).
+    pub model_public_key: Option<String>,
 }
 
 /// Whether the pod runs in transparent mode, and intercepts TLS.
@@ -282,7 +284,9 @@ fn redirect(inj: &Injection) -> Value {
 
 /// The sidecar container: non-root, read-only, no capabilities; ready once it has a config.
 fn sidecar(inj: &Injection, keys: bool, transparent: bool, intercept: bool) -> Value {
-    let env: Vec<Value> = inj.ca.iter().map(|ca| json!({"name": "BULWARK_OPERATOR_CA_PEM", "value": ca})).collect();
+    let ca = inj.ca.iter().map(|ca| json!({"name": "BULWARK_OPERATOR_CA_PEM", "value": ca}));
+    let key = inj.model_public_key.iter().map(|k| json!({"name": "BULWARK_MODEL_PUBLIC_KEY", "value": k}));
+    let env: Vec<Value> = ca.chain(key).collect();
     let mut mounts = vec![
         json!({"name": "bulwark-token", "mountPath": TOKEN_DIR, "readOnly": true}),
         json!({"name": "bulwark-copy", "mountPath": COPY_DIR, "readOnly": true}),
@@ -477,6 +481,7 @@ mod tests {
             ca: Some("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into()),
             audience: "bulwark".into(),
             tls_interception: true,
+            model_public_key: None,
         }
     }
 
@@ -533,6 +538,12 @@ mod tests {
         let env = sidecar.env.clone().unwrap();
         let ca = env.iter().find(|e| e.name == "BULWARK_OPERATOR_CA_PEM").unwrap();
         assert!(ca.value.as_deref().unwrap().contains("BEGIN CERTIFICATE"));
+        assert!(!env.iter().any(|e| e.name == "BULWARK_MODEL_PUBLIC_KEY"), "no key, no model signatures asked for");
+        let pem = "-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEA+c4Nvy+oHXjLZihwBKPQt2Ey04wIun92XRksiNSXZ/E=\n-----END PUBLIC KEY-----\n";
+        let signed = Injection { model_public_key: Some(pem.into()), ..injection() };
+        let out = apply(&pod, patch(&pod, &signed, &keys));
+        let env = out["spec"]["initContainers"][0]["env"].as_array().unwrap().clone();
+        assert!(env.iter().any(|e| e["name"] == "BULWARK_MODEL_PUBLIC_KEY" && e["value"] == pem), "{env:?}");
         let security = sidecar.security_context.clone().unwrap();
         assert_eq!((security.run_as_non_root, security.read_only_root_filesystem), (Some(true), Some(true)));
 

@@ -143,6 +143,8 @@ pub struct Webhook {
     pub stream_url: String,
     /// Pods may ask for TLS interception; the operator keeps a CA per namespace.
     pub tls_interception: bool,
+    /// The key injected sidecars check model directories' signatures with (PEM).
+    pub model_public_key: Option<String>,
 }
 
 /// Asks `check` every 50 ms until it answers or `limit` has passed (then `None`): for what the
@@ -202,6 +204,7 @@ impl Operator {
                     ca: ca.clone(),
                     audience: s.token_audience.clone(),
                     tls_interception: w.tls_interception,
+                    model_public_key: w.model_public_key.clone(),
                 };
                 Some((listener, Arc::new(injection)))
             }

@@ -68,6 +68,9 @@ struct Cli {
     /// (ConfigMap bulwark-trust-bundle), and renews the CA.
     #[arg(long, requires = "webhook_listen")]
     tls_interception: bool,
+    /// The ed25519 public key (PEM) injected sidecars check model directories' signatures with.
+    #[arg(long, env = "BULWARK_MODEL_PUBLIC_KEY", value_name = "PEM")]
+    model_public_key: Option<String>,
     /// KEDA is installed: ModelServers with `autoscaling.engine: keda` get a ScaledObject.
     #[arg(long)]
     keda: bool,
@@ -83,6 +86,12 @@ fn main() -> ExitCode {
         tracing_subscriber::fmt().json().with_env_filter(filter).init();
     } else {
         tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+    if let Some(Err(e)) =
+        cli.model_public_key.as_deref().filter(|k| !k.trim().is_empty()).map(bulwark_api::policy::model_key)
+    {
+        eprintln!("bulwark-operator: --model-public-key is {e}");
+        return ExitCode::from(2);
     }
     let identity = cli.identity.clone().unwrap_or_else(|| {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
@@ -112,6 +121,7 @@ fn main() -> ExitCode {
             image: cli.sidecar_image.unwrap_or_default(),
             stream_url: cli.stream_url.unwrap_or_default(),
             tls_interception: cli.tls_interception,
+            model_public_key: cli.model_public_key.filter(|k| !k.trim().is_empty()),
         }),
     };
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {

@@ -96,6 +96,10 @@ struct Cli {
     /// Inference threads per loaded model.
     #[arg(long, default_value_t = 1)]
     model_threads: usize,
+    /// The ed25519 key model directories must be signed with (their `manifest.sig`), unless a
+    /// policy names its own: a PEM `PUBLIC KEY`, the raw key in base64, or a file of either.
+    #[arg(long, env = "BULWARK_MODEL_PUBLIC_KEY", value_name = "KEY")]
+    model_public_key: Option<String>,
     /// Port of the listener for captured connections (on 127.0.0.1 and ::1), where the rules of
     /// `redirect` send the pod's outbound traffic.
     #[arg(long, value_name = "PORT")]
@@ -245,6 +249,13 @@ fn main() -> ExitCode {
     opts.models.models_dir = cli.models_dir;
     opts.models.onnxruntime = cli.onnxruntime;
     opts.models.threads = cli.model_threads.max(1);
+    match cli.model_public_key.as_deref().map(bulwark_sidecar::scan::model::ModelKey::from_arg).transpose() {
+        Ok(key) => opts.models.public_key = key,
+        Err(e) => {
+            eprintln!("bulwark-sidecar: --model-public-key: {e}");
+            return ExitCode::from(2);
+        }
+    }
     opts.operator = cli.operator.map(|url| OperatorLink {
         url,
         ca: cli.operator_ca.map(Ca::File).or(cli.operator_ca_pem.map(Ca::Pem)),

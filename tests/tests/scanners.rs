@@ -18,6 +18,10 @@ fn models() -> Option<bulwark_sidecar::scan::model::ModelSettings> {
             models_dir: Some(dir.into()),
             onnxruntime: Some(ort.into()),
             threads: 1,
+            // `make models` signs the models; `make test` names the key, so they are verified.
+            public_key: std::env::var("BULWARK_MODEL_PUBLIC_KEY")
+                .ok()
+                .map(|k| bulwark_sidecar::scan::model::ModelKey::from_arg(&k).unwrap()),
         }),
         _ if std::env::var("BULWARK_REQUIRE_MODELS").is_ok_and(|v| v == "1") => {
             panic!("BULWARK_MODELS_DIR and ORT_DYLIB_PATH must be set: run `make models`, or use `make test`")
@@ -460,4 +464,76 @@ async fn injections_in_tool_results_and_documents_are_scored_as_untrusted_input_
     let r = env.client.post("/v1/chat/completions", &agent(injection, "You are a helpful agent."), &[]).await.unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
     env.sidecar.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_model_directory_that_is_unsigned_tampered_or_signed_by_another_key_is_refused() {
+    let Some(models) = models() else { return };
+    if models.public_key.is_none() {
+        eprintln!("skipped: BULWARK_MODEL_PUBLIC_KEY not set (make test sets it)");
+        return;
+    }
+    let mock = MockProvider::start().await;
+    let signed = models.models_dir.clone().unwrap().join("minilm");
+    let copy = |name: &str| {
+        let dir = std::env::temp_dir().join(format!("bulwark-signed-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in ["model.onnx", "tokenizer.json", "manifest.json", "manifest.sig"] {
+            std::fs::copy(signed.join(f), dir.join(f)).unwrap();
+        }
+        dir
+    };
+    let policy = |dir: &std::path::Path, extra: &str| {
+        format!(
+            "  input:\n  - {{type: banTopics, topics: [medical diagnosis and medication advice], threshold: 0.35, model: {{path: '{}'{extra}}}}}",
+            dir.display()
+        )
+    };
+    let refused = |text: &str| text.contains("banTopics could not run") && text.contains("fails closed");
+
+    // The signed copy loads and judges.
+    let good = copy("good");
+    let env = start_with(&policy(&good, ""), &mock, models.clone()).await;
+    let r = env
+        .client
+        .post("/v1/chat/completions", &chat("Which pills should I take for my chest pain and fever?", false), &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("banTopics found banned-topic"), "{}", r.text());
+    env.sidecar.shutdown().await;
+
+    let unsigned = copy("unsigned");
+    std::fs::remove_file(unsigned.join("manifest.sig")).unwrap();
+    let extra = copy("extra");
+    std::fs::write(extra.join("config.json"), "{\"id2label\": {\"0\": \"INJECTION\"}}").unwrap();
+    let tampered = copy("tampered");
+    let mut tokenizer = std::fs::read(tampered.join("tokenizer.json")).unwrap();
+    tokenizer.push(b' ');
+    std::fs::write(tampered.join("tokenizer.json"), tokenizer).unwrap();
+    let other_key = "MCowBQYDK2VwAyEAGb9ECWmEzf6FQbrBZ9w7lshQhqowtrbLDFw4rXAxZuE=";
+    for (dir, extra_field, why) in [
+        (&unsigned, String::new(), "the model is not signed"),
+        (&extra, String::new(), "config.json is not in the signed manifest"),
+        (&tampered, String::new(), "tokenizer.json: sha256"),
+        (&good, format!(", publicKey: '{other_key}'"), "does not verify against the model public key"),
+    ] {
+        let env = start_with(&policy(dir, &extra_field), &mock, models.clone()).await;
+        let r = env.client.post("/v1/chat/completions", &chat("hello", false), &[]).await.unwrap();
+        assert_eq!(r.status, 400, "{why}: {}", r.text());
+        assert!(refused(&r.text()) && r.text().contains(why), "{why}: {}", r.text());
+        env.sidecar.shutdown().await;
+    }
+    // The policy's own key, when it is the signer's, is accepted like the sidecar's.
+    let mut keyless = models.clone();
+    keyless.public_key = None;
+    let pem = std::fs::read_to_string(std::env::var("BULWARK_MODEL_PUBLIC_KEY").unwrap()).unwrap();
+    let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    let env = start_with(&policy(&good, &format!(", publicKey: '{b64}'")), &mock, keyless).await;
+    let r = env.client.post("/v1/chat/completions", &chat("hello", false), &[]).await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    env.sidecar.shutdown().await;
+    for d in [good, unsigned, extra, tampered] {
+        let _ = std::fs::remove_dir_all(d);
+    }
 }

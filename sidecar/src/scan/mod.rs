@@ -306,11 +306,7 @@ fn check(s: &Scanner, hub: &model::ModelHub) -> Result<Check, String> {
             Ok(Check::Webhook(Box::new(webhook::Webhook::new(spec)?)))
         }
         ScannerType::PromptInjection => match &s.model {
-            Some(m) => Ok(Check::Injection(injection::Injection::Classifier(hub.get(
-                &PathBuf::from(&m.path),
-                m.sha256.as_deref(),
-                None,
-            )?))),
+            Some(m) => Ok(Check::Injection(injection::Injection::Classifier(own_model(hub, m, None)?))),
             None => {
                 let dir = hub.default_encoder_dir().ok_or("no models directory is configured (--models-dir)")?;
                 let encoder = hub.get(&dir, None, Some(model::Output::Embedding))?;
@@ -322,7 +318,7 @@ fn check(s: &Scanner, hub: &model::ModelHub) -> Result<Check, String> {
         },
         ScannerType::BanTopics => {
             let encoder = match &s.model {
-                Some(m) => hub.get(&PathBuf::from(&m.path), m.sha256.as_deref(), Some(model::Output::Embedding))?,
+                Some(m) => own_model(hub, m, Some(model::Output::Embedding))?,
                 None => {
                     let dir = hub.default_encoder_dir().ok_or("no models directory is configured (--models-dir)")?;
                     hub.get(&dir, None, Some(model::Output::Embedding))?
@@ -331,6 +327,17 @@ fn check(s: &Scanner, hub: &model::ModelHub) -> Result<Check, String> {
             Ok(Check::Topics(topics::Topics::new(encoder, s.topics.clone())))
         }
     }
+}
+
+/// A policy's own model, verified with its own key, else the sidecar's.
+fn own_model(
+    hub: &model::ModelHub,
+    m: &bulwark_api::policy::ModelRef,
+    output: Option<model::Output>,
+) -> Result<Arc<model::Model>, String> {
+    let key = m.public_key.as_deref().map(model::ModelKey::parse).transpose()?;
+    let key = key.as_ref().or(hub.settings.public_key.as_ref());
+    hub.get_signed(&PathBuf::from(&m.path), m.sha256.as_deref(), key, output)
 }
 
 impl PolicyRuntime {

@@ -34,6 +34,78 @@ pub struct ModelSettings {
     pub onnxruntime: Option<PathBuf>,
     /// Inference threads per model.
     pub threads: usize,
+    /// The key model directories must be signed with, unless a policy names its own.
+    pub public_key: Option<ModelKey>,
+}
+
+/// An ed25519 public key that signs model manifests.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ModelKey([u8; 32]);
+
+impl ModelKey {
+    /// A PEM `PUBLIC KEY` (as `openssl pkey -pubout` writes it), or the 32 raw bytes in base64.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        bulwark_api::policy::model_key(text).map(Self).map_err(|e| format!("the model public key is {e}"))
+    }
+
+    /// `parse`, of a file's contents when `arg` names a file.
+    pub fn from_arg(arg: &str) -> Result<Self, String> {
+        match std::fs::read_to_string(arg) {
+            Ok(text) => Self::parse(&text).map_err(|e| format!("{arg}: {e}")),
+            Err(_) => Self::parse(arg),
+        }
+    }
+}
+
+/// Checks a signed model directory: `manifest.sig` (base64) is the ed25519 signature of the
+/// bytes of `manifest.json` by `key`, and the manifest's `sha256` lists every file of the
+/// directory (weights, tokenizer, config) with its hash; a file it does not list, or one
+/// whose hash differs, refuses the model.
+fn verify_signed(dir: &Path, key: &ModelKey) -> Result<(), String> {
+    use base64::Engine as _;
+    let at = |f: &str| dir.join(f);
+    let manifest = std::fs::read(at("manifest.json"))
+        .map_err(|e| format!("{}: {e}; a signed model needs a manifest", at("manifest.json").display()))?;
+    let sig = std::fs::read_to_string(at("manifest.sig"))
+        .map_err(|e| format!("{}: {e}; the model is not signed", at("manifest.sig").display()))?;
+    let sig = base64::engine::general_purpose::STANDARD
+        .decode(sig.trim())
+        .map_err(|e| format!("{}: not base64: {e}", at("manifest.sig").display()))?;
+    ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, &key.0)
+        .verify(&manifest, &sig)
+        .map_err(|_| format!("{}: the signature does not verify against the model public key", dir.display()))?;
+    let listed = serde_json::from_slice::<serde_json::Value>(&manifest)
+        .ok()
+        .and_then(|m| m.get("sha256")?.as_object().cloned())
+        .ok_or_else(|| format!("{}: the manifest has no sha256 map", at("manifest.json").display()))?;
+    let entries = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let mut present = vec![];
+    for entry in entries {
+        let entry = entry.map_err(|e| format!("{}: {e}", dir.display()))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name == "manifest.json" || name == "manifest.sig" {
+            continue;
+        }
+        if !listed.contains_key(&name) {
+            return Err(format!("{}: {name} is not in the signed manifest", dir.display()));
+        }
+        present.push(name);
+    }
+    for (name, want) in &listed {
+        if !present.contains(name) {
+            return Err(format!("{}: {name}, which the signed manifest lists, is missing", dir.display()));
+        }
+        let got = sha256_file(&at(name))?;
+        if Some(got.as_str()) != want.as_str() {
+            return Err(format!("{}: sha256 {got} is not the signed {}", at(name).display(), want));
+        }
+    }
+    for required in ["model.onnx", "tokenizer.json"] {
+        if !listed.contains_key(required) {
+            return Err(format!("{}: the signed manifest does not list {required}", dir.display()));
+        }
+    }
+    Ok(())
 }
 
 static ENV: OnceLock<Result<Environment, String>> = OnceLock::new();
@@ -62,8 +134,12 @@ fn sha256_file(path: &Path) -> Result<String, String> {
     Ok(Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// Checks `model.onnx` against a pinned hash: the policy's, else the directory's manifest.
-fn verify(dir: &Path, pinned: Option<&str>) -> Result<(), String> {
+/// Checks a model directory before it is loaded: its signature and every file's hash when a
+/// key applies, and `model.onnx` against a pinned hash (the policy's, else the manifest's).
+fn verify(dir: &Path, pinned: Option<&str>, key: Option<&ModelKey>) -> Result<(), String> {
+    if let Some(key) = key {
+        verify_signed(dir, key)?;
+    }
     let model = dir.join("model.onnx");
     let expected = match pinned {
         Some(h) => Some(h.to_ascii_lowercase()),
@@ -105,11 +181,12 @@ impl Model {
     pub fn load(
         dir: &Path,
         pinned: Option<&str>,
+        key: Option<&ModelKey>,
         output: Option<Output>,
         settings: &ModelSettings,
     ) -> Result<Arc<Self>, String> {
         let env = environment(settings)?;
-        verify(dir, pinned)?;
+        verify(dir, pinned, key)?;
         let mut tokenizer = Tokenizer::from_file(dir.join("tokenizer.json"))
             .map_err(|e| format!("{}: {e}", dir.join("tokenizer.json").display()))?;
         tokenizer
@@ -214,7 +291,7 @@ fn worker(mut session: Session, tokenizer: Tokenizer, output: Output, rx: Arc<Mu
 
 /// One tokenized window: the job it belongs to, ids, attention mask, type ids.
 type Window = (usize, Vec<u32>, Vec<u32>, Vec<u32>);
-type Loaded = HashMap<(PathBuf, Option<String>), Result<Arc<Model>, String>>;
+type Loaded = HashMap<(PathBuf, Option<String>, Option<ModelKey>), Result<Arc<Model>, String>>;
 
 fn run_batch(
     session: &mut Session,
@@ -324,14 +401,26 @@ impl ModelHub {
         self.settings.models_dir.as_ref().map(|d| d.join("minilm"))
     }
 
+    /// A model, verified with the settings' key (if any) before it is loaded.
     pub fn get(&self, dir: &Path, pinned: Option<&str>, output: Option<Output>) -> Result<Arc<Model>, String> {
-        let key = (dir.to_path_buf(), pinned.map(str::to_owned));
+        self.get_signed(dir, pinned, self.settings.public_key.as_ref(), output)
+    }
+
+    /// A model, verified with `key` (if any) before it is loaded.
+    pub fn get_signed(
+        &self,
+        dir: &Path,
+        pinned: Option<&str>,
+        signer: Option<&ModelKey>,
+        output: Option<Output>,
+    ) -> Result<Arc<Model>, String> {
+        let key = (dir.to_path_buf(), pinned.map(str::to_owned), signer.cloned());
         let mut loaded = self.loaded.lock();
         if let Some(Ok(m)) = loaded.get(&key) {
             return Ok(m.clone());
         }
         let result = if dir.join("model.onnx").exists() {
-            Model::load(dir, pinned, output, &self.settings)
+            Model::load(dir, pinned, signer, output, &self.settings)
         } else {
             Err(format!(
                 "no model at {} (run `make models`, or point the policy's model.path at an ONNX export)",
@@ -340,5 +429,66 @@ impl ModelHub {
         };
         loaded.insert(key, result.clone());
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use base64::Engine as _;
+    use ring::signature::{Ed25519KeyPair, KeyPair as _};
+
+    use super::*;
+
+    fn b64(bytes: &[u8]) -> String {
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    }
+
+    #[test]
+    fn signed_model_directories_are_checked_file_by_file() {
+        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new()).unwrap();
+        let pair = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
+        let raw = pair.public_key().as_ref().to_vec();
+        let spki = [&[0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00][..], &raw].concat();
+        let pem = format!("-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n", b64(&spki));
+        let key = ModelKey::parse(&pem).unwrap();
+        assert_eq!(ModelKey::parse(&b64(&raw)).unwrap(), key, "PEM and raw base64 name the same key");
+        assert!(ModelKey::parse("bm90IGEga2V5").is_err());
+
+        let dir = std::env::temp_dir().join(format!("bulwark-model-sig-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("model.onnx"), b"weights").unwrap();
+        std::fs::write(dir.join("tokenizer.json"), b"{}").unwrap();
+        let sign = |files: &[&str]| {
+            let sha: serde_json::Map<String, serde_json::Value> =
+                files.iter().map(|f| ((*f).to_owned(), sha256_file(&dir.join(f)).unwrap().into())).collect();
+            let manifest = serde_json::to_vec(&serde_json::json!({"sha256": sha})).unwrap();
+            std::fs::write(dir.join("manifest.json"), &manifest).unwrap();
+            std::fs::write(dir.join("manifest.sig"), b64(pair.sign(&manifest).as_ref())).unwrap();
+        };
+        sign(&["model.onnx", "tokenizer.json"]);
+        assert_eq!(verify(&dir, None, Some(&key)), Ok(()));
+
+        std::fs::write(dir.join("config.json"), b"{}").unwrap();
+        assert!(verify(&dir, None, Some(&key)).unwrap_err().ends_with("config.json is not in the signed manifest"));
+        sign(&["model.onnx", "tokenizer.json", "config.json"]);
+        assert_eq!(verify(&dir, None, Some(&key)), Ok(()), "listed and signed, it belongs");
+
+        std::fs::write(dir.join("config.json"), b"{\"id2label\": {}}").unwrap();
+        assert!(verify(&dir, None, Some(&key)).unwrap_err().contains("config.json: sha256"));
+        sign(&["model.onnx", "tokenizer.json", "config.json"]);
+        let mut manifest = std::fs::read(dir.join("manifest.json")).unwrap();
+        manifest.push(b' ');
+        std::fs::write(dir.join("manifest.json"), manifest).unwrap();
+        assert!(verify(&dir, None, Some(&key)).unwrap_err().ends_with("does not verify against the model public key"));
+
+        sign(&["model.onnx", "config.json"]);
+        std::fs::remove_file(dir.join("tokenizer.json")).unwrap();
+        assert!(verify(&dir, None, Some(&key)).unwrap_err().ends_with("does not list tokenizer.json"));
+        std::fs::remove_file(dir.join("manifest.sig")).unwrap();
+        assert!(verify(&dir, None, Some(&key)).unwrap_err().ends_with("the model is not signed"));
+        // Without a key, the single-file pin still holds.
+        assert!(verify(&dir, Some(&"0".repeat(64)), None).unwrap_err().contains("does not match the pinned"));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -52,7 +52,7 @@ fn per_kb(p: &PolicyRuntime, text: &str, metrics: &Metrics) -> f64 {
 
 fn settings() -> Option<ModelSettings> {
     let dir = std::env::var_os("BULWARK_MODELS_DIR")?;
-    Some(ModelSettings { models_dir: Some(dir.into()), onnxruntime: None, threads: 1 })
+    Some(ModelSettings { models_dir: Some(dir.into()), onnxruntime: None, threads: 1, public_key: None })
 }
 
 pub async fn bench(bin: &Path) -> anyhow::Result<()> {
