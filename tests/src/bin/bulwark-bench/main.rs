@@ -427,10 +427,14 @@ async fn bench(secs: u64, rate: u64, bin: &Path) -> anyhow::Result<()> {
     }
     // Many short interleaved rounds, so a burst of machine noise falls on every target alike.
     let mut samples: Vec<Vec<u64>> = vec![vec![]; 3];
+    let mut rounds: Vec<[Vec<u64>; 3]> = vec![];
     for _round in 0..2 * secs {
+        let mut round: [Vec<u64>; 3] = Default::default();
         for (i, (_, url)) in targets.iter().enumerate() {
-            samples[i].extend(open_loop(&client, url, rate, 1).await);
+            round[i] = open_loop(&client, url, rate, 1).await;
+            samples[i].extend(&round[i]);
         }
+        rounds.push(round);
     }
     for s in &mut samples {
         s.sort_unstable();
@@ -451,9 +455,28 @@ async fn bench(secs: u64, rate: u64, bin: &Path) -> anyhow::Result<()> {
     println!("  floor (minimal hyper proxy)  {f50:>7.0}  {f99:>7.0}");
     println!("  sidecar                      {s50:>7.0}  {s99:>7.0}");
     println!(
-        "  sidecar / floor              {:>6.2}x  {:>6.2}x   target p99: within 2x of the floor and under 500 µs",
+        "  sidecar / floor              {:>6.2}x  {:>6.2}x   (all rounds pooled)",
         s50 / f50.max(1.0),
         s99 / f99.max(1.0)
+    );
+    // Per round, where all three met the same machine: the median of the rounds' ratios, which
+    // one noisy round cannot move.
+    let ratio = |p: f64| {
+        let mut r: Vec<f64> = rounds
+            .iter()
+            .map(|t| {
+                let d = pct(&t[0], p);
+                (pct(&t[2], p) - d) / (pct(&t[1], p) - d).max(1.0)
+            })
+            .collect();
+        r.sort_by(f64::total_cmp);
+        r[r.len() / 2]
+    };
+    println!(
+        "  sidecar / floor              {:>6.2}x  {:>6.2}x   (median of {} rounds)   target p99: within 1.3x of the floor",
+        ratio(0.5),
+        ratio(0.99),
+        rounds.len()
     );
 
     let conns = 32;
