@@ -57,6 +57,24 @@ def stop(proc):
         proc.kill()
 
 
+AIMOCK = Path(os.environ.get("AIMOCK", ROOT / ".tools/npm/node_modules/.bin/llmock"))
+
+
+def start_aimock(fixtures, name):
+    """aimock (the third-party mock, installed by scripts/tools.sh) serving `fixtures`: (its
+    process, its URL)."""
+    import json
+
+    if not AIMOCK.exists():
+        pytest.fail(f"{AIMOCK} is missing: run scripts/tools.sh")
+    d = Path(tempfile.mkdtemp(prefix=f"bulwark-{name}-"))
+    (d / "fixtures.json").write_text(json.dumps({"fixtures": fixtures}))
+    port = free_port()
+    proc = start([str(AIMOCK), "-h", "127.0.0.1", "-p", str(port), "-f", str(d / "fixtures.json")],
+                 f"http://127.0.0.1:{port}/health", name)
+    return proc, f"http://127.0.0.1:{port}"
+
+
 @pytest.fixture(scope="session")
 def llm():
     port = free_port()

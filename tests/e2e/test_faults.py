@@ -5,7 +5,6 @@ after it) through the official SDKs, and is counted in /metrics. aimock's journa
 count of the attempts the provider saw."""
 
 import json
-import os
 import re
 import tempfile
 import time
@@ -17,9 +16,8 @@ import httpx2 as httpx
 import openai
 import pytest
 
-from conftest import BIN, ROOT, free_port, start, stop
+from conftest import BIN, free_port, start, start_aimock, stop
 
-AIMOCK = Path(os.environ.get("AIMOCK", ROOT / ".tools/npm/node_modules/.bin/llmock"))
 ROUTE = "default/faults"
 TEXT = "one two three four five six seven eight nine ten"
 
@@ -76,14 +74,8 @@ spec:
 
 @pytest.fixture(scope="module")
 def aimock():
-    if not AIMOCK.exists():
-        pytest.fail(f"{AIMOCK} is missing: run scripts/tools.sh")
-    d = Path(tempfile.mkdtemp(prefix="bulwark-faults-"))
-    (d / "fixtures.json").write_text(json.dumps({"fixtures": FIXTURES}))
-    port = free_port()
-    proc = start([str(AIMOCK), "-h", "127.0.0.1", "-p", str(port), "-f", str(d / "fixtures.json")],
-                 f"http://127.0.0.1:{port}/health", "aimock")
-    yield f"http://127.0.0.1:{port}"
+    proc, url = start_aimock(FIXTURES, "aimock")
+    yield url
     stop(proc)
 
 

@@ -5,7 +5,6 @@ helpers; a tool call in the request's history reaches the provider redacted, as 
 journal shows."""
 
 import json
-import os
 import tempfile
 import urllib.request
 from pathlib import Path
@@ -14,9 +13,8 @@ import anthropic
 import openai
 import pytest
 
-from conftest import BIN, ROOT, free_port, start, stop
+from conftest import BIN, free_port, start, start_aimock, stop
 
-AIMOCK = Path(os.environ.get("AIMOCK", ROOT / ".tools/npm/node_modules/.bin/llmock"))
 KEY = "AKIAIOSFODNN7EXAMPLE"
 REDACTED = "[REDACTED_AWS_ACCESS_KEY_ID]"
 ARGS = {"region": "eu", "aws_key": KEY, "note": 'say "hi"', "tags": ["a", KEY]}
@@ -61,20 +59,13 @@ TOOLS = [{"type": "function", "function": {"name": n, "parameters": {"type": "ob
 
 @pytest.fixture(scope="module")
 def env():
-    if not AIMOCK.exists():
-        pytest.fail(f"{AIMOCK} is missing: run scripts/tools.sh")
-    d = Path(tempfile.mkdtemp(prefix="bulwark-tools-"))
-    (d / "fixtures.json").write_text(json.dumps({"fixtures": FIXTURES}))
-    mock_port = free_port()
-    mock = start([str(AIMOCK), "-h", "127.0.0.1", "-p", str(mock_port), "-f", str(d / "fixtures.json")],
-                 f"http://127.0.0.1:{mock_port}/health", "aimock-tools")
-    manifests = d / "manifests"
-    manifests.mkdir()
-    (manifests / "routes.yaml").write_text(ROUTES.replace("MOCK", f"http://127.0.0.1:{mock_port}/v1"))
+    mock, mock_url = start_aimock(FIXTURES, "aimock-tools")
+    manifests = Path(tempfile.mkdtemp(prefix="bulwark-tools-"))
+    (manifests / "routes.yaml").write_text(ROUTES.replace("MOCK", f"{mock_url}/v1"))
     port, admin = free_port(), free_port()
     sidecar = start([str(BIN / "bulwark-sidecar"), "--manifests", str(manifests), "--listen", str(port),
                      "--admin", str(admin)], f"http://127.0.0.1:{admin}/ready", "tools-sidecar")
-    yield {"base": f"http://127.0.0.1:{port}", "mock": f"http://127.0.0.1:{mock_port}"}
+    yield {"base": f"http://127.0.0.1:{port}", "mock": mock_url}
     stop(sidecar)
     stop(mock)
 

@@ -67,6 +67,14 @@ fn stream_text(sse: &str) -> String {
 
 const LONG: Duration = Duration::from_secs(10);
 
+/// A banTopics scanner on medical advice refuses a question asking for it.
+async fn assert_medical_advice_is_refused(env: &Harness) {
+    let ask = chat("Which pills should I take for my chest pain and fever?", false);
+    let r = env.client.post("/v1/chat/completions", &ask, &[]).await.unwrap();
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("banTopics found banned-topic"), "{}", r.text());
+}
+
 #[tokio::test]
 async fn a_blocked_request_names_the_scanner_not_the_secret_and_never_leaves() {
     let mock = MockProvider::start().await;
@@ -322,13 +330,7 @@ async fn banned_topics_by_embedding_similarity_and_pinned_hashes() {
         models.clone(),
     )
     .await;
-    let r = env
-        .client
-        .post("/v1/chat/completions", &chat("Which pills should I take for my chest pain and fever?", false), &[])
-        .await
-        .unwrap();
-    assert_eq!(r.status, 400, "{}", r.text());
-    assert!(r.json()["error"]["message"].as_str().unwrap().contains("banTopics found banned-topic"));
+    assert_medical_advice_is_refused(&env).await;
     let r = env
         .client
         .post("/v1/chat/completions", &chat("How do I bake sourdough bread at home?", false), &[])
@@ -494,13 +496,7 @@ async fn a_model_directory_that_is_unsigned_tampered_or_signed_by_another_key_is
     // The signed copy loads and judges.
     let good = copy("good");
     let env = start_with(&policy(&good, ""), &mock, models.clone()).await;
-    let r = env
-        .client
-        .post("/v1/chat/completions", &chat("Which pills should I take for my chest pain and fever?", false), &[])
-        .await
-        .unwrap();
-    assert_eq!(r.status, 400, "{}", r.text());
-    assert!(r.text().contains("banTopics found banned-topic"), "{}", r.text());
+    assert_medical_advice_is_refused(&env).await;
     env.sidecar.shutdown().await;
 
     let unsigned = copy("unsigned");

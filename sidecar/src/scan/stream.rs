@@ -885,6 +885,17 @@ mod tests {
             out
         }
 
+        /// `text` redacted by `POLICY` all at once.
+        fn redacted_whole(text: &str) -> String {
+            let mut whole = text.to_owned();
+            let spec: ScannerPolicySpec = serde_yaml::from_str(POLICY).unwrap();
+            let policy = PolicyRuntime::build("p", &spec, &super::super::super::model::ModelHub::default()).unwrap();
+            let metrics = Metrics::new();
+            let ctx = Ctx { metrics: &metrics, route: "r", backend: None, mirrored: false };
+            run_with(&policy, Direction::Output, &mut [&mut whole], &ctx, Pass::All).unwrap();
+            whole
+        }
+
         const POLICY: &str = "output:\n- {type: secrets, action: redact}\n- {type: pii, entities: [email], action: redact}\nstreaming: {windowChars: 64}";
 
         proptest! {
@@ -910,12 +921,7 @@ mod tests {
                 }
                 out.extend_from_slice(&g.finish().unwrap());
 
-                let mut whole = text.clone();
-                let spec: ScannerPolicySpec = serde_yaml::from_str(POLICY).unwrap();
-                let policy = PolicyRuntime::build("p", &spec, &super::super::super::model::ModelHub::default()).unwrap();
-                let metrics = Metrics::new();
-                let ctx = Ctx { metrics: &metrics, route: "r", backend: None, mirrored: false };
-                run_with(&policy, Direction::Output, &mut [&mut whole], &ctx, Pass::All).unwrap();
+                let whole = redacted_whole(&text);
                 prop_assert_eq!(text_out(&out), whole);
             }
 
@@ -934,12 +940,7 @@ mod tests {
                 let mut out = g.feed(wire.as_bytes()).unwrap().to_vec();
                 out.extend_from_slice(&g.finish().unwrap());
 
-                let mut whole = text.clone();
-                let spec: ScannerPolicySpec = serde_yaml::from_str(POLICY).unwrap();
-                let policy = PolicyRuntime::build("p", &spec, &super::super::super::model::ModelHub::default()).unwrap();
-                let metrics = Metrics::new();
-                let ctx = Ctx { metrics: &metrics, route: "r", backend: None, mirrored: false };
-                run_with(&policy, Direction::Output, &mut [&mut whole], &ctx, Pass::All).unwrap();
+                let whole = redacted_whole(&text);
                 let args: Value = serde_json::from_str(&assembled_calls(&out)[0].2).unwrap();
                 prop_assert_eq!(args, serde_json::json!({"a": whole, "n": 1, "b": ["x", whole]}));
             }
