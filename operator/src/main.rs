@@ -68,7 +68,8 @@ struct Cli {
     /// (ConfigMap bulwark-trust-bundle), and renews the CA.
     #[arg(long, requires = "webhook_listen")]
     tls_interception: bool,
-    /// The ed25519 public key (PEM) injected sidecars check model directories' signatures with.
+    /// The ed25519 public key injected sidecars check model directories' signatures with: PEM
+    /// text, or a file holding it.
     #[arg(long, env = "BULWARK_MODEL_PUBLIC_KEY", value_name = "PEM")]
     model_public_key: Option<String>,
     /// KEDA is installed: ModelServers with `autoscaling.engine: keda` get a ScaledObject.
@@ -87,12 +88,18 @@ fn main() -> ExitCode {
     } else {
         tracing_subscriber::fmt().with_env_filter(filter).init();
     }
-    if let Some(Err(e)) =
-        cli.model_public_key.as_deref().filter(|k| !k.trim().is_empty()).map(bulwark_api::policy::model_key)
-    {
-        eprintln!("bulwark-operator: --model-public-key is {e}");
-        return ExitCode::from(2);
-    }
+    // The key as PEM text, or a file holding it; the sidecars get the PEM.
+    let model_public_key = cli.model_public_key.as_deref().filter(|k| !k.trim().is_empty()).map(|k| {
+        let pem = std::fs::read_to_string(k).unwrap_or_else(|_| k.to_owned());
+        bulwark_api::policy::model_key(&pem).map(|_| pem)
+    });
+    let model_public_key = match model_public_key.transpose() {
+        Ok(key) => key,
+        Err(e) => {
+            eprintln!("bulwark-operator: --model-public-key is {e}");
+            return ExitCode::from(2);
+        }
+    };
     let identity = cli.identity.clone().unwrap_or_else(|| {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
         format!("{}-{}", host.trim(), std::process::id())
@@ -121,7 +128,7 @@ fn main() -> ExitCode {
             image: cli.sidecar_image.unwrap_or_default(),
             stream_url: cli.stream_url.unwrap_or_default(),
             tls_interception: cli.tls_interception,
-            model_public_key: cli.model_public_key.filter(|k| !k.trim().is_empty()),
+            model_public_key,
         }),
     };
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {

@@ -31,8 +31,9 @@ use crate::{
 const SNIFF_WAIT: Duration = Duration::from_millis(300);
 /// Each direction's copy buffer when no pipe can be had for a zero-copy passthrough.
 const COPY_BUFFER: usize = 64 << 10;
-/// Request heads longer than this are not looked into; the connection is passed through.
-const SNIFF_BYTES: usize = 16 * 1024;
+/// How much of a connection's first bytes is looked into: a request head whose `Host` is not
+/// within them is closed, not passed through (the L7 listeners take heads up to 64 KiB too).
+const SNIFF_BYTES: usize = 64 * 1024;
 
 /// What the first bytes of a connection say.
 #[derive(Debug, PartialEq, Eq)]
@@ -45,6 +46,8 @@ pub enum Sniffed {
     Other,
     /// An HTTP head or a ClientHello begun and not finished within the header timeout.
     Stalled(&'static str),
+    /// An HTTP head longer than is looked into, with no `Host` in it.
+    Oversized,
 }
 
 /// Looks at a connection's first bytes: `None` while they could still become an HTTP head or a
@@ -75,14 +78,18 @@ pub fn classify(bytes: &[u8]) -> Option<Sniffed> {
             let host = req.headers.iter().find(|h| h.name.eq_ignore_ascii_case("host")).and_then(|h| host_of(h.value));
             Some(Sniffed::Http(host))
         }
-        // The request line is good and the head goes on (or has more headers than are parsed).
-        Ok(httparse::Status::Partial) | Err(httparse::Error::TooManyHeaders) => match host_line(bytes) {
-            Some(host) => Some(Sniffed::Http(Some(host))),
-            None if bytes.len() >= SNIFF_BYTES || bytes.windows(4).any(|w| w == b"\r\n\r\n") => {
-                Some(Sniffed::Http(None))
+        // The request line is good and the head goes on, or has more headers than are parsed,
+        // or a header servers may still take (a name they would skip): its Host decides.
+        Ok(httparse::Status::Partial)
+        | Err(httparse::Error::TooManyHeaders | httparse::Error::HeaderName | httparse::Error::HeaderValue) => {
+            match host_line(bytes) {
+                Some(host) => Some(Sniffed::Http(Some(host))),
+                None if bytes.windows(4).any(|w| w == b"\r\n\r\n") => Some(Sniffed::Http(None)),
+                None if bytes.len() >= SNIFF_BYTES => Some(Sniffed::Oversized),
+                None => None,
             }
-            None => None,
-        },
+        }
+        // Not an HTTP/1 request line (`SET key value`, `PRI * HTTP/2.0`).
         Err(_) => Some(Sniffed::Other),
     }
 }
@@ -201,6 +208,15 @@ pub async fn serve(
                     state.metrics.captured.get_or_create(&CaptureLabels { protocol, action: "timeout" }).inc();
                     return;
                 }
+                Sniffed::Oversized => {
+                    tracing::debug!(%dst, "a captured HTTP head has no Host in its first {} KiB", SNIFF_BYTES >> 10);
+                    state
+                        .metrics
+                        .captured
+                        .get_or_create(&CaptureLabels { protocol: "http", action: "oversized" })
+                        .inc();
+                    return;
+                }
             };
             let action = if l7 { "routed" } else { "passthrough" };
             state.metrics.captured.get_or_create(&CaptureLabels { protocol, action }).inc();
@@ -290,9 +306,17 @@ mod tests {
         assert_eq!(classify(padded("X-A: 1\r\nHost: api.open").as_bytes()), None);
         assert_eq!(classify(padded("X-A: 1\r\nHost: api.openai.com\r\n").as_bytes()), routed);
         assert_eq!(classify(padded("X-A: 1\r\nX-B: 2\r\n").as_bytes()), None, "no Host yet");
-        // Long, with no Host in what is looked into: nothing to route by.
+        // Long, with no Host in what is looked into: closed, never passed through unguarded.
         let hostless = padded(&format!("X-Big: {}", "b".repeat(SNIFF_BYTES)));
-        assert_eq!(classify(&hostless.as_bytes()[..SNIFF_BYTES]), Some(Sniffed::Http(None)));
+        assert_eq!(classify(&hostless.as_bytes()[..SNIFF_BYTES]), Some(Sniffed::Oversized));
+        // A header name httparse refuses before the Host does not hide it.
+        assert_eq!(classify(padded("X@y: 1\r\nHost: api.openai.com\r\n\r\n").as_bytes()), routed);
+        assert_eq!(classify(padded("X@y: 1\r\nX-B").as_bytes()), None, "its Host may still come");
+        assert_eq!(
+            classify(b"SET key value\r\n"),
+            Some(Sniffed::Other),
+            "a command that only looks like a request line"
+        );
         // A header named like Host is not one, and the body is not the head.
         assert_eq!(classify(padded("X-Host: a.test\r\n").as_bytes()), None);
         // An empty Host names nothing, whole head or not (found by the `sniff` fuzz target).

@@ -83,6 +83,10 @@ fn verify_signed(dir: &Path, key: &ModelKey) -> Result<(), String> {
     for entry in entries {
         let entry = entry.map_err(|e| format!("{}: {e}", dir.display()))?;
         let name = entry.file_name().to_string_lossy().into_owned();
+        // A link could point the loader at a file no one signed.
+        if !entry.file_type().is_ok_and(|t| t.is_file()) {
+            return Err(format!("{}: {name} is not a regular file; a signed model holds only files", dir.display()));
+        }
         if name == "manifest.json" || name == "manifest.sig" {
             continue;
         }
@@ -471,6 +475,9 @@ mod tests {
 
         std::fs::write(dir.join("config.json"), b"{}").unwrap();
         assert!(verify(&dir, None, Some(&key)).unwrap_err().ends_with("config.json is not in the signed manifest"));
+        std::os::unix::fs::symlink("/etc/hostname", dir.join("vocab.txt")).unwrap();
+        assert!(verify(&dir, None, Some(&key)).unwrap_err().contains("vocab.txt is not a regular file"));
+        std::fs::remove_file(dir.join("vocab.txt")).unwrap();
         sign(&["model.onnx", "tokenizer.json", "config.json"]);
         assert_eq!(verify(&dir, None, Some(&key)), Ok(()), "listed and signed, it belongs");
 

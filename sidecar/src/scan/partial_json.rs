@@ -36,12 +36,15 @@ enum State {
 #[derive(Debug, Default)]
 pub struct PartialJson {
     stack: Vec<Frame>,
+    /// Containers open beyond `MAX_DEPTH`: not tracked, and every string in them is a value.
+    deeper: usize,
     state: State,
     /// The start of an escape sequence cut off at the end of the last piece.
     pending: String,
 }
 
-/// How deep the structure is tracked; deeper JSON is still passed on, read as if flat.
+/// How deep the structure is tracked; in deeper JSON every string is read as a value, so none
+/// goes unscanned.
 const MAX_DEPTH: usize = 128;
 
 impl PartialJson {
@@ -97,12 +100,14 @@ impl PartialJson {
     /// A character between strings: opens and closes containers, and tells keys from values.
     fn structure(&mut self, c: char) {
         match c {
-            '{' | '[' if self.stack.len() < MAX_DEPTH => {
-                self.stack.push(if c == '{' { Frame::Object { key_next: true } } else { Frame::Array });
-            }
+            '{' | '[' if self.stack.len() >= MAX_DEPTH => self.deeper += 1,
+            '{' | '[' => self.stack.push(if c == '{' { Frame::Object { key_next: true } } else { Frame::Array }),
+            '}' | ']' if self.deeper > 0 => self.deeper -= 1,
             '}' | ']' => {
                 self.stack.pop();
             }
+            '"' if self.deeper > 0 => self.state = State::Value,
+            _ if self.deeper > 0 => {}
             ':' | ',' => {
                 if let Some(Frame::Object { key_next }) = self.stack.last_mut() {
                     *key_next = c == ',';
@@ -253,6 +258,16 @@ mod tests {
         let (_, back) = read(json, 4, |t| if t.contains("secret") { "said \"no\" \\ [X]".into() } else { t.into() });
         let v: serde_json::Value = serde_json::from_str(&back).unwrap();
         assert_eq!(v, serde_json::json!({"a": "said \"no\" \\ [X]", "b": ["keep", "said \"no\" \\ [X]"]}));
+    }
+
+    #[test]
+    fn strings_deeper_than_the_tracked_depth_are_all_values() {
+        let deep = format!("{}{{\"a\": [\"x\", \"secret\"], \"b\": \"y\"}}{}", "[".repeat(200), "]".repeat(200));
+        let (values, back) = read(&deep, 7, str::to_owned);
+        assert_eq!(values, ["a", "x", "secret", "b", "y"], "keys too, past the depth: nothing is passed unread");
+        assert_eq!(back, deep);
+        let (values, _) = read(&format!("{}{}{{\"k\": \"v\"}}", "[".repeat(200), "]".repeat(200)), 3, str::to_owned);
+        assert_eq!(values, ["v"], "back at a tracked depth, keys are keys again");
     }
 
     #[test]

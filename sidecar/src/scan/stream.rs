@@ -42,10 +42,12 @@ pub struct OutputGuard {
     template: Option<Template>,
     /// The readers of tool-call arguments, by part.
     arguments: Vec<(Part, PartialJson)>,
+    /// The other parts' held text, context and template, while another part streams.
+    parked: Vec<Parked>,
     window: usize,
     /// The whole text, for scanners that judge a complete document at the end (bounded).
     full: Option<String>,
-    /// The answer text released since `take_text`, for the model-based scanners.
+    /// The text released since `take_text` (of every part), for the model-based scanners.
     for_models: Option<String>,
 }
 
@@ -53,10 +55,10 @@ pub struct OutputGuard {
 /// the deltas come: a delta of another part first releases all of the one before.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Part {
-    /// OpenAI's answer text (`delta.content`, or a completion's `text`).
-    Text,
-    /// An OpenAI tool call, by its index.
-    ToolCall(u64),
+    /// OpenAI's answer text (`delta.content`, or a completion's `text`), by choice.
+    Text(u64),
+    /// An OpenAI tool call, by choice and its index.
+    ToolCall(u64, u64),
     /// An Anthropic content block, by its index.
     Block(u64),
 }
@@ -72,6 +74,14 @@ struct Delta {
     /// The answer's text, which whole-document scanners judge at the end (not thinking, not
     /// tool calls).
     whole: bool,
+}
+
+/// A part's state while another part's deltas come.
+struct Parked {
+    delta: Delta,
+    held: String,
+    context: String,
+    template: Option<Template>,
 }
 
 /// An event to write released text into.
@@ -95,18 +105,20 @@ fn delta_of(flavor: Flavor, v: &Value) -> Option<Delta> {
     match flavor {
         Flavor::OpenAi => {
             let choice = v.get("choices")?.get(0)?;
+            // With `n` > 1, each choice is an answer of its own.
+            let n = choice.get("index").and_then(Value::as_u64).unwrap_or(0);
             let delta = choice.get("delta");
             if let Some([call]) = delta.and_then(|d| d.get("tool_calls")?.as_array()).map(Vec::as_slice)
                 && call.pointer("/function/arguments").is_some_and(Value::is_string)
             {
-                let part = Part::ToolCall(call.get("index").and_then(Value::as_u64).unwrap_or(0));
+                let part = Part::ToolCall(n, call.get("index").and_then(Value::as_u64).unwrap_or(0));
                 return Some(Delta { part, slot: OPENAI_ARGUMENTS, json: true, whole: false });
             }
             if delta.and_then(|d| d.get("content")).is_some_and(Value::is_string) {
-                return text(Part::Text, OPENAI_TEXT, true);
+                return text(Part::Text(n), OPENAI_TEXT, true);
             }
             choice.get("text")?.as_str()?;
-            text(Part::Text, "/choices/0/text", true)
+            text(Part::Text(n), "/choices/0/text", true)
         }
         Flavor::Anthropic => {
             if v.get("type")?.as_str()? != "content_block_delta" {
@@ -226,6 +238,7 @@ impl OutputGuard {
             context: String::new(),
             template: None,
             arguments: vec![],
+            parked: vec![],
             window,
             full,
             for_models,
@@ -271,7 +284,7 @@ impl OutputGuard {
     /// The upstream ended: scan and release what is held, and any trailing bytes.
     pub fn finish(&mut self) -> Result<Bytes, Blocked> {
         let mut out = Vec::new();
-        self.flush(&mut out)?;
+        self.flush_all(&mut out)?;
         self.judge_whole()?;
         out.append(&mut self.partial);
         Ok(Bytes::from(out))
@@ -311,7 +324,7 @@ impl OutputGuard {
                 match delta_of(self.flavor, &v) {
                     Some(delta) => self.delta(name.clone(), v, delta, out)?,
                     None => {
-                        self.flush(out)?;
+                        self.flush_all(out)?;
                         write_event(out, name.as_deref(), &v);
                     }
                 }
@@ -320,7 +333,7 @@ impl OutputGuard {
         }
         // Anything else (role, finish, usage, block starts and stops, [DONE]): release what is
         // held first, to keep the order.
-        self.flush(out)?;
+        self.flush_all(out)?;
         if data == "[DONE]" || name.as_deref() == Some("message_stop") {
             // The end marker leaves only once the whole answer passed.
             self.judge_whole()?;
@@ -331,11 +344,7 @@ impl OutputGuard {
 
     /// A delta of text or of tool-call arguments.
     fn delta(&mut self, name: Option<String>, mut v: Value, delta: Delta, out: &mut Vec<u8>) -> Result<(), Blocked> {
-        if self.part.map(|p| p.part) != Some(delta.part) {
-            self.flush(out)?;
-            self.context.clear();
-        }
-        self.part = Some(delta);
+        self.switch(delta);
         let piece = v.pointer(delta.slot).and_then(Value::as_str).unwrap_or_default().to_owned();
         if !delta.json {
             self.held.push_str(&piece);
@@ -360,6 +369,9 @@ impl OutputGuard {
                 Piece::End => {
                     json.push_str(&partial_json::encode(&self.release(true)?));
                     self.context.clear();
+                    if let Some(text) = &mut self.for_models {
+                        text.push('\n');
+                    }
                 }
             }
         }
@@ -375,6 +387,38 @@ impl OutputGuard {
             write_event(out, name.as_deref(), &v);
         }
         self.template = Some(Template { name, event: later, slot: delta.slot });
+        Ok(())
+    }
+
+    /// Makes `to`'s part the current one: the current part is parked with what it holds (its
+    /// text may go on after the other part's deltas, as choices and blocks interleave), and
+    /// `to`'s own parked state, if any, resumes.
+    fn switch(&mut self, to: Delta) {
+        if self.part.is_some_and(|p| p.part == to.part) {
+            return;
+        }
+        if let Some(delta) = self.part.take() {
+            let (held, context) = (std::mem::take(&mut self.held), std::mem::take(&mut self.context));
+            self.parked.push(Parked { delta, held, context, template: self.template.take() });
+            // Parts are separate texts for the judges.
+            if let Some(text) = &mut self.for_models {
+                text.push('\n');
+            }
+        }
+        if let Some(i) = self.parked.iter().position(|p| p.delta.part == to.part) {
+            let p = self.parked.swap_remove(i);
+            (self.held, self.context, self.template) = (p.held, p.context, p.template);
+        }
+        self.part = Some(to);
+    }
+
+    /// Releases all that every part holds: before an event that is no delta, and at the end.
+    fn flush_all(&mut self, out: &mut Vec<u8>) -> Result<(), Blocked> {
+        self.flush(out)?;
+        while let Some(p) = self.parked.pop() {
+            (self.part, self.held, self.context, self.template) = (Some(p.delta), p.held, p.context, p.template);
+            self.flush(out)?;
+        }
         Ok(())
     }
 
@@ -459,13 +503,12 @@ impl OutputGuard {
         {
             full.push_str(&released);
         }
-        let released = if self.restore.is_empty() { released } else { self.restore.apply(&released) };
-        if self.part.is_some_and(|p| p.whole)
-            && let Some(text) = &mut self.for_models
-        {
+        // The judges read every part (answer, thinking, tool arguments), as they read a whole
+        // answer, and before placeholders are restored, as in a whole answer.
+        if let Some(text) = &mut self.for_models {
             text.push_str(&released);
         }
-        Ok(released)
+        Ok(if self.restore.is_empty() { released } else { self.restore.apply(&released) })
     }
 
     /// The events that end a stream whose output was blocked.
@@ -784,6 +827,28 @@ mod tests {
         assert_eq!(calls[1], ("b".into(), "g".into(), "{\"y\": \"ok\"}".into()));
         assert_eq!(text_out(&out), "calling");
         assert_eq!(text.matches("\"finish_reason\":\"tool_calls\"").count(), 1, "{text}");
+    }
+
+    #[test]
+    fn choices_of_one_stream_are_scanned_apart_and_each_keeps_its_window() {
+        let ev = |choice: u64, text: &str| {
+            let v = serde_json::json!({"id": "c1", "choices": [{"index": choice, "delta": {"content": text}}]});
+            format!("data: {v}\n\n")
+        };
+        let wire = [ev(0, "key AKIAIOSF"), ev(1, "an ordinary answer"), ev(0, "ODNN7EXAMPLE done"), ev(1, " goes on")]
+            .concat()
+            + "data: [DONE]\n\n";
+        let mut g = guard(SECRETS, Restore::default(), Flavor::OpenAi);
+        let mut out = g.feed(wire.as_bytes()).unwrap().to_vec();
+        out.extend_from_slice(&g.finish().unwrap());
+        let mut texts = [String::new(), String::new()];
+        for data in String::from_utf8_lossy(&out).split("\n\n").filter_map(|e| e.strip_prefix("data: ")) {
+            let Ok(v) = serde_json::from_str::<Value>(data) else { continue };
+            let i = usize::try_from(v["choices"][0]["index"].as_u64().unwrap()).unwrap();
+            texts[i] += v.pointer(OPENAI_TEXT).and_then(Value::as_str).unwrap_or_default();
+        }
+        let want = ["key [REDACTED_AWS_ACCESS_KEY_ID] done", "an ordinary answer goes on"];
+        assert_eq!(texts, want.map(str::to_owned), "a key split around another choice's delta is caught");
     }
 
     #[test]

@@ -40,6 +40,8 @@ const MAX_ANSWER: usize = 8 << 20;
 
 pub struct Webhook {
     url: http::Uri,
+    /// The URL as errors show it: without credentials or a query.
+    shown: String,
     client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     timeout: Duration,
     retries: u32,
@@ -80,7 +82,7 @@ pub enum Answer {
 
 impl Webhook {
     pub fn new(spec: &Spec) -> Result<Self, String> {
-        let url: http::Uri = spec.url.parse().map_err(|e| format!("webhook url {:?}: {e}", spec.url))?;
+        let url: http::Uri = spec.url.parse().map_err(|e| format!("the webhook url is not a URL: {e}"))?;
         let identity = match &spec.client_certificate {
             Some(c) => match (&c.cert_file, &c.key_file) {
                 (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
@@ -104,8 +106,14 @@ impl Webhook {
             Some(Credentials { file: Some(path), .. }) => Some(CredentialSource::File { path: path.clone() }),
             Some(_) => return Err("the bearer token's Secret is mounted only by the operator's compile".into()),
         };
+        let host = url.host().unwrap_or_default();
+        let shown = match url.port_u16() {
+            Some(port) => format!("{}://{host}:{port}{}", url.scheme_str().unwrap_or("http"), url.path()),
+            None => format!("{}://{host}{}", url.scheme_str().unwrap_or("http"), url.path()),
+        };
         Ok(Self {
             url,
+            shown,
             client,
             timeout: spec.timeout.map_or(Duration::from_secs(1), |t| t.as_std()),
             retries: spec.retries.unwrap_or(1),
@@ -163,18 +171,19 @@ impl Webhook {
             req = req.header(header::AUTHORIZATION, bearer);
         }
         let req = req.body(Full::new(body)).map_err(|e| (e.to_string(), false))?;
-        let resp = self.client.request(req).await.map_err(|e| (format!("calling {}: {e}", self.url), true))?;
+        let resp = self.client.request(req).await.map_err(|e| (format!("calling {}: {e}", self.shown), true))?;
         let status = resp.status();
         let bytes = Limited::new(resp.into_body(), MAX_ANSWER)
             .collect()
             .await
-            .map_err(|e| (format!("reading the answer of {}: {e}", self.url), true))?
+            .map_err(|e| (format!("reading the answer of {}: {e}", self.shown), true))?
             .to_bytes();
         if status != StatusCode::OK {
             let retry = status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error();
-            return Err((format!("{} answered {status}", self.url), retry));
+            return Err((format!("{} answered {status}", self.shown), retry));
         }
-        serde_json::from_slice(&bytes).map_err(|e| (format!("{} answered what is not a verdict: {e}", self.url), false))
+        serde_json::from_slice(&bytes)
+            .map_err(|e| (format!("{} answered what is not a verdict: {e}", self.shown), false))
     }
 }
 
