@@ -11,6 +11,7 @@ fn main() {
         ca: None,
         audience: "bulwark".into(),
         tls_interception: true,
+        model_public_key: Some("-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEA+c4Nvy+oHXjLZihwBKPQt2Ey04wIun92XRksiNSXZ/E=\n-----END PUBLIC KEY-----\n".into()),
     };
     let defaults = [(inject::PROXY_MODE_ANNOTATION.to_owned(), "transparent".to_owned())].into();
     afl::fuzz!(|data: &[u8]| {
