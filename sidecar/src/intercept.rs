@@ -64,7 +64,9 @@ pub fn sni(record: &[u8]) -> Option<String> {
             let n = names.u16()? as usize;
             let name = names.take(n)?;
             if name_type == 0 {
-                return std::str::from_utf8(name).ok().map(|s| s.trim_end_matches('.').to_ascii_lowercase());
+                // An empty name (or only a dot) names no host.
+                let name = std::str::from_utf8(name).ok().map(|s| s.trim_end_matches('.').to_ascii_lowercase());
+                return name.filter(|n| !n.is_empty());
             }
         }
     }
