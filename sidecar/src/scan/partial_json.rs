@@ -1,16 +1,20 @@
 //! JSON read as it streams in pieces (a tool call's arguments, a piece per event): its structure
-//! and its keys pass through as they came, and the text of each string value is decoded for the
-//! scanners, then encoded again, so a redaction keeps the JSON valid and of the same shape.
+//! passes through as it came, and the text of each string value, key and number is read for the
+//! scanners (strings decoded), then written again, so a redaction keeps the JSON valid.
 
 /// What a piece of JSON holds, in order.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Piece {
-    /// Structure, keys, numbers and literals, and the quotes around string values: as they came.
+    /// Structure, literals, and the quotes around strings: as they came.
     Raw(String),
     /// Decoded text of the string value being read.
     Text(String),
     /// The string value being read has ended (its closing quote is the next `Raw`).
     End,
+    /// A whole key, decoded (its quotes are the `Raw`s around it).
+    Key(String),
+    /// A whole number inside a container, as written.
+    Number(String),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -26,10 +30,12 @@ enum Frame {
 enum State {
     #[default]
     Between,
-    /// In a key (passed through); after a backslash, whether the next character is escaped.
+    /// In a key (read whole); after a backslash, whether the next character is escaped.
     Key { escaped: bool },
     /// In a string value (decoded).
     Value,
+    /// In a number (read whole).
+    Number,
 }
 
 /// The reader of one JSON document arriving in pieces.
@@ -41,6 +47,8 @@ pub struct PartialJson {
     state: State,
     /// The start of an escape sequence cut off at the end of the last piece.
     pending: String,
+    /// The key or number read so far.
+    token: String,
 }
 
 /// How deep the structure is tracked; in deeper JSON every string is read as a value, so none
@@ -61,18 +69,29 @@ impl PartialJson {
         while let Some(c) = rest.chars().next() {
             let len = c.len_utf8();
             match self.state {
+                State::Between if self.number_starts(c) => {
+                    self.token.push(c);
+                    self.state = State::Number;
+                }
                 State::Between => {
                     self.structure(c);
                     out.raw(c);
                 }
-                State::Key { escaped } => {
+                State::Number if matches!(c, '0'..='9' | '.' | 'e' | 'E' | '+' | '-') => self.token.push(c),
+                State::Number => {
+                    // The number ended before `c`, which is read again as structure.
+                    out.0.push(Piece::Number(std::mem::take(&mut self.token)));
+                    self.state = State::Between;
+                    continue;
+                }
+                State::Key { escaped: false } if c == '"' => {
+                    out.0.push(Piece::Key(decode(&std::mem::take(&mut self.token))));
                     out.raw(c);
-                    self.state = match c {
-                        _ if escaped => State::Key { escaped: false },
-                        '\\' => State::Key { escaped: true },
-                        '"' => State::Between,
-                        _ => State::Key { escaped: false },
-                    };
+                    self.state = State::Between;
+                }
+                State::Key { escaped } => {
+                    self.token.push(c);
+                    self.state = State::Key { escaped: !escaped && c == '\\' };
                 }
                 State::Value if c == '"' => {
                     out.end();
@@ -95,6 +114,13 @@ impl PartialJson {
             rest = &rest[len..];
         }
         out.0
+    }
+
+    /// Whether `c` starts a number that is a value in a container (a top-level number is left as
+    /// it is: nothing after it would end it).
+    fn number_starts(&self, c: char) -> bool {
+        (c == '-' || c.is_ascii_digit())
+            && (self.deeper > 0 || matches!(self.stack.last(), Some(Frame::Array | Frame::Object { key_next: false })))
     }
 
     /// A character between strings: opens and closes containers, and tells keys from values.
@@ -209,6 +235,35 @@ fn unicode(s: &str) -> Escape {
     }
 }
 
+/// The text of the inside of a JSON string; a broken escape stands for itself.
+fn decode(raw: &str) -> String {
+    let mut out = String::with_capacity(raw.len());
+    let mut rest = raw;
+    while let Some(c) = rest.chars().next() {
+        if c == '\\' {
+            match unescape(rest) {
+                Escape::Char(ch, used) => {
+                    out.push(ch);
+                    rest = &rest[used..];
+                    continue;
+                }
+                Escape::Incomplete => {
+                    out.push_str(rest);
+                    break;
+                }
+            }
+        }
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    out
+}
+
+/// A number as written back: itself, or a JSON string once the scanners rewrote it.
+pub fn number(written: &str, scanned: &str) -> String {
+    if written == scanned { written.to_owned() } else { format!("\"{}\"", encode(scanned)) }
+}
+
 /// Text as the inside of a JSON string.
 pub fn encode(text: &str) -> String {
     let quoted = serde_json::Value::String(text.to_owned()).to_string();
@@ -234,6 +289,14 @@ mod tests {
                         back.push_str(&encode(&f(&current)));
                         values.push(std::mem::take(&mut current));
                     }
+                    Piece::Key(k) => {
+                        back.push_str(&encode(&f(&k)));
+                        values.push(k);
+                    }
+                    Piece::Number(n) => {
+                        back.push_str(&number(&n, &f(&n)));
+                        values.push(n);
+                    }
                 }
             }
         }
@@ -246,10 +309,25 @@ mod tests {
             r#"{"token": "sk\u002dA\"B\\C", "nested": {"list": ["x\ud83d\ude00y", 2, true, null]}, "k\"ey": "v\/w\n"}"#;
         for size in [1, 2, 3, 5, 7, 200] {
             let (values, back) = read(json, size, str::to_owned);
-            assert_eq!(values, ["sk-A\"B\\C", "x😀y", "v/w\n"], "pieces of {size}");
+            let want = ["token", "sk-A\"B\\C", "nested", "list", "x😀y", "2", "k\"ey", "v/w\n"];
+            assert_eq!(values, want, "pieces of {size}");
             let same: serde_json::Value = serde_json::from_str(&back).unwrap();
             assert_eq!(same, serde_json::from_str::<serde_json::Value>(json).unwrap(), "pieces of {size}");
         }
+    }
+
+    #[test]
+    fn keys_and_numbers_are_read_whole_and_a_rewritten_number_becomes_a_string() {
+        let json = r#"{"card": 4111111111111111, "n": [-1.5e3, 7], "AKIA\u0041": {"x": 0}}"#;
+        for size in [1, 2, 3, 5, 200] {
+            let f = |t: &str| if t.len() > 12 || t.starts_with("AKIA") { "[X]".to_owned() } else { t.to_owned() };
+            let (values, back) = read(json, size, f);
+            assert_eq!(values, ["card", "4111111111111111", "n", "-1.5e3", "7", "AKIAA", "x", "0"], "pieces of {size}");
+            let v: serde_json::Value = serde_json::from_str(&back).unwrap();
+            assert_eq!(v, serde_json::json!({"card": "[X]", "n": [-1.5e3, 7], "[X]": {"x": 0}}), "pieces of {size}");
+        }
+        let (values, back) = read("42", 1, |_| "[X]".into());
+        assert_eq!((values.len(), back.as_str()), (0, "42"), "a number alone is no container's value");
     }
 
     #[test]
@@ -267,7 +345,7 @@ mod tests {
         assert_eq!(values, ["a", "x", "secret", "b", "y"], "keys too, past the depth: nothing is passed unread");
         assert_eq!(back, deep);
         let (values, _) = read(&format!("{}{}{{\"k\": \"v\"}}", "[".repeat(200), "]".repeat(200)), 3, str::to_owned);
-        assert_eq!(values, ["v"], "back at a tracked depth, keys are keys again");
+        assert_eq!(values, ["k", "v"], "back at a tracked depth, keys are keys again");
     }
 
     #[test]

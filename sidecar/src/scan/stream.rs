@@ -365,13 +365,14 @@ impl OutputGuard {
             match piece {
                 Piece::Raw(raw) => json.push_str(&raw),
                 Piece::Text(text) => self.held.push_str(&text),
-                // A string value ended: all of it is judged, and the next one starts afresh.
-                Piece::End => {
-                    json.push_str(&partial_json::encode(&self.release(true)?));
-                    self.context.clear();
-                    if let Some(text) = &mut self.for_models {
-                        text.push('\n');
-                    }
+                Piece::End => json.push_str(&partial_json::encode(&self.value_ended()?)),
+                Piece::Key(key) => {
+                    self.held.push_str(&key);
+                    json.push_str(&partial_json::encode(&self.value_ended()?));
+                }
+                Piece::Number(n) => {
+                    self.held.push_str(&n);
+                    json.push_str(&partial_json::number(&n, &self.value_ended()?));
                 }
             }
         }
@@ -388,6 +389,17 @@ impl OutputGuard {
         }
         self.template = Some(Template { name, event: later, slot: delta.slot });
         Ok(())
+    }
+
+    /// A string value, key or number of tool arguments ended: all of it is judged, and the next
+    /// one starts afresh.
+    fn value_ended(&mut self) -> Result<String, Blocked> {
+        let released = self.release(true)?;
+        self.context.clear();
+        if let Some(text) = &mut self.for_models {
+            text.push('\n');
+        }
+        Ok(released)
     }
 
     /// Makes `to`'s part the current one: the current part is parked with what it holds (its
@@ -812,6 +824,26 @@ mod tests {
     }
 
     #[test]
+    fn keys_and_numbers_of_streamed_tool_arguments_are_scanned_whole() {
+        let policy =
+            "output:\n- {type: pii, entities: [creditCard], action: redact}\n- {type: secrets, action: redact}";
+        let pieces: &[&str] =
+            &["{\"amount\": 12", ".5, \"card\": 41111111", "11111111, \"AKIAIOSF", "ODNN7EXAMPLE\": 1}"];
+        let wire = openai_tool_events(&[(0, pieces)]);
+        let mut g = guard(policy, Restore::default(), Flavor::OpenAi);
+        let mut out = g.feed(wire.as_bytes()).unwrap().to_vec();
+        out.extend_from_slice(&g.finish().unwrap());
+        let text = String::from_utf8_lossy(&out);
+        assert!(!text.contains("41111111") && !text.contains("IOSF"), "{text}");
+        let args: Value = serde_json::from_str(&assembled_calls(&out)[0].2).unwrap();
+        assert_eq!(
+            args,
+            serde_json::json!({"amount": 12.5, "card": "[REDACTED_CREDIT_CARD]", "[REDACTED_AWS_ACCESS_KEY_ID]": 1}),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn several_tool_calls_in_one_event_are_each_scanned() {
         let ev = serde_json::json!({"id": "c1", "choices": [{"index": 0, "delta": {"content": "calling", "tool_calls": [
             {"index": 0, "id": "a", "function": {"name": "f", "arguments": "{\"x\": \"AKIAIOSFODNN7EXAMPLE\"}"}},
@@ -990,15 +1022,16 @@ mod tests {
                 prop_assert_eq!(text_out(&out), whole);
             }
 
-            /// The same for a tool call's arguments: a string value in JSON cut anywhere (inside
-            /// escapes too) comes out as redacting the whole value gives, and still valid JSON.
+            /// The same for a tool call's arguments: a string value or key in JSON cut anywhere
+            /// (inside escapes too) comes out as redacting the whole of it gives, and still valid
+            /// JSON.
             #[test]
             fn streamed_tool_arguments_equal_redacting_each_whole_value(
                 pieces in prop::collection::vec(piece(), 1..40),
                 deltas in prop::collection::vec(0.0f64..1.0, 0..12),
             ) {
                 let text = within_window(&pieces.concat());
-                let json = serde_json::json!({"a": text, "n": 1, "b": ["x", text]}).to_string();
+                let json = serde_json::json!({"a": text, "n": 1, "b": ["x", text], "~": {text.as_str(): 2}}).to_string();
                 let cut = cuts(&json, &deltas);
                 let wire = openai_tool_events(&[(0, &cut.iter().map(String::as_str).collect::<Vec<_>>())]);
                 let mut g = guard(POLICY, Restore::default(), Flavor::OpenAi);
@@ -1007,7 +1040,7 @@ mod tests {
 
                 let whole = redacted_whole(&text);
                 let args: Value = serde_json::from_str(&assembled_calls(&out)[0].2).unwrap();
-                prop_assert_eq!(args, serde_json::json!({"a": whole, "n": 1, "b": ["x", whole]}));
+                prop_assert_eq!(args, serde_json::json!({"a": whole, "n": 1, "b": ["x", whole], "~": {whole.as_str(): 2}}));
             }
         }
     }

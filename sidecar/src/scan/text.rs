@@ -88,50 +88,119 @@ fn arguments_of(tool_calls: &mut Value) -> Vec<&mut Value> {
     calls.filter_map(|call| call.get_mut("function")?.get_mut("arguments")).collect()
 }
 
-/// Every OpenAI tool-call `arguments` of a request's messages or an answer's choices.
+/// Every tool value of a request's messages or an answer: OpenAI tool-call `arguments` (JSON in
+/// a string) and Anthropic `input`s of content blocks.
 fn arguments(api: Api, body: &mut Map<String, Value>) -> Vec<&mut Value> {
-    if api != Api::ChatCompletions {
-        return vec![];
+    match api {
+        Api::ChatCompletions => {
+            let messages: Vec<&mut Value> = if body.contains_key("messages") {
+                body.get_mut("messages").and_then(Value::as_array_mut).into_iter().flatten().collect()
+            } else {
+                let choices = body.get_mut("choices").and_then(Value::as_array_mut).into_iter().flatten();
+                choices.filter_map(|c| c.get_mut("message")).collect()
+            };
+            messages.into_iter().filter_map(|m| m.get_mut("tool_calls")).flat_map(arguments_of).collect()
+        }
+        Api::Messages => {
+            let blocks: Vec<&mut Value> = if body.contains_key("messages") {
+                let messages = body.get_mut("messages").and_then(Value::as_array_mut).into_iter().flatten();
+                messages.filter_map(|m| m.get_mut("content")?.as_array_mut()).flatten().collect()
+            } else {
+                body.get_mut("content").and_then(Value::as_array_mut).into_iter().flatten().collect()
+            };
+            blocks.into_iter().filter_map(|b| b.get_mut("input")).collect()
+        }
+        Api::Completions | Api::Embeddings | Api::Models => vec![],
     }
-    let messages: Vec<&mut Value> = if body.contains_key("messages") {
-        body.get_mut("messages").and_then(Value::as_array_mut).into_iter().flatten().collect()
-    } else {
-        let choices = body.get_mut("choices").and_then(Value::as_array_mut).into_iter().flatten();
-        choices.filter_map(|c| c.get_mut("message")).collect()
-    };
-    messages.into_iter().filter_map(|m| m.get_mut("tool_calls")).flat_map(arguments_of).collect()
 }
 
-/// OpenAI tool-call arguments are JSON inside a string. For scanning they are parsed, so that
-/// every string in them is read with its escapes decoded and a redaction rewrites only string
-/// values, keeping the arguments valid JSON of the same shape; `put_back` turns them into
-/// strings again, the unchanged ones byte for byte. Arguments that are not JSON stay a string
-/// and are read as one text.
+/// Tool values, read for scanning as every text in them: OpenAI arguments are parsed from their
+/// string (escapes decoded), and keys and numbers are read like string values. For that each
+/// value is put in its scan form while the scanners run (objects as `[key, value]` pairs, numbers
+/// as their text); `put_back` restores it, so that a redaction rewrites only what it matched:
+/// a key is renamed, a number becomes a string, and the value stays valid JSON of the same
+/// structure. OpenAI arguments go back to strings, the unchanged ones byte for byte; ones that
+/// are not JSON stay a string and are read as one text.
 #[derive(Debug, Default)]
-pub struct ToolArguments(Vec<Option<(String, Value)>>);
+pub struct ToolArguments(Vec<Option<Kept>>);
+
+#[derive(Debug)]
+struct Kept {
+    /// The arguments' string as it came (OpenAI), or none for a value in place (Anthropic).
+    raw: Option<String>,
+    original: Value,
+}
 
 impl ToolArguments {
-    /// Parses the arguments of a request body (`messages`) or an answer (`choices`) in place.
+    /// Puts the tool values of a request body (`messages`) or an answer in their scan form.
     pub fn parse(api: Api, body: &mut Map<String, Value>) -> Self {
         let parsed = arguments(api, body).into_iter().map(|slot| {
-            let Value::String(raw) = slot else { return None };
-            let value = serde_json::from_str::<Value>(raw).ok()?;
-            let raw = std::mem::take(raw);
-            *slot = value.clone();
-            Some((raw, value))
+            let kept = match &mut *slot {
+                Value::String(raw) => {
+                    let original = serde_json::from_str::<Value>(raw).ok()?;
+                    Kept { raw: Some(std::mem::take(raw)), original }
+                }
+                other => Kept { raw: None, original: std::mem::take(other) },
+            };
+            *slot = scan_form(&kept.original);
+            Some(kept)
         });
         Self(parsed.collect())
     }
 
-    /// Writes the parsed arguments back as strings.
+    /// Restores the tool values from their scan form.
     pub fn put_back(self, api: Api, body: &mut Map<String, Value>) {
         if self.0.iter().all(Option::is_none) {
             return;
         }
         for (slot, kept) in arguments(api, body).into_iter().zip(self.0) {
-            let Some((raw, before)) = kept else { continue };
-            *slot = Value::String(if *slot == before { raw } else { slot.to_string() });
+            let Some(Kept { raw, original }) = kept else { continue };
+            let restored = from_scan_form(std::mem::take(slot), &original);
+            *slot = match raw {
+                Some(raw) if restored == original => Value::String(raw),
+                Some(_) => Value::String(restored.to_string()),
+                None => restored,
+            };
         }
+    }
+}
+
+/// A JSON value with its keys and numbers as strings the scanners can rewrite.
+fn scan_form(v: &Value) -> Value {
+    match v {
+        Value::Number(n) => Value::String(n.to_string()),
+        Value::Object(fields) => Value::Array(
+            fields.iter().map(|(k, v)| Value::Array(vec![Value::String(k.clone()), scan_form(v)])).collect(),
+        ),
+        Value::Array(items) => Value::Array(items.iter().map(scan_form).collect()),
+        other => other.clone(),
+    }
+}
+
+/// The value `scan_form` made from `original`, as the scanners left it: an unchanged number is
+/// a number again, and a key the scanners rewrote names its value (made unique among its
+/// object's keys, so no value is lost).
+fn from_scan_form(scanned: Value, original: &Value) -> Value {
+    match (scanned, original) {
+        (Value::String(s), Value::Number(n)) if s == n.to_string() => Value::Number(n.clone()),
+        (Value::Array(pairs), Value::Object(fields)) => {
+            let mut out = Map::new();
+            for (pair, value) in pairs.into_iter().zip(fields.values()) {
+                let Value::Array(mut kv) = pair else { continue };
+                let (Some(v), Some(Value::String(key))) = (kv.pop(), kv.pop()) else { continue };
+                let (mut unique, mut n) = (key.clone(), 1);
+                while out.contains_key(&unique) {
+                    n += 1;
+                    unique = format!("{key} ({n})");
+                }
+                out.insert(unique, from_scan_form(v, value));
+            }
+            Value::Object(out)
+        }
+        (Value::Array(items), Value::Array(was)) => {
+            Value::Array(items.into_iter().zip(was).map(|(item, was)| from_scan_form(item, was)).collect())
+        }
+        (scanned, _) => scanned,
     }
 }
 
@@ -176,8 +245,8 @@ fn document<'a>(src: &'a mut serde_json::Map<String, Value>, out: &mut Slots<'a>
     }
 }
 
-/// Every string value inside a JSON value (a tool's input): rewriting them in place keeps the
-/// JSON valid and of the same shape. Keys are names, not text the model is given.
+/// Every string inside a JSON value (a tool's input; in its `ToolArguments` scan form, keys and
+/// numbers too): rewriting them in place keeps the JSON valid.
 fn leaves<'a>(source: Source, v: &'a mut Value, out: &mut Slots<'a>) {
     match v {
         Value::String(s) => out.push((source, s)),
@@ -242,8 +311,9 @@ mod tests {
                 *s = "[REDACTED]".into();
             }
         }
-        // Decoded, in key order.
-        assert_eq!(got, ["x", "a\u{200b}b", "say \"hi\"", "sk-live", "weather", "{\"cut"]);
+        // Decoded, keys and numbers too, in key order.
+        let want = ["list", "x", "2", "note", "a\u{200b}b", "quote", "say \"hi\"", "token", "sk-live", "q", "weather"];
+        assert_eq!(got, [&want[..], &["{\"cut"]].concat());
         parsed.put_back(Api::ChatCompletions, body);
         let calls = &body["messages"][0]["tool_calls"];
         let redacted: Value = serde_json::from_str(calls[0]["function"]["arguments"].as_str().unwrap()).unwrap();
@@ -261,11 +331,56 @@ mod tests {
         let mut v = Value::Object(std::mem::take(answer));
         assert_eq!(
             response_texts(Api::ChatCompletions, &mut v).into_iter().map(|s| s.clone()).collect::<Vec<_>>(),
-            ["v"]
+            ["k", "v"]
         );
         let mut back = v.as_object().unwrap().clone();
         parsed.put_back(Api::ChatCompletions, &mut back);
         assert_eq!(back["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"], "{\"k\": \"v\"}");
+    }
+
+    #[test]
+    fn keys_and_numbers_of_tool_values_are_read_and_a_redaction_keeps_the_rest() {
+        let card = "4111111111111111";
+        let args =
+            format!(r#"{{"amount": 12.5, "card": {card}, "AKIAIOSFODNN7EXAMPLE": "id", "AKIAIOSFODNN7EXAMPL2": 1}}"#);
+        let redact = |body: &mut Map<String, Value>, api| {
+            let mut got = vec![];
+            for s in request_texts(api, body) {
+                got.push(s.clone());
+                if s.starts_with("AKIA") || s == card {
+                    *s = "[REDACTED]".into();
+                }
+            }
+            got
+        };
+        let mut chat = json!({"messages": [{"role": "assistant", "tool_calls": [
+            {"id": "1", "type": "function", "function": {"name": "pay", "arguments": args}}]}]});
+        let chat = chat.as_object_mut().unwrap();
+        let parsed = ToolArguments::parse(Api::ChatCompletions, chat);
+        let got = redact(chat, Api::ChatCompletions);
+        assert!(got.contains(&card.to_owned()) && got.contains(&"AKIAIOSFODNN7EXAMPLE".to_owned()), "{got:?}");
+        parsed.put_back(Api::ChatCompletions, chat);
+        let back: Value =
+            serde_json::from_str(chat["messages"][0]["tool_calls"][0]["function"]["arguments"].as_str().unwrap())
+                .unwrap();
+        assert_eq!(
+            back,
+            json!({"amount": 12.5, "card": "[REDACTED]", "[REDACTED]": 1, "[REDACTED] (2)": "id"}),
+            "a number redacted is a string; two keys redacted alike both keep their values"
+        );
+
+        let mut msgs = json!({"messages": [{"role": "assistant", "content": [
+            {"type": "tool_use", "id": "t", "name": "pay", "input": {"card": 4111111111111111u64, "n": 3, "note": "x"}}]}]});
+        let before = msgs.clone();
+        let body = msgs.as_object_mut().unwrap();
+        let parsed = ToolArguments::parse(Api::Messages, body);
+        assert_eq!(redact(body, Api::Messages), ["card", card, "n", "3", "note", "x"]);
+        parsed.put_back(Api::Messages, body);
+        assert_eq!(msgs["messages"][0]["content"][0]["input"], json!({"card": "[REDACTED]", "n": 3, "note": "x"}));
+        let mut same = before.clone();
+        let body = same.as_object_mut().unwrap();
+        ToolArguments::parse(Api::Messages, body).put_back(Api::Messages, body);
+        assert_eq!(same, before, "what no scanner changed comes back as it was");
     }
 
     #[test]
