@@ -4,6 +4,7 @@
 //! waiting; long texts are cut into overlapping token windows so nothing goes unscanned.
 
 use std::{
+    borrow::Cow,
     collections::HashMap,
     path::{Path, PathBuf},
     sync::{Arc, OnceLock},
@@ -57,11 +58,38 @@ impl ModelKey {
     }
 }
 
+/// The files a model is loaded from, read once: what is verified is what is loaded, however the
+/// directory changes meanwhile.
+struct Files {
+    onnx: Vec<u8>,
+    tokenizer: Vec<u8>,
+    config: Option<Vec<u8>>,
+}
+
+impl Files {
+    fn read(dir: &Path) -> Result<Self, String> {
+        let read = |name: &str| std::fs::read(dir.join(name)).map_err(|e| format!("{}: {e}", dir.join(name).display()));
+        Ok(Self { onnx: read("model.onnx")?, tokenizer: read("tokenizer.json")?, config: read("config.json").ok() })
+    }
+
+    /// The bytes of `name` as read, else as they are now (a file the loader does not use).
+    fn bytes(&self, dir: &Path, name: &str) -> Result<Cow<'_, [u8]>, String> {
+        match (name, &self.config) {
+            ("model.onnx", _) => Ok(Cow::Borrowed(&self.onnx)),
+            ("tokenizer.json", _) => Ok(Cow::Borrowed(&self.tokenizer)),
+            ("config.json", Some(config)) => Ok(Cow::Borrowed(config)),
+            _ => {
+                std::fs::read(dir.join(name)).map(Cow::Owned).map_err(|e| format!("{}: {e}", dir.join(name).display()))
+            }
+        }
+    }
+}
+
 /// Checks a signed model directory: `manifest.sig` (base64) is the ed25519 signature of the
 /// bytes of `manifest.json` by `key`, and the manifest's `sha256` lists every file of the
 /// directory (weights, tokenizer, config) with its hash; a file it does not list, or one
 /// whose hash differs, refuses the model.
-fn verify_signed(dir: &Path, key: &ModelKey) -> Result<(), String> {
+fn verify_signed(dir: &Path, files: &Files, key: &ModelKey) -> Result<(), String> {
     use base64::Engine as _;
     let at = |f: &str| dir.join(f);
     let manifest = std::fs::read(at("manifest.json"))
@@ -99,16 +127,12 @@ fn verify_signed(dir: &Path, key: &ModelKey) -> Result<(), String> {
         if !present.contains(name) {
             return Err(format!("{}: {name}, which the signed manifest lists, is missing", dir.display()));
         }
-        let got = sha256_file(&at(name))?;
+        let got = sha256(&files.bytes(dir, name)?);
         if Some(got.as_str()) != want.as_str() {
             return Err(format!("{}: sha256 {got} is not the signed {}", at(name).display(), want));
         }
     }
-    for required in ["model.onnx", "tokenizer.json"] {
-        if !listed.contains_key(required) {
-            return Err(format!("{}: the signed manifest does not list {required}", dir.display()));
-        }
-    }
+    // The weights and the tokenizer were read, so they are in the directory and listed.
     Ok(())
 }
 
@@ -133,16 +157,15 @@ fn environment(settings: &ModelSettings) -> Result<&'static Environment, String>
     result.as_ref().map_err(Clone::clone)
 }
 
-fn sha256_file(path: &Path) -> Result<String, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    Ok(Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect())
+fn sha256(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Checks a model directory before it is loaded: its signature and every file's hash when a
 /// key applies, and `model.onnx` against a pinned hash (the policy's, else the manifest's).
-fn verify(dir: &Path, pinned: Option<&str>, key: Option<&ModelKey>) -> Result<(), String> {
+fn verify(dir: &Path, files: &Files, pinned: Option<&str>, key: Option<&ModelKey>) -> Result<(), String> {
     if let Some(key) = key {
-        verify_signed(dir, key)?;
+        verify_signed(dir, files, key)?;
     }
     let model = dir.join("model.onnx");
     let expected = match pinned {
@@ -153,7 +176,7 @@ fn verify(dir: &Path, pinned: Option<&str>, key: Option<&ModelKey>) -> Result<()
             .and_then(|m| m.pointer("/sha256/model.onnx")?.as_str().map(str::to_owned)),
     };
     if let Some(expected) = expected {
-        let got = sha256_file(&model)?;
+        let got = sha256(&files.onnx);
         if got != expected {
             return Err(format!("{}: sha256 {got} does not match the pinned {expected}", model.display()));
         }
@@ -190,8 +213,9 @@ impl Model {
         settings: &ModelSettings,
     ) -> Result<Arc<Self>, String> {
         let env = environment(settings)?;
-        verify(dir, pinned, key)?;
-        let mut tokenizer = Tokenizer::from_file(dir.join("tokenizer.json"))
+        let files = Files::read(dir)?;
+        verify(dir, &files, pinned, key)?;
+        let mut tokenizer = Tokenizer::from_bytes(&files.tokenizer)
             .map_err(|e| format!("{}: {e}", dir.join("tokenizer.json").display()))?;
         tokenizer
             .with_truncation(Some(TruncationParams {
@@ -204,13 +228,13 @@ impl Model {
         tokenizer.with_padding(None);
         let output = match output {
             Some(o) => o,
-            None => classifier_output(dir),
+            None => classifier_output(files.config.as_deref()),
         };
         let threads = settings.threads.max(1);
         let (tx, rx) = mpsc::channel::<Job>(QUEUE);
         let rx = Arc::new(Mutex::new(rx));
         for i in 0..threads {
-            let session = open(env, &dir.join("model.onnx"))?;
+            let session = open(env, &dir.join("model.onnx"), &files.onnx)?;
             let (rx, tokenizer) = (rx.clone(), tokenizer.clone());
             std::thread::Builder::new()
                 .name(format!("bulwark-model-{i}"))
@@ -228,22 +252,22 @@ impl Model {
     }
 }
 
-fn open(env: &Environment, path: &Path) -> Result<Session, String> {
-    fn build(env: &Environment, path: &Path) -> ort::Result<Session> {
+/// A session on the verified bytes of the model (so a model is one file, without external data).
+fn open(env: &Environment, path: &Path, onnx: &[u8]) -> Result<Session, String> {
+    fn build(env: &Environment, onnx: &[u8]) -> ort::Result<Session> {
         Session::builder(env)?
             .with_optimization_level(GraphOptimizationLevel::Level3)?
             .with_intra_threads(1)?
-            .commit_from_file(path)
+            .commit_from_memory(onnx)
     }
-    build(env, path).map_err(|e| format!("{}: {e}", path.display()))
+    build(env, onnx).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// The class index meaning "injection" (or "unsafe", "positive") from `config.json`'s
 /// `id2label`, else 1.
-fn classifier_output(dir: &Path) -> Output {
-    let labels = std::fs::read_to_string(dir.join("config.json"))
-        .ok()
-        .and_then(|c| serde_json::from_str::<serde_json::Value>(&c).ok())
+fn classifier_output(config: Option<&[u8]>) -> Output {
+    let labels = config
+        .and_then(|c| serde_json::from_slice::<serde_json::Value>(c).ok())
         .and_then(|c| c.get("id2label").cloned());
     let positive = labels
         .as_ref()
@@ -465,37 +489,48 @@ mod tests {
         std::fs::write(dir.join("tokenizer.json"), b"{}").unwrap();
         let sign = |files: &[&str]| {
             let sha: serde_json::Map<String, serde_json::Value> =
-                files.iter().map(|f| ((*f).to_owned(), sha256_file(&dir.join(f)).unwrap().into())).collect();
+                files.iter().map(|f| ((*f).to_owned(), sha256(&std::fs::read(dir.join(f)).unwrap()).into())).collect();
             let manifest = serde_json::to_vec(&serde_json::json!({"sha256": sha})).unwrap();
             std::fs::write(dir.join("manifest.json"), &manifest).unwrap();
             std::fs::write(dir.join("manifest.sig"), b64(pair.sign(&manifest).as_ref())).unwrap();
         };
+        let check = |pinned: Option<&str>, key: Option<&ModelKey>| {
+            Files::read(&dir).and_then(|files| verify(&dir, &files, pinned, key))
+        };
         sign(&["model.onnx", "tokenizer.json"]);
-        assert_eq!(verify(&dir, None, Some(&key)), Ok(()));
+        assert_eq!(check(None, Some(&key)), Ok(()));
 
         std::fs::write(dir.join("config.json"), b"{}").unwrap();
-        assert!(verify(&dir, None, Some(&key)).unwrap_err().ends_with("config.json is not in the signed manifest"));
+        assert!(check(None, Some(&key)).unwrap_err().ends_with("config.json is not in the signed manifest"));
         std::os::unix::fs::symlink("/etc/hostname", dir.join("vocab.txt")).unwrap();
-        assert!(verify(&dir, None, Some(&key)).unwrap_err().contains("vocab.txt is not a regular file"));
+        assert!(check(None, Some(&key)).unwrap_err().contains("vocab.txt is not a regular file"));
         std::fs::remove_file(dir.join("vocab.txt")).unwrap();
         sign(&["model.onnx", "tokenizer.json", "config.json"]);
-        assert_eq!(verify(&dir, None, Some(&key)), Ok(()), "listed and signed, it belongs");
+        assert_eq!(check(None, Some(&key)), Ok(()), "listed and signed, it belongs");
+        // What is checked is what was read, and so what is loaded: a later swap changes neither.
+        let files = Files::read(&dir).unwrap();
+        std::fs::write(dir.join("model.onnx"), b"other weights").unwrap();
+        assert_eq!(verify(&dir, &files, None, Some(&key)), Ok(()));
+        assert_eq!(files.onnx, b"weights");
+        std::fs::write(dir.join("model.onnx"), b"weights").unwrap();
 
         std::fs::write(dir.join("config.json"), b"{\"id2label\": {}}").unwrap();
-        assert!(verify(&dir, None, Some(&key)).unwrap_err().contains("config.json: sha256"));
+        assert!(check(None, Some(&key)).unwrap_err().contains("config.json: sha256"));
         sign(&["model.onnx", "tokenizer.json", "config.json"]);
         let mut manifest = std::fs::read(dir.join("manifest.json")).unwrap();
         manifest.push(b' ');
         std::fs::write(dir.join("manifest.json"), manifest).unwrap();
-        assert!(verify(&dir, None, Some(&key)).unwrap_err().ends_with("does not verify against the model public key"));
+        assert!(check(None, Some(&key)).unwrap_err().ends_with("does not verify against the model public key"));
 
         sign(&["model.onnx", "config.json"]);
         std::fs::remove_file(dir.join("tokenizer.json")).unwrap();
-        assert!(verify(&dir, None, Some(&key)).unwrap_err().ends_with("does not list tokenizer.json"));
+        assert!(check(None, Some(&key)).unwrap_err().contains("tokenizer.json: No such file"));
+        std::fs::write(dir.join("tokenizer.json"), b"{}").unwrap();
+        assert!(check(None, Some(&key)).unwrap_err().ends_with("tokenizer.json is not in the signed manifest"));
         std::fs::remove_file(dir.join("manifest.sig")).unwrap();
-        assert!(verify(&dir, None, Some(&key)).unwrap_err().ends_with("the model is not signed"));
+        assert!(check(None, Some(&key)).unwrap_err().ends_with("the model is not signed"));
         // Without a key, the single-file pin still holds.
-        assert!(verify(&dir, Some(&"0".repeat(64)), None).unwrap_err().contains("does not match the pinned"));
+        assert!(check(Some(&"0".repeat(64)), None).unwrap_err().contains("does not match the pinned"));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
