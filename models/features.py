@@ -44,6 +44,9 @@ class Encoder:
         self.tok.enable_truncation(MAX_TOKENS)
         self.tok.enable_padding(pad_id=0, pad_token="[PAD]")
         opts = ort.SessionOptions()
+        with open(os.path.join(model_dir, "model.onnx"), "rb") as f:
+            import hashlib
+            self.identity = hashlib.sha256(f.read()).hexdigest()
         self.sess = ort.InferenceSession(os.path.join(model_dir, "model.onnx"), opts, providers=["CPUExecutionProvider"])
 
     def embed(self, texts, batch=64) -> np.ndarray:
@@ -60,6 +63,45 @@ class Encoder:
 
 
 def features(encoder: Encoder, texts) -> np.ndarray:
+    """The features of `texts`; with BULWARK_FEATURE_CACHE set, kept in that directory by the
+    hash of the texts and the encoder, so that retraining does not encode them again."""
+    cache = os.environ.get("BULWARK_FEATURE_CACHE")
+    path = None
+    if cache:
+        import hashlib
+        h = hashlib.sha256(encoder.identity.encode())
+        for t in texts:
+            h.update(t.encode("utf-8", "surrogatepass") + b"\0")
+        path = os.path.join(cache, h.hexdigest()[:32] + ".npy")
+        if os.path.exists(path):
+            return np.load(path)
     emb = encoder.embed(texts)
     grams = np.stack([ngrams(t) for t in texts])
-    return np.concatenate([emb, grams], axis=1)
+    x = np.concatenate([emb, grams], axis=1)
+    if path:
+        os.makedirs(cache, exist_ok=True)
+        np.save(path, x)
+    return x
+
+
+CHUNK_CHARS = 400
+
+
+def chunks(text: str):
+    """As the sidecar cuts a long text before scoring it (scan/injection.rs): at sentence ends
+    and line breaks, into chunks of up to CHUNK_CHARS characters; the score is their maximum."""
+    if len(text) <= CHUNK_CHARS:
+        return [text]
+    out, current, sentence = [], "", ""
+    for c in text:
+        sentence += c
+        if c in ".!?\n。":
+            if len(current) + len(sentence) > CHUNK_CHARS and current.strip():
+                out.append(current)
+                current = ""
+            current += sentence
+            sentence = ""
+    current += sentence
+    if current.strip():
+        out.append(current)
+    return out
