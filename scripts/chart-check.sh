@@ -140,6 +140,10 @@ validate no-secret-watch "$tmp/no-secret-watch.yaml"
 sed -n '/verbs: \[list, watch\]/{x;p;d;};x' "$tmp/no-secret-watch.yaml" | grep -q 'secrets' \
   && fail "no-secret-watch: Secrets are still listed or watched"
 grep -q -- '- --watch-secrets=false$' "$tmp/no-secret-watch.yaml" || fail "no-secret-watch: the operator is not told"
+# Credentials name only Secrets unless the value says otherwise.
+grep -q -- '--allow-local-credentials' "$tmp/defaults.yaml" && fail "defaults: resources may name the sidecars' files"
+render local-credentials --set allowLocalCredentials=true
+grep -q -- '- --allow-local-credentials$' "$tmp/local-credentials.yaml" || fail "local-credentials: the operator is not told"
 # ModelServers: what they run may be written; ScaledObjects only with KEDA.
 grep -q 'resources: \[deployments\]' "$tmp/defaults.yaml" || fail "defaults: the operator cannot write Deployments"
 grep -q 'keda.sh' "$tmp/defaults.yaml" && fail "defaults: ScaledObjects may be written without keda.enabled"

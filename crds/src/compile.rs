@@ -28,11 +28,16 @@ pub struct Workload {
 pub struct CompileOptions {
     /// Where Secrets named by `secretKeyRef` are mounted: `<dir>/<secret>/<key>`.
     pub secrets_dir: String,
+    /// Whether credentials may name the sidecar's own environment variables and files (`env`,
+    /// `file`). A standalone sidecar's directory is its owner's; in a cluster, whoever may write
+    /// a resource in a namespace would otherwise send the pod's variables and files (its service
+    /// account token, say) to a URL of their choice, so only `secretKeyRef` is taken there.
+    pub local_credentials: bool,
 }
 
 impl Default for CompileOptions {
     fn default() -> Self {
-        Self { secrets_dir: "/var/run/secrets/bulwark".into() }
+        Self { secrets_dir: "/var/run/secrets/bulwark".into(), local_credentials: true }
     }
 }
 
@@ -75,7 +80,10 @@ pub fn compile(res: &Resources, workload: Option<&Workload>, opts: &CompileOptio
         if !in_scope(&ns) {
             continue;
         }
-        let errors = validate::scanner_policy(&p.spec);
+        let mut errors = validate::scanner_policy(&p.spec);
+        if !opts.local_credentials {
+            errors.extend(validate::local_credentials_of_policy(&p.spec));
+        }
         if errors.is_empty() {
             policies.insert(format!("{ns}/{name}"), p.spec.clone());
         } else {
@@ -138,7 +146,10 @@ pub fn compile(res: &Resources, workload: Option<&Workload>, opts: &CompileOptio
                 continue;
             }
         }
-        let errors = validate::route(&route.spec);
+        let mut errors = validate::route(&route.spec);
+        if !opts.local_credentials {
+            errors.extend(validate::local_credentials_of_route(&route.spec));
+        }
         if !errors.is_empty() {
             rejected.push(reject("LLMRoute", &ns, &name, reasons::INVALID, validate::join(&errors)));
             continue;

@@ -215,6 +215,45 @@ fn backend(e: &mut Errors, b: &Backend, path: &str) {
     }
 }
 
+/// Credentials of a route that name the sidecar's own environment variables or files (`env`,
+/// `file`). A resource in a cluster may name only its namespace's Secrets: otherwise whoever may
+/// write one would send the pod's variables and files (its service account token, say) to a URL
+/// of their choice.
+pub fn local_credentials_of_route(spec: &LLMRouteSpec) -> Vec<FieldError> {
+    let mut e = Errors::default();
+    let rules = spec.rules.iter().enumerate().flat_map(|(r, rule)| {
+        rule.backends.iter().enumerate().map(move |(i, b)| (format!("spec.rules[{r}].backends[{i}]"), b))
+    });
+    for (path, b) in spec.backends.iter().enumerate().map(|(i, b)| (format!("spec.backends[{i}]"), b)).chain(rules) {
+        local(&mut e, b.credentials.as_ref(), &format!("{path}.credentials"));
+    }
+    e.0
+}
+
+/// The same for a policy's webhook tokens.
+pub fn local_credentials_of_policy(spec: &ScannerPolicySpec) -> Vec<FieldError> {
+    let mut e = Errors::default();
+    for (side, list) in [("input", &spec.input), ("output", &spec.output)] {
+        for (i, s) in list.iter().enumerate() {
+            let token = s.webhook.as_ref().and_then(|w| w.bearer_token.as_ref());
+            local(&mut e, token, &format!("spec.{side}[{i}].webhook.bearerToken"));
+        }
+    }
+    e.0
+}
+
+fn local(e: &mut Errors, c: Option<&Credentials>, path: &str) {
+    let Some(c) = c else { return };
+    for (set, field) in [(c.env.is_some(), "env"), (c.file.is_some(), "file")] {
+        if set {
+            e.add(
+                format!("{path}.{field}"),
+                "names the sidecar's own environment or files, which a resource in a cluster may not read; use secretKeyRef",
+            );
+        }
+    }
+}
+
 fn credentials(e: &mut Errors, c: &Credentials, path: &str) {
     let set = [c.secret_key_ref.is_some(), c.env.is_some(), c.file.is_some()].iter().filter(|s| **s).count();
     if set != 1 {

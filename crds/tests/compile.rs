@@ -753,3 +753,27 @@ fn webhook_secrets_become_the_files_they_are_mounted_as() {
     assert_eq!(cert.key_file.as_deref(), Some("/var/run/secrets/bulwark/guard-tls/tls.key"));
     assert_eq!(cert.secret_name, None);
 }
+
+#[test]
+fn in_a_cluster_credentials_name_only_secrets() {
+    let yaml = format!(
+        "{OK_ROUTE}---\napiVersion: bulwark.dev/v1alpha1\nkind: ScannerPolicy\nmetadata: {{name: hook, namespace: team-a}}\nspec:\n  input: [{{type: webhook, webhook: {{url: 'https://guard', bearerToken: {{file: /var/run/secrets/kubernetes.io/serviceaccount/token}}}}}}]\n"
+    );
+    let res = parse(&yaml);
+    assert!(standalone(&yaml).rejected.is_empty(), "a standalone sidecar's directory is its owner's");
+    let cluster = CompileOptions { local_credentials: false, ..CompileOptions::default() };
+    let out = compile(&res, None, &cluster);
+    let said: Vec<String> = out.rejected.iter().map(|r| format!("{} {}: {}", r.kind, r.reason, r.message)).collect();
+    let why =
+        "names the sidecar's own environment or files, which a resource in a cluster may not read; use secretKeyRef";
+    assert_eq!(
+        said,
+        [
+            format!("LLMRoute Invalid: spec.rules[0].backends[0].credentials.env: {why}"),
+            format!("ScannerPolicy Invalid: spec.input[0].webhook.bearerToken.file: {why}"),
+        ]
+    );
+    assert!(out.config.routes.is_empty());
+    let keyed = yaml.replace("credentials: {env: OPENAI_API_KEY}", "credentials: {secretKeyRef: {name: o, key: k}}");
+    assert_eq!(compile(&parse(&keyed), None, &cluster).config.routes.len(), 1, "secretKeyRef is taken");
+}

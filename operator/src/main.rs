@@ -49,6 +49,10 @@ struct Cli {
     /// Where sidecars find Secrets named by secretKeyRef: <dir>/<secret>/<key>.
     #[arg(long, default_value = "/var/run/secrets/bulwark")]
     secrets_dir: String,
+    /// Let resources name the sidecars' own environment variables and files as credentials
+    /// (`env`, `file`); off, only `secretKeyRef` is taken, and a resource naming others is Invalid.
+    #[arg(long, default_value_t = false)]
+    allow_local_credentials: bool,
     /// How often every status is rewritten even without a change.
     #[arg(long, default_value = "5m")]
     resync: Dur,
@@ -112,7 +116,7 @@ fn main() -> ExitCode {
         tls: cli.tls_cert.zip(cli.tls_key),
         tls_ca: cli.tls_ca,
         token_audience: cli.token_audience,
-        compile: CompileOptions { secrets_dir: cli.secrets_dir },
+        compile: CompileOptions { secrets_dir: cli.secrets_dir, local_credentials: cli.allow_local_credentials },
         leader: cli.leader_elect.then(|| leader::Settings {
             namespace: cli.lease_namespace,
             name: cli.lease_name,

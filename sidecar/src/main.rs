@@ -225,7 +225,7 @@ fn main() -> ExitCode {
             Source::Manifests {
                 dir: dir.clone(),
                 workload,
-                options: CompileOptions { secrets_dir: cli.secrets_dir.clone() },
+                options: CompileOptions { secrets_dir: cli.secrets_dir.clone(), local_credentials: true },
             }
         }
         (None, Some(file)) => Source::File(file.clone()),
