@@ -26,21 +26,47 @@ const VALIDITY_DAYS: i64 = 7;
 /// How often the CA's directory is read again.
 pub const RELOAD: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// The server name a TLS ClientHello asks for, read from the first record; `None` when the
-/// bytes are not a whole ClientHello with a host name.
-pub fn sni(record: &[u8]) -> Option<String> {
-    let mut r = Reader(record);
-    if r.u8()? != 0x16 {
-        return None;
+/// The first handshake message of a TLS connection's first bytes, put together from as many
+/// records as it spans (a ClientHello may be cut into several, to slip past a reader of the
+/// first one).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Hello {
+    /// The whole ClientHello (its handshake header included).
+    Complete(Vec<u8>),
+    /// The bytes so far are the start of one.
+    Partial,
+    /// Not a ClientHello.
+    Not,
+}
+
+pub fn client_hello(bytes: &[u8]) -> Hello {
+    let mut r = Reader(bytes);
+    let mut message = Vec::new();
+    loop {
+        let Some(header) = r.take(5) else { return Hello::Partial };
+        if header[0] != 0x16 {
+            return Hello::Not;
+        }
+        let Some(fragment) = r.take(usize::from(u16::from_be_bytes([header[3], header[4]]))) else {
+            return Hello::Partial;
+        };
+        message.extend_from_slice(fragment);
+        if message.first().is_some_and(|kind| *kind != 1) {
+            return Hello::Not;
+        }
+        if let [_, a, b, c, ..] = message[..] {
+            let len = 4 + ((usize::from(a) << 16) | (usize::from(b) << 8) | usize::from(c));
+            if message.len() >= len {
+                message.truncate(len);
+                return Hello::Complete(message);
+            }
+        }
     }
-    r.take(2)?; // record version
-    let len = r.u16()? as usize;
-    let mut hs = Reader(r.take(len)?);
-    if hs.u8()? != 1 {
-        return None; // not a ClientHello
-    }
-    let body_len = hs.u24()?;
-    let mut hello = Reader(hs.take(body_len)?);
+}
+
+/// The host name a whole ClientHello message asks for; `None` when it names none.
+pub fn server_name(message: &[u8]) -> Option<String> {
+    let mut hello = Reader(message.get(4..)?);
     hello.take(2 + 32)?; // version, random
     let session = hello.u8()? as usize;
     hello.take(session)?;
@@ -73,11 +99,6 @@ pub fn sni(record: &[u8]) -> Option<String> {
     None
 }
 
-/// How many bytes the first TLS record takes, header included, once its header is there.
-pub fn record_len(bytes: &[u8]) -> Option<usize> {
-    (bytes.len() >= 5).then(|| 5 + u16::from_be_bytes([bytes[3], bytes[4]]) as usize)
-}
-
 struct Reader<'a>(&'a [u8]);
 
 impl<'a> Reader<'a> {
@@ -94,9 +115,6 @@ impl<'a> Reader<'a> {
     }
     fn u16(&mut self) -> Option<u16> {
         self.take(2).map(|b| u16::from_be_bytes([b[0], b[1]]))
-    }
-    fn u24(&mut self) -> Option<usize> {
-        self.take(3).map(|b| (usize::from(b[0]) << 16) | (usize::from(b[1]) << 8) | usize::from(b[2]))
     }
 }
 
@@ -278,6 +296,12 @@ mod tests {
         rustls::ClientConnection::new(Arc::new(config), host.to_owned().try_into().unwrap()).unwrap()
     }
 
+    /// The server name a connection's first bytes ask for.
+    fn sni(bytes: &[u8]) -> Option<String> {
+        let Hello::Complete(message) = client_hello(bytes) else { return None };
+        server_name(&message)
+    }
+
     fn hello(host: &str) -> Vec<u8> {
         let mut out = vec![];
         client(rustls::RootCertStore::empty(), host).write_tls(&mut out).unwrap();
@@ -287,10 +311,34 @@ mod tests {
     #[test]
     fn the_server_name_is_read_from_a_real_client_hello() {
         let bytes = hello("API.OpenAI.com");
-        assert_eq!(record_len(&bytes), Some(bytes.len()));
+        assert!(matches!(client_hello(&bytes), Hello::Complete(m) if m.len() == bytes.len() - 5));
         assert_eq!(sni(&bytes).as_deref(), Some("api.openai.com"));
         assert_eq!(sni(&bytes[..bytes.len() - 1]), None, "a cut record");
+        assert_eq!(client_hello(&bytes[..bytes.len() - 1]), Hello::Partial);
         assert_eq!(sni(b"GET / HTTP/1.1\r\n"), None);
+        assert_eq!(client_hello(b"GET / HTTP/1.1\r\n"), Hello::Not);
+    }
+
+    #[test]
+    fn a_client_hello_cut_into_several_records_is_put_together() {
+        let bytes = hello("api.openai.com");
+        let message = &bytes[5..];
+        for size in [1, 7, 100] {
+            let mut records = vec![];
+            for fragment in message.chunks(size) {
+                records.extend_from_slice(&[0x16, 0x03, 0x01]);
+                records.extend_from_slice(&(fragment.len() as u16).to_be_bytes());
+                records.extend_from_slice(fragment);
+            }
+            assert_eq!(sni(&records).as_deref(), Some("api.openai.com"), "records of {size} bytes");
+            assert_eq!(client_hello(&records[..records.len() - 1]), Hello::Partial, "records of {size} bytes");
+        }
+        // An alert record after the first fragment is no ClientHello.
+        let mut broken = bytes[..5].to_vec();
+        broken[3..5].copy_from_slice(&10u16.to_be_bytes());
+        broken.extend_from_slice(&message[..10]);
+        broken.extend_from_slice(&[0x15, 0x03, 0x01, 0x00, 0x02, 0x02, 0x28]);
+        assert_eq!(client_hello(&broken), Hello::Not);
     }
 
     fn ca() -> (String, String) {

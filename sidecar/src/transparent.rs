@@ -57,9 +57,10 @@ pub enum Sniffed {
 /// (many or large headers) nor a slow one can pass a routed host's request through unguarded.
 pub fn classify(bytes: &[u8]) -> Option<Sniffed> {
     if bytes.first() == Some(&0x16) {
-        return match intercept::record_len(bytes) {
-            Some(n) if bytes.len() >= n || bytes.len() >= SNIFF_BYTES => Some(Sniffed::Tls(intercept::sni(bytes))),
-            _ => None,
+        return match intercept::client_hello(bytes) {
+            intercept::Hello::Partial if bytes.len() < SNIFF_BYTES => None,
+            intercept::Hello::Complete(message) => Some(Sniffed::Tls(intercept::server_name(&message))),
+            _ => Some(Sniffed::Tls(None)),
         };
     }
     let method_end = bytes.iter().position(|b| !b.is_ascii_uppercase());
@@ -285,7 +286,10 @@ mod tests {
         assert_eq!(classify(b"GE"), None);
         assert_eq!(classify(b"GET / HTTP/1.1\r\n\r\n"), Some(Sniffed::Http(None)), "no Host");
         assert_eq!(classify(&[0x16, 0x03, 0x01, 0x02, 0x00]), None, "a record still coming");
-        assert_eq!(classify(&[0x16, 0x03, 0x01, 0x00, 0x01, 0x01]), Some(Sniffed::Tls(None)), "no name in it");
+        assert_eq!(classify(&[0x16, 0x03, 0x01, 0x00, 0x01, 0x01]), None, "a ClientHello going on in the next record");
+        let nameless = [0x16, 0x03, 0x01, 0x00, 0x04, 0x01, 0x00, 0x00, 0x00];
+        assert_eq!(classify(&nameless), Some(Sniffed::Tls(None)), "no name in it");
+        assert_eq!(classify(&[0x16, 0x03, 0x01, 0x00, 0x01, 0x02]), Some(Sniffed::Tls(None)), "no ClientHello");
         assert_eq!(classify(b"SSH-2.0-OpenSSH_9.2\r\n"), Some(Sniffed::Other));
         assert_eq!(classify(b"\x00\x01binary"), Some(Sniffed::Other));
         assert_eq!(classify(b"HELLO world\r\n"), Some(Sniffed::Other), "a word and a space, then no HTTP");
