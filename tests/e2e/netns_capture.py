@@ -274,6 +274,49 @@ def corpus(host: str):
     ]
 
 
+def fragmented_tls(addr, host: str, cafile: str, request: bytes, size: int = 40) -> bytes:
+    """An HTTPS exchange whose ClientHello is cut into TLS records of `size` bytes: the answer."""
+    tls_ctx = ssl.create_default_context(cafile=cafile)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = tls_ctx.wrap_bio(incoming, outgoing, server_hostname=host)
+    sock = socket.create_connection((addr, 443), timeout=8)
+    first = [True]
+
+    def flush():
+        data = outgoing.read()
+        if first[0] and data:
+            first[0] = False
+            n = int.from_bytes(data[3:5], "big")
+            hello, rest = data[5:5 + n], data[5 + n:]
+            data = b"".join(bytes([0x16, 3, 1]) + len(c).to_bytes(2, "big") + c
+                            for c in (hello[i:i + size] for i in range(0, len(hello), size))) + rest
+        sock.sendall(data)
+
+    def pump():
+        data = sock.recv(65536)
+        if not data:
+            raise ConnectionError("closed")
+        incoming.write(data)
+
+    with sock:
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                flush()
+                pump()
+        tls.write(request)
+        flush()
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            try:
+                answer += tls.read(65536)
+            except ssl.SSLWantReadError:
+                pump()
+        return answer
+
+
 def rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -443,6 +486,14 @@ def main():
               f"connections counted once each: {routed, plain, tls_n, other, tls_routed}")
         up = counter(m, 'bulwark_transparent_passthrough_bytes_total{direction="upstream"}')
         check(up >= len(blob), f"passthrough bytes counted: {up}")
+
+        # A ClientHello cut into many small records is put together: still intercepted, guarded.
+        request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: chat.secure.test\r\nContent-Type: application/json\r\n"
+                   f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n{body}").encode()
+        answer = fragmented_tls(SECURE, "chat.secure.test", str(ca / "tls.crt"), request).decode(errors="replace")
+        check(" 200" in answer.splitlines()[0] and "x-bulwark-route: default/secure" in answer.lower(),
+              f"a ClientHello in 40-byte records is intercepted and routed: {answer[:300]}")
+        check(SECRET not in Provider.seen[-1][1], "and guarded")
 
         hostile(proc, ca)
 
