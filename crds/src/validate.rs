@@ -230,26 +230,36 @@ pub fn local_credentials_of_route(spec: &LLMRouteSpec) -> Vec<FieldError> {
     e.0
 }
 
-/// The same for a policy's webhook tokens.
+/// The same for a policy's webhooks: a token, or a client certificate and key, read from the
+/// sidecar's environment or files (a CA file is public, and stays allowed).
 pub fn local_credentials_of_policy(spec: &ScannerPolicySpec) -> Vec<FieldError> {
     let mut e = Errors::default();
     for (side, list) in [("input", &spec.input), ("output", &spec.output)] {
         for (i, s) in list.iter().enumerate() {
-            let token = s.webhook.as_ref().and_then(|w| w.bearer_token.as_ref());
-            local(&mut e, token, &format!("spec.{side}[{i}].webhook.bearerToken"));
+            let Some(w) = &s.webhook else { continue };
+            let p = format!("spec.{side}[{i}].webhook");
+            local(&mut e, w.bearer_token.as_ref(), &format!("{p}.bearerToken"));
+            let cert = w.client_certificate.as_ref();
+            let files = [
+                ("clientCertificate.certFile", cert.and_then(|c| c.cert_file.as_ref())),
+                ("clientCertificate.keyFile", cert.and_then(|c| c.key_file.as_ref())),
+            ];
+            for (field, _) in files.iter().filter(|(_, f)| f.is_some()) {
+                e.add(format!("{p}.{field}"), LOCAL);
+            }
         }
     }
     e.0
 }
 
+const LOCAL: &str =
+    "names the sidecar's own environment or files, which a resource in a cluster may not read; name a Secret instead";
+
 fn local(e: &mut Errors, c: Option<&Credentials>, path: &str) {
     let Some(c) = c else { return };
     for (set, field) in [(c.env.is_some(), "env"), (c.file.is_some(), "file")] {
         if set {
-            e.add(
-                format!("{path}.{field}"),
-                "names the sidecar's own environment or files, which a resource in a cluster may not read; use secretKeyRef",
-            );
+            e.add(format!("{path}.{field}"), LOCAL);
         }
     }
 }
@@ -259,11 +269,42 @@ fn credentials(e: &mut Errors, c: &Credentials, path: &str) {
     if set != 1 {
         e.add(path, "set exactly one of secretKeyRef, env or file");
     }
-    if let Some(s) = &c.secret_key_ref
-        && (s.name.is_empty() || s.key.is_empty())
-    {
-        e.add(format!("{path}.secretKeyRef"), "name and key must not be empty");
+    if let Some(s) = &c.secret_key_ref {
+        if s.name.is_empty() || s.key.is_empty() {
+            e.add(format!("{path}.secretKeyRef"), "name and key must not be empty");
+        }
+        secret_name(e, &s.name, &format!("{path}.secretKeyRef.name"));
+        if !s.key.is_empty() && !secret_key(&s.key) {
+            e.add(
+                format!("{path}.secretKeyRef.key"),
+                format!("{:?} is not a Secret key: letters, digits, '-', '_' and '.' only, and not '.' or '..'", s.key),
+            );
+        }
     }
+}
+
+/// A Secret's name names a directory under the secrets mount: a DNS subdomain, so that it can
+/// never climb out of it.
+fn secret_name(e: &mut Errors, name: &str, path: &str) {
+    let label = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    let valid = name.len() <= 253 && name.split('.').all(label);
+    if !name.is_empty() && !valid {
+        e.add(path, format!("{name:?} is not a Secret name (a DNS subdomain: lowercase letters, digits, '-' and '.')"));
+    }
+}
+
+/// A key of a Secret's data, as Kubernetes allows them: a file name in the Secret's directory.
+fn secret_key(key: &str) -> bool {
+    key.len() <= 253
+        && key != "."
+        && key != ".."
+        && key.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 pub fn scanner_policy(spec: &ScannerPolicySpec) -> Vec<FieldError> {
@@ -395,7 +436,9 @@ fn webhook(e: &mut Errors, p: &str, w: &crate::policy::Webhook) {
     if let Some(c) = &w.client_certificate {
         let files = (c.cert_file.is_some(), c.key_file.is_some());
         match (&c.secret_name, files) {
-            (Some(name), (false, false)) if !name.is_empty() => {}
+            (Some(name), (false, false)) if !name.is_empty() => {
+                secret_name(e, name, &format!("{p}.clientCertificate.secretName"))
+            }
             (None, (true, true)) => {}
             _ => e.add(format!("{p}.clientCertificate"), "set secretName, or both certFile and keyFile"),
         }

@@ -92,6 +92,20 @@ fn invalid_resources_are_rejected_with_exact_errors() {
             "spec.rules[0].backends[0].credentials: set exactly one of secretKeyRef, env or file",
         ),
         (
+            "a Secret key climbing out of its directory",
+            route(
+                "  rules: [{backends: [{name: a, url: 'http://x', credentials: {secretKeyRef: {name: openai, key: ../../token}}}]}]",
+            ),
+            "spec.rules[0].backends[0].credentials.secretKeyRef.key: \"../../token\" is not a Secret key: letters, digits, '-', '_' and '.' only, and not '.' or '..'",
+        ),
+        (
+            "a Secret name that is a path",
+            route(
+                "  rules: [{backends: [{name: a, url: 'http://x', credentials: {secretKeyRef: {name: ../etc, key: k}}}]}]",
+            ),
+            "spec.rules[0].backends[0].credentials.secretKeyRef.name: \"../etc\" is not a Secret name (a DNS subdomain: lowercase letters, digits, '-' and '.')",
+        ),
+        (
             "azure without deployment",
             route("  rules: [{backends: [{name: a, provider: azure-openai, url: 'https://x.openai.azure.com'}]}]"),
             "spec.rules[0].backends[0].model: azure-openai needs the deployment name in model",
@@ -757,20 +771,21 @@ fn webhook_secrets_become_the_files_they_are_mounted_as() {
 #[test]
 fn in_a_cluster_credentials_name_only_secrets() {
     let yaml = format!(
-        "{OK_ROUTE}---\napiVersion: bulwark.dev/v1alpha1\nkind: ScannerPolicy\nmetadata: {{name: hook, namespace: team-a}}\nspec:\n  input: [{{type: webhook, webhook: {{url: 'https://guard', bearerToken: {{file: /var/run/secrets/kubernetes.io/serviceaccount/token}}}}}}]\n"
+        "{OK_ROUTE}---\napiVersion: bulwark.dev/v1alpha1\nkind: ScannerPolicy\nmetadata: {{name: hook, namespace: team-a}}\nspec:\n  input: [{{type: webhook, webhook: {{url: 'https://guard', bearerToken: {{file: /var/run/secrets/kubernetes.io/serviceaccount/token}}, caFile: /etc/ca.crt, clientCertificate: {{certFile: /c, keyFile: /k}}}}}}]\n"
     );
     let res = parse(&yaml);
     assert!(standalone(&yaml).rejected.is_empty(), "a standalone sidecar's directory is its owner's");
     let cluster = CompileOptions { local_credentials: false, ..CompileOptions::default() };
     let out = compile(&res, None, &cluster);
     let said: Vec<String> = out.rejected.iter().map(|r| format!("{} {}: {}", r.kind, r.reason, r.message)).collect();
-    let why =
-        "names the sidecar's own environment or files, which a resource in a cluster may not read; use secretKeyRef";
+    let why = "names the sidecar's own environment or files, which a resource in a cluster may not read; name a Secret instead";
     assert_eq!(
         said,
         [
             format!("LLMRoute Invalid: spec.rules[0].backends[0].credentials.env: {why}"),
-            format!("ScannerPolicy Invalid: spec.input[0].webhook.bearerToken.file: {why}"),
+            format!(
+                "ScannerPolicy Invalid: spec.input[0].webhook.bearerToken.file: {why}; spec.input[0].webhook.clientCertificate.certFile: {why}; spec.input[0].webhook.clientCertificate.keyFile: {why}"
+            ),
         ]
     );
     assert!(out.config.routes.is_empty());
