@@ -67,9 +67,21 @@ struct Files {
 }
 
 impl Files {
-    fn read(dir: &Path) -> Result<Self, String> {
-        let read = |name: &str| std::fs::read(dir.join(name)).map_err(|e| format!("{}: {e}", dir.join(name).display()));
-        Ok(Self { onnx: read("model.onnx")?, tokenizer: read("tokenizer.json")?, config: read("config.json").ok() })
+    /// Reads the files; `signed`, only regular files (a link or a device is refused unread).
+    fn read(dir: &Path, signed: bool) -> Result<Self, String> {
+        let read = |name: &str| {
+            let path = dir.join(name);
+            let meta = std::fs::symlink_metadata(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            if signed && !meta.is_file() {
+                return Err(format!(
+                    "{}: {name} is not a regular file; a signed model holds only files",
+                    dir.display()
+                ));
+            }
+            std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))
+        };
+        let config = dir.join("config.json").exists().then(|| read("config.json")).transpose()?;
+        Ok(Self { onnx: read("model.onnx")?, tokenizer: read("tokenizer.json")?, config })
     }
 
     /// The bytes of `name` as read, else as they are now (a file the loader does not use).
@@ -132,7 +144,12 @@ fn verify_signed(dir: &Path, files: &Files, key: &ModelKey) -> Result<(), String
             return Err(format!("{}: sha256 {got} is not the signed {}", at(name).display(), want));
         }
     }
-    // The weights and the tokenizer were read, so they are in the directory and listed.
+    // Listed, as well as read: a file gone between the two would be loaded unlisted.
+    for required in ["model.onnx", "tokenizer.json"] {
+        if !listed.contains_key(required) {
+            return Err(format!("{}: the signed manifest does not list {required}", dir.display()));
+        }
+    }
     Ok(())
 }
 
@@ -213,7 +230,7 @@ impl Model {
         settings: &ModelSettings,
     ) -> Result<Arc<Self>, String> {
         let env = environment(settings)?;
-        let files = Files::read(dir)?;
+        let files = Files::read(dir, key.is_some())?;
         verify(dir, &files, pinned, key)?;
         let mut tokenizer = Tokenizer::from_bytes(&files.tokenizer)
             .map_err(|e| format!("{}: {e}", dir.join("tokenizer.json").display()))?;
@@ -495,7 +512,7 @@ mod tests {
             std::fs::write(dir.join("manifest.sig"), b64(pair.sign(&manifest).as_ref())).unwrap();
         };
         let check = |pinned: Option<&str>, key: Option<&ModelKey>| {
-            Files::read(&dir).and_then(|files| verify(&dir, &files, pinned, key))
+            Files::read(&dir, key.is_some()).and_then(|files| verify(&dir, &files, pinned, key))
         };
         sign(&["model.onnx", "tokenizer.json"]);
         assert_eq!(check(None, Some(&key)), Ok(()));
@@ -505,10 +522,16 @@ mod tests {
         std::os::unix::fs::symlink("/etc/hostname", dir.join("vocab.txt")).unwrap();
         assert!(check(None, Some(&key)).unwrap_err().contains("vocab.txt is not a regular file"));
         std::fs::remove_file(dir.join("vocab.txt")).unwrap();
+        // A link to an endless device is refused before it is read.
+        std::fs::rename(dir.join("model.onnx"), dir.join("weights")).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", dir.join("model.onnx")).unwrap();
+        assert!(check(None, Some(&key)).unwrap_err().contains("model.onnx is not a regular file"));
+        std::fs::remove_file(dir.join("model.onnx")).unwrap();
+        std::fs::rename(dir.join("weights"), dir.join("model.onnx")).unwrap();
         sign(&["model.onnx", "tokenizer.json", "config.json"]);
         assert_eq!(check(None, Some(&key)), Ok(()), "listed and signed, it belongs");
         // What is checked is what was read, and so what is loaded: a later swap changes neither.
-        let files = Files::read(&dir).unwrap();
+        let files = Files::read(&dir, true).unwrap();
         std::fs::write(dir.join("model.onnx"), b"other weights").unwrap();
         assert_eq!(verify(&dir, &files, None, Some(&key)), Ok(()));
         assert_eq!(files.onnx, b"weights");
