@@ -46,8 +46,8 @@ pub enum Sniffed {
     Other,
     /// An HTTP head or a ClientHello begun and not finished within the header timeout.
     Stalled(&'static str),
-    /// An HTTP head longer than is looked into, with no `Host` in it.
-    Oversized,
+    /// An HTTP head with no `Host`, or a ClientHello not whole, in as much as is looked into.
+    Oversized(&'static str),
 }
 
 /// Looks at a connection's first bytes: `None` while they could still become an HTTP head or a
@@ -59,8 +59,10 @@ pub fn classify(bytes: &[u8]) -> Option<Sniffed> {
     if bytes.first() == Some(&0x16) {
         return match intercept::client_hello(bytes) {
             intercept::Hello::Partial if bytes.len() < SNIFF_BYTES => None,
+            // Whose host cannot be read must not pass through to it.
+            intercept::Hello::Partial => Some(Sniffed::Oversized("tls")),
             intercept::Hello::Complete(message) => Some(Sniffed::Tls(intercept::server_name(&message))),
-            _ => Some(Sniffed::Tls(None)),
+            intercept::Hello::Not => Some(Sniffed::Tls(None)),
         };
     }
     let method_end = bytes.iter().position(|b| !b.is_ascii_uppercase());
@@ -86,7 +88,7 @@ pub fn classify(bytes: &[u8]) -> Option<Sniffed> {
             match host_line(bytes) {
                 Some(host) => Some(Sniffed::Http(Some(host))),
                 None if bytes.windows(4).any(|w| w == b"\r\n\r\n") => Some(Sniffed::Http(None)),
-                None if bytes.len() >= SNIFF_BYTES => Some(Sniffed::Oversized),
+                None if bytes.len() >= SNIFF_BYTES => Some(Sniffed::Oversized("http")),
                 None => None,
             }
         }
@@ -209,13 +211,9 @@ pub async fn serve(
                     state.metrics.captured.get_or_create(&CaptureLabels { protocol, action: "timeout" }).inc();
                     return;
                 }
-                Sniffed::Oversized => {
-                    tracing::debug!(%dst, "a captured HTTP head has no Host in its first {} KiB", SNIFF_BYTES >> 10);
-                    state
-                        .metrics
-                        .captured
-                        .get_or_create(&CaptureLabels { protocol: "http", action: "oversized" })
-                        .inc();
+                Sniffed::Oversized(protocol) => {
+                    tracing::debug!(%dst, "a captured {protocol} connection names no host in its first {} KiB", SNIFF_BYTES >> 10);
+                    state.metrics.captured.get_or_create(&CaptureLabels { protocol, action: "oversized" }).inc();
                     return;
                 }
             };
@@ -312,7 +310,14 @@ mod tests {
         assert_eq!(classify(padded("X-A: 1\r\nX-B: 2\r\n").as_bytes()), None, "no Host yet");
         // Long, with no Host in what is looked into: closed, never passed through unguarded.
         let hostless = padded(&format!("X-Big: {}", "b".repeat(SNIFF_BYTES)));
-        assert_eq!(classify(&hostless.as_bytes()[..SNIFF_BYTES]), Some(Sniffed::Oversized));
+        assert_eq!(classify(&hostless.as_bytes()[..SNIFF_BYTES]), Some(Sniffed::Oversized("http")));
+        // A ClientHello of 64 KiB and more, in records of 16 KiB.
+        let mut message = vec![0x01, 0x01, 0x00, 0x00];
+        message.resize(4 + 0x10000, 0);
+        let mut big: Vec<u8> =
+            message.chunks(0x4000).flat_map(|c| [&[0x16, 0x03, 0x01, 0x40, 0x00][..], c].concat()).collect();
+        big.truncate(SNIFF_BYTES);
+        assert_eq!(classify(&big), Some(Sniffed::Oversized("tls")), "a ClientHello past 64 KiB is not passed on");
         // A header name httparse refuses before the Host does not hide it.
         assert_eq!(classify(padded("X@y: 1\r\nHost: api.openai.com\r\n\r\n").as_bytes()), routed);
         assert_eq!(classify(padded("X@y: 1\r\nX-B").as_bytes()), None, "its Host may still come");
