@@ -73,7 +73,9 @@ impl Check {
     async fn judge(&self, texts: &[Judged<'_>]) -> Result<Verdict, String> {
         let kind = if matches!(self, Self::Topics(_)) { "banned-topic" } else { "prompt-injection" };
         let mut worst = Verdict { score: 0.0, threshold: 1.0, source: None, kind };
-        for t in texts.iter().filter(|t| !t.text.trim().is_empty()) {
+        // A number (a tool argument's, say) tells a model nothing: only texts are scored.
+        let number = |t: &str| t.bytes().all(|b| b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'+' | b'e' | b'E'));
+        for t in texts.iter().filter(|t| !t.text.trim().is_empty() && !number(t.text)) {
             let score = match self {
                 Self::Injection(i) => i.score(t.text).await?,
                 Self::Topics(topics) => topics.score(t.text).await?,

@@ -49,7 +49,12 @@ pub struct PartialJson {
     pending: String,
     /// The key or number read so far.
     token: String,
+    /// A key or number went past `MAX_TOKEN`: the document cannot be scanned.
+    overflowed: bool,
 }
+
+/// How long a key or number may be: each is held whole until it ends.
+const MAX_TOKEN: usize = 64 << 10;
 
 /// How deep the structure is tracked; in deeper JSON every string is read as a value, so none
 /// goes unscanned.
@@ -61,6 +66,19 @@ impl PartialJson {
         self.state == State::Value
     }
 
+    /// Whether a key or number was longer than can be held to be scanned whole.
+    pub fn overflowed(&self) -> bool {
+        self.overflowed
+    }
+
+    fn push_token(&mut self, c: char) {
+        if self.token.len() >= MAX_TOKEN {
+            self.overflowed = true;
+        } else {
+            self.token.push(c);
+        }
+    }
+
     /// Reads the next piece of the document.
     pub fn feed(&mut self, piece: &str) -> Vec<Piece> {
         let input = std::mem::take(&mut self.pending) + piece;
@@ -70,14 +88,14 @@ impl PartialJson {
             let len = c.len_utf8();
             match self.state {
                 State::Between if self.number_starts(c) => {
-                    self.token.push(c);
+                    self.push_token(c);
                     self.state = State::Number;
                 }
                 State::Between => {
                     self.structure(c);
                     out.raw(c);
                 }
-                State::Number if matches!(c, '0'..='9' | '.' | 'e' | 'E' | '+' | '-') => self.token.push(c),
+                State::Number if matches!(c, '0'..='9' | '.' | 'e' | 'E' | '+' | '-') => self.push_token(c),
                 State::Number => {
                     // The number ended before `c`, which is read again as structure.
                     out.0.push(Piece::Number(std::mem::take(&mut self.token)));
@@ -90,7 +108,7 @@ impl PartialJson {
                     self.state = State::Between;
                 }
                 State::Key { escaped } => {
-                    self.token.push(c);
+                    self.push_token(c);
                     self.state = State::Key { escaped: !escaped && c == '\\' };
                 }
                 State::Value if c == '"' => {
@@ -235,7 +253,8 @@ fn unicode(s: &str) -> Escape {
     }
 }
 
-/// The text of the inside of a JSON string; a broken escape stands for itself.
+/// The text of the inside of a whole JSON string; a broken escape stands for itself, and a lone
+/// surrogate at its end becomes U+FFFD (as inside the string).
 fn decode(raw: &str) -> String {
     let mut out = String::with_capacity(raw.len());
     let mut rest = raw;
@@ -245,6 +264,12 @@ fn decode(raw: &str) -> String {
                 Escape::Char(ch, used) => {
                     out.push(ch);
                     rest = &rest[used..];
+                    continue;
+                }
+                // Nothing follows: a high surrogate without its low half, or a cut escape.
+                Escape::Incomplete if rest.starts_with("\\u") && rest.len() >= 6 => {
+                    out.push('\u{FFFD}');
+                    rest = &rest[6..];
                     continue;
                 }
                 Escape::Incomplete => {
@@ -326,8 +351,21 @@ mod tests {
             let v: serde_json::Value = serde_json::from_str(&back).unwrap();
             assert_eq!(v, serde_json::json!({"card": "[X]", "n": [-1.5e3, 7], "[X]": {"x": 0}}), "pieces of {size}");
         }
+        let (values, _) = read(r#"{"k\ud83d": 1}"#, 2, str::to_owned);
+        assert_eq!(values, ["k\u{FFFD}", "1"], "a lone surrogate ending a key");
         let (values, back) = read("42", 1, |_| "[X]".into());
         assert_eq!((values.len(), back.as_str()), (0, "42"), "a number alone is no container's value");
+    }
+
+    #[test]
+    fn a_key_longer_than_can_be_held_is_told() {
+        let mut reader = PartialJson::default();
+        let _ = reader.feed("{\"");
+        for _ in 0..65 {
+            let _ = reader.feed(&"k".repeat(1024));
+            assert!(reader.token.len() <= MAX_TOKEN);
+        }
+        assert!(reader.overflowed());
     }
 
     #[test]

@@ -360,6 +360,13 @@ impl OutputGuard {
         let reader = &mut self.arguments[at].1;
         let pieces = reader.feed(&piece);
         let open = reader.in_value();
+        if reader.overflowed() {
+            return Err(Blocked {
+                policy: self.policy.name.clone(),
+                scanner: "stream",
+                reason: "a tool argument's key or number longer than 64 KiB cannot be scanned".into(),
+            });
+        }
         let mut json = String::new();
         for piece in pieces {
             match piece {

@@ -184,18 +184,28 @@ fn from_scan_form(scanned: Value, original: &Value) -> Value {
     match (scanned, original) {
         (Value::String(s), Value::Number(n)) if s == n.to_string() => Value::Number(n.clone()),
         (Value::Array(pairs), Value::Object(fields)) => {
-            let mut out = Map::new();
-            for (pair, value) in pairs.into_iter().zip(fields.values()) {
+            let mut kept = Map::new();
+            let mut renamed = vec![];
+            for (pair, (was, value)) in pairs.into_iter().zip(fields) {
                 let Value::Array(mut kv) = pair else { continue };
                 let (Some(v), Some(Value::String(key))) = (kv.pop(), kv.pop()) else { continue };
+                let v = from_scan_form(v, value);
+                if key == *was {
+                    kept.insert(key, v);
+                } else {
+                    renamed.push((key, v));
+                }
+            }
+            // Keys left as they were keep their names; a rewritten one takes the next free name.
+            for (key, v) in renamed {
                 let (mut unique, mut n) = (key.clone(), 1);
-                while out.contains_key(&unique) {
+                while kept.contains_key(&unique) {
                     n += 1;
                     unique = format!("{key} ({n})");
                 }
-                out.insert(unique, from_scan_form(v, value));
+                kept.insert(unique, v);
             }
-            Value::Object(out)
+            Value::Object(kept)
         }
         (Value::Array(items), Value::Array(was)) => {
             Value::Array(items.into_iter().zip(was).map(|(item, was)| from_scan_form(item, was)).collect())
@@ -368,6 +378,16 @@ mod tests {
             json!({"amount": 12.5, "card": "[REDACTED]", "[REDACTED]": 1, "[REDACTED] (2)": "id"}),
             "a number redacted is a string; two keys redacted alike both keep their values"
         );
+        let mut clash = json!({"messages": [{"role": "assistant", "tool_calls": [{"id": "1", "type": "function",
+            "function": {"name": "f", "arguments": r#"{"AKIAIOSFODNN7EXAMPLE": 1, "[REDACTED]": 2}"#}}]}]});
+        let clash = clash.as_object_mut().unwrap();
+        let parsed = ToolArguments::parse(Api::ChatCompletions, clash);
+        redact(clash, Api::ChatCompletions);
+        parsed.put_back(Api::ChatCompletions, clash);
+        let back: Value =
+            serde_json::from_str(clash["messages"][0]["tool_calls"][0]["function"]["arguments"].as_str().unwrap())
+                .unwrap();
+        assert_eq!(back, json!({"[REDACTED]": 2, "[REDACTED] (2)": 1}), "a key left as it was keeps its name");
 
         let mut msgs = json!({"messages": [{"role": "assistant", "content": [
             {"type": "tool_use", "id": "t", "name": "pay", "input": {"card": 4111111111111111u64, "n": 3, "note": "x"}}]}]});
