@@ -490,10 +490,11 @@ def main():
         # A ClientHello cut into many small records is put together: still intercepted, guarded.
         request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: chat.secure.test\r\nContent-Type: application/json\r\n"
                    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n{body}").encode()
+        calls = len(Provider.seen)
         answer = fragmented_tls(SECURE, "chat.secure.test", str(ca / "tls.crt"), request).decode(errors="replace")
         check(" 200" in answer.splitlines()[0] and "x-bulwark-route: default/secure" in answer.lower(),
               f"a ClientHello in 40-byte records is intercepted and routed: {answer[:300]}")
-        check(SECRET not in Provider.seen[-1][1], "and guarded")
+        check(len(Provider.seen) == calls + 1 and SECRET not in Provider.seen[-1][1], "and guarded")
 
         hostile(proc, ca)
 
