@@ -80,15 +80,7 @@ pub fn route<'a>(spec: &'a LLMRouteSpec) -> Vec<FieldError> {
             e.add(format!("{p}.backends"), "all weights are 0; give at least one backend a weight above 0");
         }
         for (i, host) in rule.matches.hosts.iter().enumerate() {
-            let name = host.strip_prefix("*.").unwrap_or(host);
-            let label = |l: &str| {
-                !l.is_empty()
-                    && l.len() <= 63
-                    && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-                    && !l.starts_with('-')
-                    && !l.ends_with('-')
-            };
-            if name.len() > 253 || !name.split('.').all(label) {
+            if !dns_subdomain(host.strip_prefix("*.").unwrap_or(host)) {
                 e.add(
                     format!("{p}.match.hosts[{i}]"),
                     format!("{host:?} is not a lowercase host name (or *. and one), such as api.openai.com or *.openai.azure.com; no port"),
@@ -286,6 +278,13 @@ fn credentials(e: &mut Errors, c: &Credentials, path: &str) {
 /// A Secret's name names a directory under the secrets mount: a DNS subdomain, so that it can
 /// never climb out of it.
 fn secret_name(e: &mut Errors, name: &str, path: &str) {
+    if !name.is_empty() && !dns_subdomain(name) {
+        e.add(path, format!("{name:?} is not a Secret name (a DNS subdomain: lowercase letters, digits, '-' and '.')"));
+    }
+}
+
+/// A lowercase DNS subdomain (RFC 1123): labels of letters, digits and inner '-', joined by '.'.
+fn dns_subdomain(name: &str) -> bool {
     let label = |l: &str| {
         !l.is_empty()
             && l.len() <= 63
@@ -293,10 +292,7 @@ fn secret_name(e: &mut Errors, name: &str, path: &str) {
             && !l.starts_with('-')
             && !l.ends_with('-')
     };
-    let valid = name.len() <= 253 && name.split('.').all(label);
-    if !name.is_empty() && !valid {
-        e.add(path, format!("{name:?} is not a Secret name (a DNS subdomain: lowercase letters, digits, '-' and '.')"));
-    }
+    name.len() <= 253 && name.split('.').all(label)
 }
 
 /// A key of a Secret's data, as Kubernetes allows them: a file name in the Secret's directory.
