@@ -43,6 +43,18 @@ struct Driven {
     spec_hash: String,
     run: Run,
     controls: Controls,
+    /// The status the serving config was compiled from. A tick that moves traffic is shown (at
+    /// `GET /rollouts` and in the metrics) once the config it asks for serves, not before.
+    serving: ModelRolloutStatus,
+}
+
+impl Driven {
+    /// The status as the traffic shows it: the driver's, unless it moved traffic that the
+    /// serving config does not carry yet.
+    fn shown(&self) -> &ModelRolloutStatus {
+        let now = machine::traffic(&self.spec, Some(&self.run.status));
+        if now == machine::traffic(&self.spec, Some(&self.serving)) { &self.run.status } else { &self.serving }
+    }
 }
 
 /// One rollout as `--state-dir` keeps it.
@@ -180,7 +192,8 @@ impl Rollouts {
     ) -> Driven {
         let (run, t) = Run::resume(spec, generation, written, now);
         transitions.extend(t.map(|t| (key.clone(), t)));
-        Driven { spec: spec.clone(), generation, spec_hash, run, controls: Controls::default() }
+        let serving = run.status.clone();
+        Driven { spec: spec.clone(), generation, spec_hash, run, controls: Controls::default(), serving }
     }
 
     /// The load was accepted: the driver holds what it prepared.
@@ -194,12 +207,14 @@ impl Rollouts {
             let mut next = p.next;
             // A rollout that went on unchanged may have ticked since it was prepared: keep that.
             for (key, d) in next.iter_mut() {
+                let compiled = d.run.status.clone();
                 if let Some(current) = driven.remove(key)
                     && current.spec_hash == d.spec_hash
                     && current.generation == d.generation
                 {
                     *d = current;
                 }
+                d.serving = compiled;
             }
             *driven = next;
             gone
@@ -267,7 +282,7 @@ impl Rollouts {
                     "controls": d.controls,
                 });
                 if let (Some(e), Ok(serde_json::Value::Object(status))) =
-                    (entry.as_object_mut(), serde_json::to_value(&d.run.status))
+                    (entry.as_object_mut(), serde_json::to_value(d.shown()))
                 {
                     e.extend(status);
                 }
@@ -279,7 +294,7 @@ impl Rollouts {
     /// The rollout metrics, as the driver holds them now.
     fn publish(&self) {
         for ((ns, name), d) in self.driven.lock().iter() {
-            let s = &d.run.status;
+            let s = d.shown();
             self.metrics.rollout(
                 &format!("{ns}/{name}"),
                 s.phase.unwrap_or(RolloutPhase::Pending),
@@ -329,5 +344,48 @@ pub async fn drive(rollouts: Arc<Rollouts>, metrics: Arc<Metrics>, mut shutdown:
         if rollouts.tick(&metrics.outcomes, Timestamp::now()) {
             rollouts.changed.notify_one();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ROLLOUT: &str = "apiVersion: bulwark.dev/v1alpha1\nkind: ModelRollout\nmetadata: {name: upgrade, namespace: team-a}\nspec:\n  routeRef: {name: chat}\n  stable: {backend: stable}\n  canary: {backend: canary}\n  steps: [{weight: 30, pause: 1s}, {weight: 100}]\n  analysis: {interval: 1s, window: 4s, minRequests: 2}\n";
+
+    fn load(rollouts: &Rollouts, now: Timestamp) {
+        let (mut resources, errors) = bulwark_api::manifest::parse(ROLLOUT, "default");
+        assert!(errors.is_empty(), "{errors:?}");
+        let prepared = rollouts.prepare(&mut resources, now).unwrap();
+        rollouts.commit(prepared);
+    }
+
+    fn weight(rollouts: &Rollouts) -> (serde_json::Value, serde_json::Value) {
+        let shown = &rollouts.list()[0];
+        (shown["canaryWeight"].clone(), shown["phase"].clone())
+    }
+
+    #[test]
+    fn a_step_is_shown_once_the_config_it_asks_for_serves() {
+        let metrics = Arc::new(Metrics::new());
+        let rollouts = Rollouts::new(None, metrics.clone()).unwrap();
+        let t0 = Timestamp::now();
+        load(&rollouts, t0);
+        assert_eq!(weight(&rollouts), (30.into(), "Progressing".into()));
+        // Healthy answers until an analysis passes and the pause is over: then traffic moves.
+        let mut later = t0;
+        let moved = (0..20).any(|_| {
+            later += Duration::from_millis(250);
+            for backend in ["canary", "stable"] {
+                metrics.outcomes.answered("team-a/chat", backend, "2xx", Duration::from_millis(5));
+            }
+            rollouts.tick(&metrics.outcomes, later)
+        });
+        assert!(moved, "the step passed: {:?}", rollouts.list());
+        assert_eq!(weight(&rollouts), (30.into(), "Progressing".into()), "the serving config still sends 30%");
+        assert!(metrics.encode().contains(r#"bulwark_rollout_canary_weight{rollout="team-a/upgrade"} 30"#));
+        load(&rollouts, later);
+        assert_eq!(weight(&rollouts), (100.into(), "Succeeded".into()), "compiled again: the last step serves");
+        assert!(metrics.encode().contains(r#"bulwark_rollout_canary_weight{rollout="team-a/upgrade"} 100"#));
     }
 }

@@ -1,5 +1,5 @@
 //! Traffic for rollout tests and benchmarks: a client sending chat completions back to back,
-//! recording when each answer came, its status and the backend that served it.
+//! recording when each request was sent, its status and the backend that served it.
 
 use std::{
     sync::{
@@ -15,7 +15,8 @@ use tokio::time::Instant;
 
 use crate::client::Client;
 
-/// One answer seen by the client: when, its status, and the backend that served it.
+/// One answer seen by the client: when its request was sent (so a request sent after a switch
+/// is known to be routed after it), its status, and the backend that served it.
 pub type Seen = (Instant, u16, String);
 
 pub struct Load {
@@ -33,9 +34,10 @@ impl Load {
         let task = tokio::spawn(async move {
             let body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
             while !halt.load(Ordering::SeqCst) {
+                let sent = Instant::now();
                 if let Ok(r) = client.post("/v1/chat/completions", &body, headers).await {
                     let backend = r.header("x-bulwark-backend").unwrap_or_default().to_owned();
-                    s.lock().push((Instant::now(), r.status.as_u16(), backend));
+                    s.lock().push((sent, r.status.as_u16(), backend));
                 }
                 tokio::time::sleep(gap).await;
             }
@@ -49,7 +51,7 @@ impl Load {
         self.seen.lock().clone()
     }
 
-    /// The answers seen after `t`.
+    /// The answers to requests sent after `t`.
     pub fn since(&self, t: Instant) -> Vec<Seen> {
         self.seen.lock().iter().filter(|(at, ..)| *at > t).cloned().collect()
     }

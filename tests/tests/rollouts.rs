@@ -145,7 +145,8 @@ async fn a_healthy_canary_completes_its_steps() {
     assert!(seen.iter().all(|(_, status, _)| *status == 200));
     assert!((0.15..0.45).contains(&share(&step0, "canary")), "step 1 at 30%: {}", share(&step0, "canary"));
     assert!((0.4..0.8).contains(&share(&step1, "canary")), "step 2 at 60%: {}", share(&step1, "canary"));
-    assert_eq!(share(&after, "canary"), 1.0, "the last step: all traffic to the canary");
+    assert!(!after.is_empty());
+    assert_eq!(share(&after, "canary"), 1.0, "the last step: all traffic to the canary: {after:?}");
     assert_eq!(done["canaryWeight"], 100);
     assert_eq!(done["lastAnalysis"]["verdict"], "Pass");
     assert!(done["lastAnalysis"]["canaryRequests"].as_u64().unwrap() >= 5);
@@ -246,11 +247,10 @@ async fn blue_green_previews_by_header_then_switches_at_once() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let after = users.stop().await.into_iter().filter(|(at, ..)| *at > t).collect::<Vec<_>>();
     testers.stop().await;
-    // The status is written a moment before the compiled config takes the traffic (and a request
-    // may be in flight across it); from the first user answered by the canary on, all are.
-    let first = after.iter().position(|(_, _, b)| b == "canary").expect("the users reach the canary");
-    assert!(after[first].0.duration_since(t) < Duration::from_millis(300), "the switch followed the status");
-    assert_eq!(share(&after[first..], "canary"), 1.0, "switched at once: {after:?}");
+    // The status says Succeeded once the config that switches serves: every user request sent
+    // after it reaches the canary.
+    assert!(!after.is_empty());
+    assert_eq!(share(&after, "canary"), 1.0, "switched at once: {after:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
