@@ -16,10 +16,19 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(os.environ.get("BULWARK_BIN", ROOT / "target" / "debug"))
 
 
+_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port free right now, and never handed out before in this run: a port picked
+    here is bound later by a child, and until then the kernel may offer it again."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
 
 
 def wait_http(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:

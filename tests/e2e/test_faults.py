@@ -31,7 +31,7 @@ FIXTURES = [
      "response": {"status": 429, "retryAfter": 1, "error": {"message": "slow down", "type": "rate_limit_error"}}},
     {"match": {"userMessage": "fault:500"}, "response": {"status": 500, "error": {"message": "boom", "type": "server_error"}}},
     {"match": {"userMessage": "fault:close"}, "response": {"content": "never sent"}, "chaos": {"disconnectRate": 1}},
-    {"match": {"userMessage": "fault:slow"}, "response": {"content": "too late"}, "chaos": {"latencyMs": 3000}},
+    {"match": {"userMessage": "fault:slow"}, "response": {"content": "too late"}, "chaos": {"latencyMs": 8000}},
     {"match": {"userMessage": "fault:cut"}, "response": {"content": TEXT}, "chunkSize": 5, "latency": 20,
      "truncateAfterChunks": 4},
     {"match": {"userMessage": "fault:drop"}, "response": {"content": TEXT}, "chunkSize": 5, "latency": 100,
@@ -191,7 +191,7 @@ def test_failure_before_the_first_byte_falls_back(oai, sidecar, fault, stream):
     if fault == "fault:slow":
         # Both attempts were abandoned unanswered, at firstToken (1 s) each.
         assert seen == ["steady"], seen
-        assert 2.0 <= time.monotonic() - t0 < 3.0
+        assert 2.0 <= time.monotonic() - t0 < 5.5, "cut at firstToken, not waited out"
     else:
         assert seen == ["failover", "failover", "steady"], seen
     assert m.delta("bulwark_retries_total", route=ROUTE, backend="primary") == 1
@@ -213,7 +213,7 @@ def test_failure_without_fallback_is_an_openai_error(oai, sidecar, fault, status
     assert err.value.code == code
     assert "only" in err.value.message, "the message names the backend that failed"
     assert len(up.new()) == (0 if fault == "fault:slow" else 1), "no retry without a retry policy"
-    assert time.monotonic() - t0 < 2.5, "a slow first byte is cut at firstToken (1 s), not waited out"
+    assert time.monotonic() - t0 < 4.0, "a slow first byte is cut at firstToken (1 s), not waited out"
     assert m.delta("bulwark_request_errors_total", code=code) == 1
     assert m.delta("bulwark_requests_total", route=ROUTE, backend="only", status_class="5xx") == 1
 

@@ -120,6 +120,9 @@ spec:
     - match: {{models: [open]}}
       backends: [{{name: mock, provider: openai-compatible, url: "{mock}"}}]
       scannerPolicyRef: {{name: down}}
+    - match: {{models: [hasty]}}
+      backends: [{{name: mock, provider: openai-compatible, url: "{mock}"}}]
+      scannerPolicyRef: {{name: hasty}}
     - backends: [{{name: mock, provider: openai-compatible, url: "{mock}"}}]
       scannerPolicyRef: {{name: guard}}
 """
@@ -139,16 +142,20 @@ def env(mock):
     srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
 
-    hook = json.dumps({
-        "url": f"https://127.0.0.1:{port}/check", "timeout": "300ms", "retries": 1, "maxConcurrency": 2,
+    # A generous timeout, so a loaded machine never turns a check into a retry; `hasty` is the
+    # same service with a timeout shorter than its slow answer.
+    hook = {
+        "url": f"https://127.0.0.1:{port}/check", "timeout": "5s", "retries": 1, "maxConcurrency": 2,
         "bearerToken": {"file": str(d / "token")}, "caFile": str(d / "ca.crt"),
         "clientCertificate": {"certFile": str(d / "client.crt"), "keyFile": str(d / "client.key")},
-    })
+    }
+    hasty = json.dumps({**hook, "timeout": "300ms"})
     down = json.dumps({"url": f"http://127.0.0.1:{free_port()}/check", "onError": "failOpen", "timeout": "200ms"})
     manifests = d / "manifests"
     manifests.mkdir()
     (manifests / "all.yaml").write_text("---".join([
-        POLICY.format(name="guard", hook=hook), POLICY.format(name="down", hook=down), ROUTES.format(mock=mock)]))
+        POLICY.format(name="guard", hook=json.dumps(hook)), POLICY.format(name="down", hook=down),
+        POLICY.format(name="hasty", hook=hasty), ROUTES.format(mock=mock)]))
     sport, admin = free_port(), free_port()
     proc = start([str(BIN / "bulwark-sidecar"), "--manifests", str(manifests), "--listen", str(sport),
                   "--admin", str(admin)], f"http://127.0.0.1:{admin}/ready", "webhook-sidecar")
@@ -210,7 +217,7 @@ def test_a_flaky_service_is_retried(env):
 def test_a_slow_service_fails_closed_after_its_timeout_and_retry(env):
     started = time.time()
     with pytest.raises(openai.BadRequestError) as e:
-        chat(env, "a slow check")
+        chat(env, "a slow check", model="hasty")
     took = time.time() - started
     assert "could not run (no answer within 300ms) and the policy fails closed" in e.value.message
     assert 0.6 <= took < 3, f"two attempts of 300 ms: {took:.2f}s"

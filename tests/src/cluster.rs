@@ -44,9 +44,17 @@ pub fn kubectl_binary() -> anyhow::Result<Option<PathBuf>> {
     Ok(None)
 }
 
-/// A loopback port free right now.
+/// A loopback port free right now, and never handed out before in this process: a port picked
+/// here is bound later by a child, and until then the kernel may offer it again.
 pub fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    static GIVEN: parking_lot::Mutex<std::collections::BTreeSet<u16>> =
+        parking_lot::Mutex::new(std::collections::BTreeSet::new());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        if GIVEN.lock().insert(port) {
+            return Ok(port);
+        }
+    }
 }
 
 /// A CA and a certificate it signed for `localhost` and 127.0.0.1, as PEM files in `dir`.

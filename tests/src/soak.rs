@@ -225,11 +225,12 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
     let sampler = tokio::spawn(sample_rss(sidecar.pid(), started, rss.clone()));
 
     let mut churn = Churn { probe: &probe, dir: &dir, config: &config, ledger: Ledger::default() };
-    let mut generation: u32 = 0;
-    // The last interval is left without a change, so the end is measured on a settled config.
-    while Instant::now() + 2 * opts.change_every <= end {
-        tokio::time::sleep(opts.change_every).await;
-        generation += 1;
+    // One change every `change_every` on a fixed schedule (a slow one delays the next, never
+    // drops it), so the count depends on the duration alone. The last interval is left without
+    // a change, so the end is measured on a settled config.
+    let changes = (opts.duration.as_secs_f64() / opts.change_every.as_secs_f64()) as u32;
+    for generation in 1..changes.saturating_sub(1) {
+        tokio::time::sleep_until(started + opts.change_every * generation).await;
         if generation.is_multiple_of(5) {
             churn.broken(generation).await?;
         } else {
@@ -237,7 +238,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
         }
     }
     let mut ledger = churn.ledger;
-    tokio::time::sleep_until(end).await;
+    tokio::time::sleep_until(end.max(Instant::now() + opts.change_every)).await;
     stop.store(true, Ordering::SeqCst);
     load.await?;
     let seconds = started.elapsed().as_secs_f64();

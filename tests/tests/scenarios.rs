@@ -277,13 +277,15 @@ async fn client_errors_pass_through_and_upstream_429s_report_retry_after() {
 async fn the_circuit_opens_skips_the_backend_and_probes_after_the_cooldown() {
     let (primary, backup) = (MockProvider::start().await, MockProvider::start().await);
     let env =
-        Env::start(&two_backends(&primary, &backup, "    circuitBreaker: {consecutiveFailures: 2, cooldown: 400ms}\n"))
+        Env::start(&two_backends(&primary, &backup, "    circuitBreaker: {consecutiveFailures: 2, cooldown: 2s}\n"))
             .await;
     primary.script([Behavior::Status(500, None), Behavior::Status(500, None)]);
     for _ in 0..2 {
         let r = env.client.post("/v1/chat/completions", &chat("m"), &[]).await.unwrap();
         assert_eq!(r.header("x-bulwark-backend"), Some("backup"));
     }
+    // The circuit opened at the second failure, before its answer came from the backup.
+    let opened = tokio::time::Instant::now();
     assert_eq!(primary.calls(), 2);
     for _ in 0..5 {
         let r = env.client.post("/v1/chat/completions", &chat("m"), &[]).await.unwrap();
@@ -291,7 +293,8 @@ async fn the_circuit_opens_skips_the_backend_and_probes_after_the_cooldown() {
     }
     assert_eq!(primary.calls(), 2, "open: the primary is not called");
     assert_eq!(sum(&env.metrics().await, "bulwark_circuit_state", &["backend=\"primary\""]), 1.0);
-    tokio::time::sleep(Duration::from_millis(450)).await;
+    assert!(opened.elapsed() < Duration::from_secs(2), "the checks above ran within the cooldown");
+    tokio::time::sleep_until(opened + Duration::from_millis(2100)).await;
     let r = env.client.post("/v1/chat/completions", &chat("m"), &[]).await.unwrap();
     assert_eq!(r.header("x-bulwark-backend"), Some("primary"), "the probe succeeds");
     assert_eq!(sum(&env.metrics().await, "bulwark_circuit_state", &["backend=\"primary\""]), 0.0);

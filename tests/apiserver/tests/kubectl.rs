@@ -3,6 +3,7 @@
 //! `.tools/bin/kubectl` (installed by `scripts/tools.sh`); without one the tests are skipped,
 //! unless `BULWARK_REQUIRE_KUBECTL=1` makes that a failure.
 
+use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
@@ -213,12 +214,24 @@ fn kubectl_workflow() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_secs(1));
+    // The watch's lines as they come: the label goes on once the watch has listed the route.
+    let (lines, events) = std::sync::mpsc::channel();
+    let stdout = BufReader::new(watch.stdout.take().unwrap());
+    std::thread::spawn(move || stdout.lines().map_while(Result::ok).try_for_each(|l| lines.send(l)));
+    let next = |what: &str| loop {
+        let line = events.recv_timeout(Duration::from_secs(20));
+        let line = line.unwrap_or_else(|e| panic!("no {what} event from kubectl --watch: {e}"));
+        if !line.starts_with("EVENT") {
+            break line;
+        }
+    };
+    let added = next("ADDED");
+    assert!(added.contains("ADDED") && added.contains("chat"), "{added}");
     cluster.ok(&["label", "llmroute", "chat", "-n", "team-a", "seen=yes"]);
-    std::thread::sleep(Duration::from_secs(1));
+    let modified = next("MODIFIED");
+    assert!(modified.contains("MODIFIED") && modified.contains("chat"), "{modified}");
     watch.kill().unwrap();
-    let watched = String::from_utf8_lossy(&watch.wait_with_output().unwrap().stdout).into_owned();
-    assert!(watched.contains("ADDED") && watched.contains("MODIFIED"), "{watched}");
+    let _ = watch.wait();
 
     assert!(cluster.ok(&["create", "configmap", "settings", "--from-literal=mode=strict"]).contains("created"));
     assert_eq!(cluster.ok(&["get", "configmap", "settings", "-o", "jsonpath={.data.mode}"]), "strict");
