@@ -83,6 +83,8 @@ pub struct MockState {
     /// Requests being answered now, and the queue `/metrics` reports, as vLLM's names them.
     in_flight: AtomicUsize,
     waiting: AtomicUsize,
+    /// Reads of `/metrics`.
+    scrapes: AtomicUsize,
     recorded: Mutex<Vec<Recorded>>,
     /// Whether calls are recorded (off for long runs, where the record would grow without end).
     record: AtomicBool,
@@ -116,6 +118,7 @@ impl MockProvider {
             calls: AtomicUsize::new(0),
             in_flight: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
+            scrapes: AtomicUsize::new(0),
             recorded: Mutex::new(vec![]),
             record: AtomicBool::new(true),
             chunks,
@@ -160,6 +163,11 @@ impl MockProvider {
         self.state.waiting.store(n, Ordering::SeqCst);
     }
 
+    /// Reads of `/metrics` so far.
+    pub fn scrapes(&self) -> usize {
+        self.state.scrapes.load(Ordering::SeqCst)
+    }
+
     /// Calls of the LLM API (not `/metrics`).
     pub fn calls(&self) -> usize {
         self.state.calls.load(Ordering::SeqCst)
@@ -202,6 +210,7 @@ fn full(status: StatusCode, body: Value) -> Response<MockBody> {
 
 async fn serve(st: Arc<MockState>, req: Request<Incoming>) -> Response<MockBody> {
     if req.uri().path() == "/metrics" {
+        st.scrapes.fetch_add(1, Ordering::SeqCst);
         let text = format!(
             "# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{{model_name=\"mock\"}} {}\nvllm:num_requests_waiting{{model_name=\"mock\"}} {}\n",
             st.in_flight.load(Ordering::SeqCst),

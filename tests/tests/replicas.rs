@@ -9,6 +9,7 @@ use std::time::Duration;
 use bulwark_sidecar::{Options, Sidecar, Source};
 use bulwark_tests::{
     client::Client,
+    cluster::eventually,
     harness::temp_dir,
     mock::{Behavior, MockProvider},
 };
@@ -61,8 +62,24 @@ async fn send(c: &Client, n: usize, concurrency: usize) -> Vec<u16> {
     statuses
 }
 
+/// The replica choice is judged on time to first token: tests that share the two cores at once
+/// would slow each other's replicas. One at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Waits until the sidecar has read `replica`'s metrics twice more, so that one read begun after
+/// now has been applied.
+async fn read_twice(replica: &MockProvider) {
+    let from = replica.scrapes();
+    let read = eventually(Duration::from_secs(10), "two more metric reads", || async {
+        (replica.scrapes() >= from + 2).then_some(())
+    });
+    read.await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_go_to_the_replicas_by_load() {
+    let _serial = SERIAL.lock().await;
     let (a, b, slow) = (mock("a").await, mock("b").await, mock("slow").await);
     slow.set_default(Behavior::Delay(Duration::from_millis(150)));
     let (s, c) = sidecar(&[&a, &b, &slow], "").await;
@@ -80,16 +97,17 @@ async fn requests_go_to_the_replicas_by_load() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_that_reports_a_long_queue_gets_nothing_new() {
+    let _serial = SERIAL.lock().await;
     let (idle, queued) = (mock("idle").await, mock("queued").await);
     queued.set_waiting(50);
     let (s, c) = sidecar(&[&idle, &queued], "").await;
     // The metrics are read every second, never per request.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    read_twice(&queued).await;
     let before = queued.calls();
     send(&c, 40, 1).await;
     assert_eq!(queued.calls(), before, "50 waiting there, none here: every choice of two goes to the idle one");
     queued.set_waiting(0);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    read_twice(&queued).await;
     send(&c, 40, 1).await;
     assert!(queued.calls() > before, "its queue drained: it gets requests again");
     s.shutdown().await;
@@ -97,6 +115,7 @@ async fn a_replica_that_reports_a_long_queue_gets_nothing_new() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_replica_is_avoided_ejected_and_requests_still_succeed() {
+    let _serial = SERIAL.lock().await;
     let (a, b, bad) = (mock("a").await, mock("b").await, mock("bad").await);
     bad.set_default(Behavior::Status(500, None));
     let retry = "    retry: {attempts: 2, retryOn: [\"5xx\"], backoff: {base: 1ms, max: 5ms}}\n";
@@ -123,6 +142,7 @@ async fn a_failing_replica_is_avoided_ejected_and_requests_still_succeed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn least_loaded_picks_among_a_rules_url_backends_too() {
+    let _serial = SERIAL.lock().await;
     let (fast, slow) = (mock("fast").await, mock("slow").await);
     slow.set_default(Behavior::Delay(Duration::from_millis(150)));
     let yaml = format!(

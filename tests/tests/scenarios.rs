@@ -8,6 +8,7 @@ use std::time::Duration;
 use bulwark_sidecar::Sidecar;
 use bulwark_tests::{
     client::Client,
+    cluster::eventually,
     exposition::sum,
     harness::{self, Harness},
     mock::{Behavior, MockProvider},
@@ -376,8 +377,15 @@ async fn a_buffered_request_its_client_abandons_is_settled_once() {
     )))
     .await;
     let body = json!({"model": "m", "max_tokens": 100, "messages": [{"role": "user", "content": "hello there"}]});
-    let gave_up = tokio::time::timeout(Duration::from_millis(150), env.client.post("/v1/chat/completions", &body, &[]));
-    assert!(gave_up.await.is_err(), "the client gives up before the backend answers");
+    // The client gives up once the request reached the backend, before it answers.
+    let (client, sent) = (env.client.clone(), body.clone());
+    let request = tokio::spawn(async move { client.post("/v1/chat/completions", &sent, &[]).await });
+    let arrived = eventually(Duration::from_secs(5), "the request at the backend", || async {
+        (mock.calls() == 1).then_some(())
+    });
+    arrived.await.unwrap();
+    assert!(!request.is_finished(), "the backend has not answered yet");
+    request.abort();
     let cancelled = r#"status_class="cancelled""#;
     for _ in 0..100 {
         if sum(&env.metrics().await, "bulwark_requests_total", &[cancelled]) > 0.0 {

@@ -36,8 +36,9 @@ use tokio::{net::TcpListener, sync::mpsc, time::Instant};
 struct Cli {
     #[command(subcommand)]
     cmd: Option<Cmd>,
-    /// Seconds per latency run.
-    #[arg(long, default_value_t = 5)]
+    /// The latency runs take twice this many rounds of one second per target, interleaved:
+    /// the p99 ratio is the median over the rounds, which needs a few dozen on a noisy machine.
+    #[arg(long, default_value_t = 15)]
     seconds: u64,
     /// Requests per second of the latency runs.
     #[arg(long, default_value_t = 1000)]
@@ -420,7 +421,8 @@ async fn bench(secs: u64, rate: u64, bin: &Path) -> anyhow::Result<()> {
     let targets = [("direct", direct_url.as_str()), ("floor", floor_url.as_str()), ("sidecar", sidecar_url.as_str())];
 
     println!(
-        "bulwark-bench: {rate} req/s open loop, {secs}s per run, 2 interleaved rounds; upstream, floor proxy and sidecar on loopback"
+        "bulwark-bench: {rate} req/s open loop, {} interleaved rounds of 1 s per target; upstream, floor proxy and sidecar on loopback",
+        2 * secs
     );
     for (_, url) in &targets {
         let _ = open_loop(&client, url, rate, 1).await; // warm-up
