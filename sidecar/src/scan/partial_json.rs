@@ -71,6 +71,18 @@ impl PartialJson {
         self.overflowed
     }
 
+    /// The document was cut off where it is (its part ended): the key or number still open, as
+    /// far as it came.
+    pub fn cut(&mut self) -> Option<Piece> {
+        let piece = match self.state {
+            State::Number => Piece::Number(std::mem::take(&mut self.token)),
+            State::Key { .. } => Piece::Key(decode(&std::mem::take(&mut self.token))),
+            _ => return None,
+        };
+        self.state = State::Between;
+        Some(piece)
+    }
+
     fn push_token(&mut self, c: char) {
         if self.token.len() >= MAX_TOKEN {
             self.overflowed = true;

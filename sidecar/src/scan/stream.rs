@@ -98,6 +98,7 @@ const MAX_EVENT: usize = 4 << 20;
 
 const OPENAI_TEXT: &str = "/choices/0/delta/content";
 const OPENAI_ARGUMENTS: &str = "/choices/0/delta/tool_calls/0/function/arguments";
+const ANTHROPIC_ARGUMENTS: &str = "/delta/partial_json";
 
 /// The delta an event carries, if it carries one the guard scans.
 fn delta_of(flavor: Flavor, v: &Value) -> Option<Delta> {
@@ -129,12 +130,29 @@ fn delta_of(flavor: Flavor, v: &Value) -> Option<Delta> {
             let (slot, json, whole) = match d.get("type")?.as_str()? {
                 "text_delta" => ("/delta/text", false, true),
                 "thinking_delta" => ("/delta/thinking", false, false),
-                "input_json_delta" => ("/delta/partial_json", true, false),
+                "input_json_delta" => (ANTHROPIC_ARGUMENTS, true, false),
                 _ => return None,
             };
             v.pointer(slot)?.as_str()?;
             Some(Delta { part, slot, json, whole })
         }
+    }
+}
+
+/// Whether `v` ends `part`'s tool arguments: an OpenAI choice's finish, an Anthropic block's stop
+/// or the message's end.
+fn ends(flavor: Flavor, v: &Value, part: Part) -> bool {
+    match (flavor, part) {
+        (Flavor::OpenAi, Part::ToolCall(n, _)) => v.get("choices").and_then(|c| c.get(0)).is_some_and(|c| {
+            c.get("index").and_then(Value::as_u64).unwrap_or(0) == n
+                && c.get("finish_reason").is_some_and(|f| !f.is_null())
+        }),
+        (Flavor::Anthropic, Part::Block(i)) => match v.get("type").and_then(Value::as_str) {
+            Some("content_block_stop") => v.get("index").and_then(Value::as_u64).unwrap_or(0) == i,
+            Some("message_delta" | "message_stop") => true,
+            _ => false,
+        },
+        _ => false,
     }
 }
 
@@ -284,6 +302,7 @@ impl OutputGuard {
     /// The upstream ended: scan and release what is held, and any trailing bytes.
     pub fn finish(&mut self) -> Result<Bytes, Blocked> {
         let mut out = Vec::new();
+        self.cut_where(|_| true, &mut out)?;
         self.flush_all(&mut out)?;
         self.judge_whole()?;
         out.append(&mut self.partial);
@@ -324,6 +343,7 @@ impl OutputGuard {
                 match delta_of(self.flavor, &v) {
                     Some(delta) => self.delta(name.clone(), v, delta, out)?,
                     None => {
+                        self.cut_ended(&v, out)?;
                         self.flush_all(out)?;
                         write_event(out, name.as_deref(), &v);
                     }
@@ -333,6 +353,9 @@ impl OutputGuard {
         }
         // Anything else (role, finish, usage, block starts and stops, [DONE]): release what is
         // held first, to keep the order.
+        for v in &events {
+            self.cut_ended(v, out)?;
+        }
         self.flush_all(out)?;
         if data == "[DONE]" || name.as_deref() == Some("message_stop") {
             // The end marker leaves only once the whole answer passed.
@@ -373,15 +396,14 @@ impl OutputGuard {
                 Piece::Raw(raw) => json.push_str(&raw),
                 Piece::Text(text) => self.held.push_str(&text),
                 Piece::End => json.push_str(&partial_json::encode(&self.value_ended()?)),
-                Piece::Key(key) => {
-                    self.held.push_str(&key);
-                    json.push_str(&partial_json::encode(&self.value_ended()?));
-                }
-                Piece::Number(n) => {
-                    self.held.push_str(&n);
-                    json.push_str(&partial_json::number(&n, &self.value_ended()?));
-                }
+                token => json.push_str(&self.token_ended(token)?),
             }
+        }
+        // The last delta of a choice that finishes: a key or number it leaves open goes out in it.
+        if ends(self.flavor, &v, delta.part)
+            && let Some(token) = self.arguments[at].1.cut()
+        {
+            json.push_str(&self.token_ended(token)?);
         }
         if open {
             json.push_str(&partial_json::encode(&self.release(false)?));
@@ -395,6 +417,48 @@ impl OutputGuard {
             write_event(out, name.as_deref(), &v);
         }
         self.template = Some(Template { name, event: later, slot: delta.slot });
+        Ok(())
+    }
+
+    /// A whole key or number of tool arguments (or one the stream cut off), judged, as it goes
+    /// into the arguments.
+    fn token_ended(&mut self, token: Piece) -> Result<String, Blocked> {
+        match token {
+            Piece::Key(key) => {
+                self.held.push_str(&key);
+                Ok(partial_json::encode(&self.value_ended()?))
+            }
+            Piece::Number(n) => {
+                self.held.push_str(&n);
+                Ok(partial_json::number(&n, &self.value_ended()?))
+            }
+            Piece::Raw(_) | Piece::Text(_) | Piece::End => Ok(String::new()),
+        }
+    }
+
+    /// The key or number left open in the arguments of each part `v` ends (an event that is no
+    /// delta: a choice's finish, a block's stop), judged and released into the part's event. An
+    /// event in the middle of a block (Anthropic's `ping`) ends nothing: a token goes on across it.
+    fn cut_ended(&mut self, v: &Value, out: &mut Vec<u8>) -> Result<(), Blocked> {
+        let flavor = self.flavor;
+        self.cut_where(|part| ends(flavor, v, part), out)
+    }
+
+    fn cut_where(&mut self, ended: impl Fn(Part) -> bool, out: &mut Vec<u8>) -> Result<(), Blocked> {
+        for i in 0..self.arguments.len() {
+            let part = self.arguments[i].0;
+            if !ended(part) {
+                continue;
+            }
+            let Some(token) = self.arguments[i].1.cut() else { continue };
+            let slot = match self.flavor {
+                Flavor::OpenAi => OPENAI_ARGUMENTS,
+                Flavor::Anthropic => ANTHROPIC_ARGUMENTS,
+            };
+            self.switch(Delta { part, slot, json: true, whole: false });
+            let fragment = self.token_ended(token)?;
+            self.emit(&fragment, out);
+        }
         Ok(())
     }
 
@@ -848,6 +912,62 @@ mod tests {
             serde_json::json!({"amount": 12.5, "card": "[REDACTED_CREDIT_CARD]", "[REDACTED_AWS_ACCESS_KEY_ID]": 1}),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_key_or_number_the_answer_cuts_off_is_judged_and_kept() {
+        let policy = "output:\n- {type: pii, entities: [creditCard], action: redact}";
+        // OpenAI: the answer ran out of tokens inside a number (`finish_reason: length`).
+        let wire = openai_tool_events(&[(0, &["{\"note\": \"ok\", \"card\": 411111111", "1111111"])])
+            .replace("\"tool_calls\"}]}", "\"length\"}]}");
+        let mut g = guard(policy, Restore::default(), Flavor::OpenAi);
+        let mut out = g.feed(wire.as_bytes()).unwrap().to_vec();
+        out.extend_from_slice(&g.finish().unwrap());
+        let text = String::from_utf8_lossy(&out);
+        assert!(!text.contains("4111111"), "{text}");
+        assert_eq!(assembled_calls(&out)[0].2, "{\"note\": \"ok\", \"card\": \"[REDACTED_CREDIT_CARD]\"", "{text}");
+        let finish = text.find("\"length\"").unwrap();
+        assert!(text.find("REDACTED").unwrap() < finish, "the rest of the arguments goes out before the finish");
+        // A number left open at a finish that rides on the last delta, and a key cut off there.
+        for (pieces, want) in [(["{\"n\": 12", "34"], "{\"n\": 1234"), (["{\"n\": 1, \"ke", "y"], "{\"n\": 1, \"key")] {
+            let last = serde_json::json!({"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": pieces[1]}}]}, "finish_reason": "length"}]});
+            let first = openai_tool_events(&[(0, &pieces[..1])]);
+            let first = &first[..first.find("data: {\"id\":\"c1\",\"choices\":[{\"index\":0,\"delta\":{},").unwrap()];
+            let mut g = guard(policy, Restore::default(), Flavor::OpenAi);
+            let mut out = g.feed(format!("{first}data: {last}\n\ndata: [DONE]\n\n").as_bytes()).unwrap().to_vec();
+            out.extend_from_slice(&g.finish().unwrap());
+            assert_eq!(assembled_calls(&out)[0].2, want, "{}", String::from_utf8_lossy(&out));
+        }
+        // Anthropic: a ping inside the number does not cut it; the block's stop does.
+        let delta = |json: &str| {
+            let d = serde_json::json!({"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": json}});
+            format!("event: content_block_delta\ndata: {d}\n\n")
+        };
+        let wire = [
+            delta("{\"card\": 41111"),
+            "event: ping\ndata: {\"type\": \"ping\"}\n\n".to_owned(),
+            delta("11111111111"),
+            "event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":1}\n\n".to_owned(),
+        ]
+        .concat();
+        let mut g = guard(policy, Restore::default(), Flavor::Anthropic);
+        let mut out = g.feed(wire.as_bytes()).unwrap().to_vec();
+        out.extend_from_slice(&g.finish().unwrap());
+        let text = String::from_utf8_lossy(&out);
+        let input: String = text
+            .split("\n\n")
+            .filter_map(|e| serde_json::from_str::<Value>(e.split("data: ").nth(1)?).ok())
+            .filter_map(|v| v.pointer(ANTHROPIC_ARGUMENTS).and_then(Value::as_str).map(str::to_owned))
+            .collect();
+        assert_eq!(input, "{\"card\": \"[REDACTED_CREDIT_CARD]\"", "{text}");
+        assert!(text.trim_end().ends_with("{\"type\":\"content_block_stop\",\"index\":1}"), "{text}");
+        // A stream that just ends (no finish): what is open goes out when the upstream ends.
+        let wire = delta("{\"card\": 4111111111111111");
+        let mut g = guard(policy, Restore::default(), Flavor::Anthropic);
+        let mut out = g.feed(wire.as_bytes()).unwrap().to_vec();
+        out.extend_from_slice(&g.finish().unwrap());
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.contains("[REDACTED_CREDIT_CARD]") && !text.contains("4111"), "{text}");
     }
 
     #[test]
