@@ -83,6 +83,11 @@ impl PartialJson {
         Some(piece)
     }
 
+    /// The start of an escape the document ended in, as it came.
+    pub fn take_pending(&mut self) -> String {
+        std::mem::take(&mut self.pending)
+    }
+
     fn push_token(&mut self, c: char) {
         if self.token.len() >= MAX_TOKEN {
             self.overflowed = true;

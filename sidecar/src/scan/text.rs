@@ -5,6 +5,7 @@
 use bulwark_api::policy::Source;
 use serde_json::{Map, Value};
 
+use super::partial_json::{self, PartialJson, Piece};
 use crate::request::Api;
 
 /// Text slots and where each comes from.
@@ -119,16 +120,19 @@ fn arguments(api: Api, body: &mut Map<String, Value>) -> Vec<&mut Value> {
 /// value is put in its scan form while the scanners run (objects as `[key, value]` pairs, numbers
 /// as their text); `put_back` restores it, so that a redaction rewrites only what it matched:
 /// a key is renamed, a number becomes a string, and the value stays valid JSON of the same
-/// structure. OpenAI arguments go back to strings, the unchanged ones byte for byte; ones that
-/// are not JSON stay a string and are read as one text.
+/// structure. OpenAI arguments go back to strings, the unchanged ones byte for byte. Ones that
+/// serde does not take (cut off by a token limit, `NaN`, a lone surrogate) are read in pieces
+/// as streamed arguments are, so their strings are scanned decoded too.
 #[derive(Debug, Default)]
 pub struct ToolArguments(Vec<Option<Kept>>);
 
 #[derive(Debug)]
-struct Kept {
-    /// The arguments' string as it came (OpenAI), or none for a value in place (Anthropic).
-    raw: Option<String>,
-    original: Value,
+enum Kept {
+    /// JSON: the arguments' string as it came (OpenAI), or none for a value in place (Anthropic).
+    Json { raw: Option<String>, original: Value },
+    /// An arguments string that is not JSON, as its pieces; the scan form holds the text of each
+    /// key, string and number among them, in order.
+    Loose { raw: String, pieces: Vec<Piece> },
 }
 
 impl ToolArguments {
@@ -136,13 +140,18 @@ impl ToolArguments {
     pub fn parse(api: Api, body: &mut Map<String, Value>) -> Self {
         let parsed = arguments(api, body).into_iter().map(|slot| {
             let kept = match &mut *slot {
-                Value::String(raw) => {
-                    let original = serde_json::from_str::<Value>(raw).ok()?;
-                    Kept { raw: Some(std::mem::take(raw)), original }
-                }
-                other => Kept { raw: None, original: std::mem::take(other) },
+                Value::String(raw) => match serde_json::from_str::<Value>(raw) {
+                    Ok(original) => Kept::Json { raw: Some(std::mem::take(raw)), original },
+                    Err(_) => Kept::Loose { pieces: loose_pieces(raw)?, raw: std::mem::take(raw) },
+                },
+                other => Kept::Json { raw: None, original: std::mem::take(other) },
             };
-            *slot = scan_form(&kept.original);
+            *slot = match &kept {
+                Kept::Json { original, .. } => scan_form(original),
+                Kept::Loose { pieces, .. } => {
+                    Value::Array(pieces.iter().filter_map(piece_text).map(|t| Value::String(t.to_owned())).collect())
+                }
+            };
             Some(kept)
         });
         Self(parsed.collect())
@@ -154,15 +163,65 @@ impl ToolArguments {
             return;
         }
         for (slot, kept) in arguments(api, body).into_iter().zip(self.0) {
-            let Some(Kept { raw, original }) = kept else { continue };
-            let restored = from_scan_form(std::mem::take(slot), &original);
-            *slot = match raw {
-                Some(raw) if restored == original => Value::String(raw),
-                Some(_) => Value::String(restored.to_string()),
-                None => restored,
+            *slot = match kept {
+                None => continue,
+                Some(Kept::Loose { raw, pieces }) => Value::String(from_pieces(std::mem::take(slot), &pieces, raw)),
+                Some(Kept::Json { raw, original }) => {
+                    let restored = from_scan_form(std::mem::take(slot), &original);
+                    match raw {
+                        Some(raw) if restored == original => Value::String(raw),
+                        Some(_) => Value::String(restored.to_string()),
+                        None => restored,
+                    }
+                }
             };
         }
     }
+}
+
+/// Arguments that are not JSON, read as streamed arguments are: their structure as it came, and
+/// each key, string and number decoded. None when they cannot be put back whole that way (a key
+/// or number too long to hold): then they are read as one text.
+fn loose_pieces(raw: &str) -> Option<Vec<Piece>> {
+    let mut reader = PartialJson::default();
+    let mut pieces = reader.feed(raw);
+    pieces.extend(reader.cut());
+    if reader.overflowed() {
+        return None;
+    }
+    // An escape cut off at the very end stays as it came.
+    pieces.push(Piece::Raw(reader.take_pending()));
+    Some(pieces)
+}
+
+/// The text a piece gives the scanners, if any.
+fn piece_text(piece: &Piece) -> Option<&str> {
+    match piece {
+        Piece::Text(t) | Piece::Key(t) | Piece::Number(t) => Some(t),
+        Piece::Raw(_) | Piece::End => None,
+    }
+}
+
+/// Loose arguments as the scanners left their texts: as they came when none changed, else
+/// written again from their pieces (texts encoded, a rewritten number as a string).
+fn from_pieces(scanned: Value, pieces: &[Piece], raw: String) -> String {
+    let Value::Array(texts) = scanned else { return raw };
+    let texts: Vec<&str> = texts.iter().map(|t| t.as_str().unwrap_or_default()).collect();
+    let was: Vec<&str> = pieces.iter().filter_map(piece_text).collect();
+    if texts == was {
+        return raw;
+    }
+    let mut out = String::with_capacity(raw.len());
+    let mut texts = texts.into_iter();
+    for piece in pieces {
+        match piece {
+            Piece::Raw(r) => out.push_str(r),
+            Piece::End => {}
+            Piece::Text(_) | Piece::Key(_) => out.push_str(&partial_json::encode(texts.next().unwrap_or_default())),
+            Piece::Number(n) => out.push_str(&partial_json::number(n, texts.next().unwrap_or_default())),
+        }
+    }
+    out
 }
 
 /// A JSON value with its keys and numbers as strings the scanners can rewrite.
@@ -302,6 +361,38 @@ mod tests {
     }
 
     #[test]
+    fn arguments_serde_refuses_are_still_read_decoded_and_put_back_as_they_came() {
+        let nan = r#"{"k": "\u0041KIAIOSFODNN7EXAMPLE", "x": NaN, "card": 4111111111111111}"#;
+        let surrogate = r#"{"a": "\udc00", "b": "keep"}"#;
+        let cut = r#"{"q": "weath\u00"#;
+        let mut body = json!({"messages": [{"role": "assistant", "content": null, "tool_calls": [
+            {"id": "1", "type": "function", "function": {"name": "f", "arguments": nan}},
+            {"id": "2", "type": "function", "function": {"name": "g", "arguments": surrogate}},
+            {"id": "3", "type": "function", "function": {"name": "h", "arguments": cut}}
+        ]}]});
+        let body = body.as_object_mut().unwrap();
+        let parsed = ToolArguments::parse(Api::ChatCompletions, body);
+        let mut got = vec![];
+        for s in request_texts(Api::ChatCompletions, body) {
+            got.push(s.clone());
+            if s.starts_with("AKIA") || s.starts_with("4111") {
+                *s = "[REDACTED]".into();
+            }
+        }
+        let want =
+            ["k", "AKIAIOSFODNN7EXAMPLE", "x", "card", "4111111111111111", "a", "\u{FFFD}", "b", "keep", "q", "weath"];
+        assert_eq!(got, want, "escapes decoded, keys and numbers read; `NaN` is structure");
+        parsed.put_back(Api::ChatCompletions, body);
+        let calls = &body["messages"][0]["tool_calls"];
+        assert_eq!(
+            calls[0]["function"]["arguments"], r#"{"k": "[REDACTED]", "x": NaN, "card": "[REDACTED]"}"#,
+            "written again from its pieces"
+        );
+        assert_eq!(calls[1]["function"]["arguments"], surrogate, "unchanged: the bytes as they came");
+        assert_eq!(calls[2]["function"]["arguments"], cut, "a cut escape too");
+    }
+
+    #[test]
     fn tool_arguments_are_read_decoded_and_written_back_as_valid_json_of_the_same_shape() {
         let args = r#"{"token": "sk\u002dlive", "note": "a\u200bb", "list": ["x", 2], "quote": "say \"hi\""}"#;
         let untouched = r#"{ "q" : "weather"  }"#;
@@ -323,7 +414,7 @@ mod tests {
         }
         // Decoded, keys and numbers too, in key order.
         let want = ["list", "x", "2", "note", "a\u{200b}b", "quote", "say \"hi\"", "token", "sk-live", "q", "weather"];
-        assert_eq!(got, [&want[..], &["{\"cut"]].concat());
+        assert_eq!(got, [&want[..], &["cut"]].concat(), "arguments cut off are read in pieces too");
         parsed.put_back(Api::ChatCompletions, body);
         let calls = &body["messages"][0]["tool_calls"];
         let redacted: Value = serde_json::from_str(calls[0]["function"]["arguments"].as_str().unwrap()).unwrap();
