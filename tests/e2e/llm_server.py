@@ -43,6 +43,9 @@ def main() -> int:
     params.n_predict = 256
     params.cpuparams.n_threads = max(1, (os.cpu_count() or 2) // 2)
     params.cpuparams_batch.n_threads = max(1, os.cpu_count() or 2)
+    # Idle threads sleep rather than spin: replicas, the sidecar and the tests share the cores.
+    params.cpuparams.poll = 0
+    params.cpuparams_batch.poll = 0
     params.warmup = False
     params.endpoint_metrics = args.metrics
     server = xlc.Server(params)
