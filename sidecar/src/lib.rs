@@ -18,6 +18,7 @@ pub mod listener;
 pub mod metrics;
 pub mod mirror;
 pub mod outcomes;
+pub mod passthrough;
 pub mod proxy;
 pub mod ratelimit;
 pub mod replicas;

@@ -85,7 +85,8 @@ pub struct ReloadLabels {
 pub struct CaptureLabels {
     /// `http`, `tls` or `other`.
     pub protocol: &'static str,
-    /// `routed` (handled as LLM requests) or `passthrough`.
+    /// `routed` (handled as LLM requests), `passthrough`, `rerouted` (passed through until a
+    /// request named a routed host), or why it was closed: `timeout`, `oversized`, `malformed`.
     pub action: &'static str,
 }
 

@@ -7,8 +7,10 @@
 //! * TLS whose SNI a route names, when the pod intercepts TLS (`--intercept-ca`), is terminated
 //!   with a certificate minted for the host by the pod's CA and then served the same way (the
 //!   backend's own TLS re-encrypts it);
-//! * everything else (other hosts, TLS without interception, protocols that are not HTTP or
-//!   where the server speaks first) is passed through to the original destination byte for byte.
+//! * plain HTTP to other hosts is passed through to the original destination a request at a
+//!   time (`passthrough`), so a later request on it that names a routed host is served here too;
+//! * everything else (TLS without interception or to other hosts, protocols that are not HTTP
+//!   or where the server speaks first) is passed through byte for byte.
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -23,6 +25,7 @@ use crate::{
     intercept,
     listener::{self, DRAIN},
     metrics::{CaptureLabels, DirectionLabels},
+    passthrough::{self, Relayed},
     proxy::{self, AppState},
 };
 
@@ -33,7 +36,7 @@ const SNIFF_WAIT: Duration = Duration::from_millis(300);
 const COPY_BUFFER: usize = 64 << 10;
 /// How much of a connection's first bytes is looked into: a request head whose `Host` is not
 /// within them is closed, not passed through (the L7 listeners take heads up to 64 KiB too).
-const SNIFF_BYTES: usize = 64 * 1024;
+pub const SNIFF_BYTES: usize = 64 * 1024;
 
 /// What the first bytes of a connection say.
 #[derive(Debug, PartialEq, Eq)]
@@ -235,6 +238,12 @@ pub async fn serve(
                 (true, _, _) => {
                     graceful.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned()).await
                 }
+                (false, "http", _) => match relay(&state, stream, dst).await {
+                    Some(rest) => {
+                        graceful.watch(builder.serve_connection(TokioIo::new(rest), service).into_owned()).await
+                    }
+                    None => return,
+                },
                 _ => {
                     passthrough(&state, stream, dst).await;
                     return;
@@ -250,16 +259,53 @@ pub async fn serve(
     }
 }
 
-/// Copies the connection to its original destination and back, unchanged.
-async fn passthrough(state: &AppState, mut client: TcpStream, dst: SocketAddr) {
-    let mut upstream = match TcpStream::connect(dst).await {
-        Ok(s) => s,
+/// Passes a plain-HTTP connection through a request at a time: the rest of it, from a request
+/// that names a routed host, to be served here.
+async fn relay(state: &AppState, client: TcpStream, dst: SocketAddr) -> Option<passthrough::Prefixed> {
+    let upstream = connect(dst).await?;
+    let relayed = passthrough::relay(client, upstream, |host| routed(state, host), state.limits.header_timeout).await;
+    let count = |direction, n| state.metrics.passthrough_bytes.get_or_create(&DirectionLabels { direction }).inc_by(n);
+    let action = |action| state.metrics.captured.get_or_create(&CaptureLabels { protocol: "http", action }).inc();
+    match relayed {
+        Ok(Relayed::Ended { up, down, refused }) => {
+            count("upstream", up);
+            count("downstream", down);
+            if let Some(why) = refused {
+                tracing::debug!(%dst, "a passed-through HTTP connection was closed at a request: {why}");
+                action(why);
+            }
+            None
+        }
+        Ok(Relayed::Routed { client, up, down }) => {
+            count("upstream", up);
+            count("downstream", down);
+            action("rerouted");
+            Some(client)
+        }
+        Err(e) => {
+            tracing::debug!(%dst, "passthrough ended: {e}");
+            None
+        }
+    }
+}
+
+/// A connection to a captured connection's original destination.
+async fn connect(dst: SocketAddr) -> Option<TcpStream> {
+    match TcpStream::connect(dst).await {
+        Ok(s) => {
+            let _ = s.set_nodelay(true);
+            Some(s)
+        }
         Err(e) => {
             tracing::debug!(%dst, "passthrough: cannot connect: {e}");
-            return;
+            None
         }
-    };
-    let _ = upstream.set_nodelay(true);
+    }
+}
+
+/// Copies the connection to its original destination and back, unchanged.
+async fn passthrough(state: &AppState, mut client: TcpStream, dst: SocketAddr) {
+    let Some(mut upstream) = connect(dst).await else { return };
     let (up, down) = match crate::splice::copy_bidirectional(&mut client, &mut upstream, COPY_BUFFER).await {
         Ok(n) => n,
         Err(e) => {

@@ -20,7 +20,7 @@ from pathlib import Path
 BIN = Path(os.environ["BULWARK_BIN"]).resolve()
 SIDECAR = str(BIN / "bulwark-sidecar")
 PROXY_UID = 1337
-LLM, OTHER, RAW, SECURE = "198.51.100.10", "198.51.100.20", "198.51.100.30", "198.51.100.40"
+LLM, OTHER, RAW, SECURE, PROXY = "198.51.100.10", "198.51.100.20", "198.51.100.30", "198.51.100.40", "198.51.100.50"
 SECRET = "AKIAIOSFODNN7EXAMPLE"
 
 
@@ -30,10 +30,10 @@ def sh(*args, **kw):
 
 def network(tmp: Path):
     sh("ip", "link", "set", "lo", "up")
-    for addr in (LLM, OTHER, RAW, SECURE):
+    for addr in (LLM, OTHER, RAW, SECURE, PROXY):
         sh("ip", "addr", "add", f"{addr}/32", "dev", "lo")
     hosts = tmp / "hosts"
-    hosts.write_text(f"127.0.0.1 localhost\n{LLM} api.llm.test\n{OTHER} other.test\n{SECURE} chat.secure.test\n")
+    hosts.write_text(f"127.0.0.1 localhost\n{LLM} api.llm.test\n{OTHER} other.test\n{SECURE} chat.secure.test\n{PROXY} proxy.test\n")
     sh("mount", "--bind", str(hosts), "/etc/hosts")
 
 
@@ -72,6 +72,13 @@ class Plain(BaseHTTPRequestHandler):
         self.send_header("content-length", str(len(out)))
         self.end_headers()
         self.wfile.write(out)
+
+
+class KeepAlive(Plain):
+    """proxy.test: a forward proxy, as far as these tests go (HTTP/1.1, keep-alive, and it
+    answers every GET itself)."""
+
+    protocol_version = "HTTP/1.1"
 
 
 def serve_http(addr, port, handler, tls=None):
@@ -402,6 +409,7 @@ def main():
     network(tmp)
     serve_http(LLM, 80, Provider)
     serve_http(OTHER, 80, Plain)
+    serve_http(PROXY, 80, KeepAlive)
     key, cert = certificate(tmp, "other.test")
     serve_http(OTHER, 443, Plain, tls_context(cert, key))
     skey, scert = certificate(tmp, "chat.secure.test")
@@ -486,6 +494,23 @@ def main():
               f"connections counted once each: {routed, plain, tls_n, other, tls_routed}")
         up = counter(m, 'bulwark_transparent_passthrough_bytes_total{direction="upstream"}')
         check(up >= len(blob), f"passthrough bytes counted: {up}")
+
+        # curl through a forward proxy at proxy.test: the proxy's keep-alive connection first
+        # carries a request for other.test (passed through), then one for api.llm.test, which the
+        # sidecar serves and guards once the first is answered; the proxy never sees it.
+        proxy = ["-x", "http://proxy.test:80"]
+        out = subprocess.run(["curl", "-sS", "-v", *proxy, "http://other.test/", "--next", *proxy, "-D", "-",
+                              "http://api.llm.test/v1/chat/completions", "-H", "content-type: application/json", "-d", body],
+                             capture_output=True, text=True, check=True)
+        check("Re-using existing" in out.stderr, f"curl used one connection for both: {out.stderr}")
+        check(out.stdout.startswith("direct host=other.test via=None") and "x-bulwark-route: default/captured" in out.stdout.lower()
+              and '"hello"' in out.stdout, f"the first passes through, the second is routed: {out.stdout}")
+        host, sent = Provider.seen[-1]
+        check(host == "api.llm.test" and SECRET not in sent, f"and guarded: {host} {sent}")
+        later = metrics()
+        grew = lambda action: counter(later, f'bulwark_transparent_connections_total{{protocol="http",action="{action}"}}') - counter(m, f'bulwark_transparent_connections_total{{protocol="http",action="{action}"}}')
+        check((grew("passthrough"), grew("rerouted"), grew("routed")) == (1, 1, 0),
+              f"one connection, passed through then routed: {grew('passthrough'), grew('rerouted'), grew('routed')}")
 
         # A ClientHello cut into many small records is put together: still intercepted, guarded.
         request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: chat.secure.test\r\nContent-Type: application/json\r\n"
