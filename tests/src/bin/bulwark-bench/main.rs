@@ -17,7 +17,10 @@ use std::{
     time::Duration,
 };
 
-use bulwark_tests::procfs::{cpu_seconds, memory_kib};
+use bulwark_tests::{
+    cluster::free_port,
+    procfs::{cpu_seconds, memory_kib},
+};
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
 use http::{Request, Response};
@@ -225,10 +228,6 @@ async fn forward(
     *req.uri_mut() = format!("{upstream}{}", req.uri().path()).parse()?;
     req.headers_mut().remove("host");
     Ok(client.request(req).await?)
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 pub(crate) struct Proc(pub(crate) Child);

@@ -13,6 +13,7 @@ use bulwark_sidecar::{
         model::{ModelHub, ModelSettings, Output},
     },
 };
+use bulwark_tests::cluster::free_port;
 use tokio::time::Instant;
 
 /// About 1 KB of prompt with a little of everything the scanners look for.
@@ -235,8 +236,4 @@ async fn policy_overhead(bin: &Path) -> anyhow::Result<()> {
         p(&samples[1], 0.99) - p(&samples[0], 0.99)
     );
     Ok(())
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
