@@ -8,20 +8,26 @@
 //!   with a certificate minted for the host by the pod's CA and then served the same way (the
 //!   backend's own TLS re-encrypts it);
 //! * plain HTTP to other hosts is passed through to the original destination a request at a
-//!   time (`passthrough`), so a later request on it that names a routed host is served here too;
+//!   time (`passthrough`), so a later request on it that names a routed host is served here too.
+//!   On a plain-HTTP connection served here, a request that names a host no route takes goes on
+//!   to the original destination;
 //! * everything else (TLS without interception or to other hosts, protocols that are not HTTP
 //!   or where the server speaks first) is passed through byte for byte.
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
+use http::{Request, Response, StatusCode};
+use http_body_util::Either;
+use hyper::{body::Incoming, client::conn::http1::SendRequest};
 use hyper_util::{rt::TokioIo, server::graceful::GracefulShutdown};
 use tokio::{
     net::{TcpListener, TcpStream},
-    sync::watch,
+    sync::{Mutex, watch},
     time::Instant,
 };
 
 use crate::{
+    body::{BoxError, ProxyBody},
     intercept,
     listener::{self, DRAIN},
     metrics::{CaptureLabels, DirectionLabels},
@@ -227,6 +233,11 @@ pub async fn serve(
                 let app = app.clone();
                 async move { Ok::<_, Infallible>(proxy::handle(app, req).await) }
             });
+            let (app, onward) = (state.clone(), Arc::new(Onward { dst, conn: Mutex::new(None) }));
+            let plain = hyper::service::service_fn(move |req| {
+                let (app, onward) = (app.clone(), onward.clone());
+                async move { Ok::<_, Infallible>(onward.serve(app, req).await) }
+            });
             let ended = match (l7, protocol, &acceptor) {
                 (true, "tls", Some(tls)) => match tls.accept(stream).await {
                     Ok(tls) => graceful.watch(builder.serve_connection(TokioIo::new(tls), service).into_owned()).await,
@@ -236,11 +247,11 @@ pub async fn serve(
                     }
                 },
                 (true, _, _) => {
-                    graceful.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned()).await
+                    graceful.watch(builder.serve_connection(TokioIo::new(stream), plain).into_owned()).await
                 }
                 (false, "http", _) => match relay(&state, stream, dst).await {
                     Some(rest) => {
-                        graceful.watch(builder.serve_connection(TokioIo::new(rest), service).into_owned()).await
+                        graceful.watch(builder.serve_connection(TokioIo::new(rest), plain).into_owned()).await
                     }
                     None => return,
                 },
@@ -256,6 +267,56 @@ pub async fn serve(
     }
     if tokio::time::timeout(DRAIN, graceful.shutdown()).await.is_err() {
         tracing::warn!("captured requests still running after {}s of shutdown were cut", DRAIN.as_secs());
+    }
+}
+
+/// Where the requests on a plain-HTTP connection served here go: those that name a routed host to
+/// the proxy, the others on to the original destination, over one connection kept for them.
+struct Onward {
+    dst: SocketAddr,
+    conn: Mutex<Option<SendRequest<Incoming>>>,
+}
+
+impl Onward {
+    async fn serve(&self, state: Arc<AppState>, req: Request<Incoming>) -> Response<Either<ProxyBody, Incoming>> {
+        if crate::runtime::host(req.headers()).is_some_and(|h| routed(&state, &h)) {
+            return proxy::handle(state, req).await.map(Either::Left);
+        }
+        match self.send(req).await {
+            Ok(resp) => resp.map(Either::Right),
+            Err(e) => {
+                tracing::debug!(dst = %self.dst, "a request for a host no route takes could not go on: {e}");
+                let mut resp =
+                    Response::new(Either::Left(ProxyBody::full("the original destination did not answer\n")));
+                *resp.status_mut() = StatusCode::BAD_GATEWAY;
+                resp
+            }
+        }
+    }
+
+    async fn send(&self, req: Request<Incoming>) -> Result<Response<Incoming>, BoxError> {
+        let mut conn = self.conn.lock().await;
+        // A kept connection the destination has closed is replaced before the request goes.
+        let kept = match conn.take() {
+            Some(mut c) => match c.ready().await {
+                Ok(()) => c,
+                Err(_) => self.connect().await?,
+            },
+            None => self.connect().await?,
+        };
+        Ok(conn.insert(kept).send_request(req).await?)
+    }
+
+    async fn connect(&self) -> Result<SendRequest<Incoming>, BoxError> {
+        let stream = TcpStream::connect(self.dst).await?;
+        let _ = stream.set_nodelay(true);
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!("an onward connection ended: {e}");
+            }
+        });
+        Ok(sender)
     }
 }
 

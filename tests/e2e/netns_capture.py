@@ -497,14 +497,17 @@ def main():
 
         # curl through a forward proxy at proxy.test: the proxy's keep-alive connection first
         # carries a request for other.test (passed through), then one for api.llm.test, which the
-        # sidecar serves and guards once the first is answered; the proxy never sees it.
+        # sidecar serves and guards once the first is answered (the proxy never sees it), then
+        # one for other.test again, which the sidecar sends on to the proxy.
         proxy = ["-x", "http://proxy.test:80"]
         out = subprocess.run(["curl", "-sS", "-v", *proxy, "http://other.test/", "--next", *proxy, "-D", "-",
-                              "http://api.llm.test/v1/chat/completions", "-H", "content-type: application/json", "-d", body],
+                              "http://api.llm.test/v1/chat/completions", "-H", "content-type: application/json", "-d", body,
+                              "--next", *proxy, "http://other.test/again"],
                              capture_output=True, text=True, check=True)
-        check("Re-using existing" in out.stderr, f"curl used one connection for both: {out.stderr}")
+        check(out.stderr.count("Re-using existing") == 2, f"curl used one connection for all three: {out.stderr}")
         check(out.stdout.startswith("direct host=other.test via=None") and "x-bulwark-route: default/captured" in out.stdout.lower()
               and '"hello"' in out.stdout, f"the first passes through, the second is routed: {out.stdout}")
+        check(out.stdout.endswith("}direct host=other.test via=None"), f"and the third goes on to the proxy: {out.stdout}")
         host, sent = Provider.seen[-1]
         check(host == "api.llm.test" and SECRET not in sent, f"and guarded: {host} {sent}")
         later = metrics()
