@@ -79,6 +79,17 @@ class KeepAlive(Plain):
     answers every GET itself)."""
 
     protocol_version = "HTTP/1.1"
+    seen: list = []
+
+    def do_GET(self):
+        KeepAlive.seen.append(("GET", self.path))
+        super().do_GET()
+
+    def do_POST(self):
+        KeepAlive.seen.append(("POST", self.path))
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        self.send_response(204)
+        self.end_headers()
 
 
 def serve_http(addr, port, handler, tls=None):
@@ -510,10 +521,39 @@ def main():
         check(out.stdout.endswith("}direct host=other.test via=None"), f"and the third goes on to the proxy: {out.stdout}")
         host, sent = Provider.seen[-1]
         check(host == "api.llm.test" and SECRET not in sent, f"and guarded: {host} {sent}")
+
         later = metrics()
         grew = lambda action: counter(later, f'bulwark_transparent_connections_total{{protocol="http",action="{action}"}}') - counter(m, f'bulwark_transparent_connections_total{{protocol="http",action="{action}"}}')
         check((grew("passthrough"), grew("rerouted"), grew("routed")) == (1, 1, 0),
               f"one connection, passed through then routed: {grew('passthrough'), grew('rerouted'), grew('routed')}")
+        # Requests on a passed-through connection that a server could frame another way are not
+        # passed on: the one before is answered, then the connection closes, and the request
+        # hidden behind the ambiguous one never reaches the proxy.
+        hidden = (f"POST http://api.llm.test/v1/chat/completions HTTP/1.1\r\nHost: api.llm.test\r\n"
+                  f"Content-Length: {len(body)}\r\n\r\n{body}")
+        ambiguous = [
+            f"POST /cl-te HTTP/1.1\r\nHost: other.test\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{hidden}",
+            f"POST /two-cl HTTP/1.1\r\nHost: other.test\r\nContent-Length: 0\r\nContent-Length: {len(hidden)}\r\n\r\n{hidden}",
+            f"POST /te HTTP/1.1\r\nHost: other.test\r\nTransfer-Encoding: xchunked\r\n\r\n{hidden}",
+            f"POST /chunks HTTP/1.1\r\nHost: other.test\r\nTransfer-Encoding: chunked\r\n\r\n3;\nabc\r\n0\r\n\r\n{hidden}",
+            "\x00\x01 not a request",
+        ]
+        malformed_before = counter(metrics(), 'bulwark_transparent_connections_total{protocol="http",action="malformed"}')
+        for case in ambiguous:
+            seen_before = len(KeepAlive.seen)
+            with socket.create_connection((PROXY, 80), timeout=8) as s:
+                s.sendall(b"GET /first HTTP/1.1\r\nHost: other.test\r\n\r\n" + case.encode())
+                got = b""
+                while piece := s.recv(65536):
+                    got += piece
+            # A chunked head goes on before its bad chunk: this proxy, reading no body, answers it.
+            expect = [("GET", "/first")] + ([("POST", "/chunks")] if "/chunks" in case else [])
+            check(got.startswith(b"HTTP/1.1 200") and got.count(b"HTTP/1.") == len(expect),
+                  f"the requests before are answered, then the connection closes: {case[:40]!r} {got!r}")
+            sent_on = KeepAlive.seen[seen_before:]
+            check(sent_on == expect, f"nothing after it reaches the proxy: {case[:40]!r} {sent_on}")
+        malformed = counter(metrics(), 'bulwark_transparent_connections_total{protocol="http",action="malformed"}')
+        check(malformed - malformed_before == len(ambiguous), f"each is counted as malformed: {malformed - malformed_before}")
 
         # A ClientHello cut into many small records is put together: still intercepted, guarded.
         request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: chat.secure.test\r\nContent-Type: application/json\r\n"
