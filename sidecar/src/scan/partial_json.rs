@@ -11,19 +11,49 @@ pub enum Piece {
     Text(String),
     /// The string value being read has ended (its closing quote is the next `Raw`).
     End,
-    /// A whole key, decoded (its quotes are the `Raw`s around it).
-    Key(String),
+    /// A whole key, decoded (its quotes are the `Raw`s around it), and the object it names a
+    /// value of.
+    Key(String, Object),
     /// A whole number inside a container, as written.
     Number(String),
 }
+
+/// One object of a document, told apart from the others.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Object(u64);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Frame {
     /// In an object; whether the next string is a key.
     Object {
         key_next: bool,
+        id: Object,
     },
     Array,
+}
+
+/// The keys written into each object so far, so that a key the scanners rewrote does not take
+/// the name of one written before it.
+#[derive(Debug, Default)]
+pub struct Written(std::collections::HashMap<Object, std::collections::HashSet<String>>);
+
+impl Written {
+    /// The name `key` is written with in `object`: itself, or, when the scanners rewrote it into
+    /// a name already written there, the next free one (`key (2)`, `key (3)`, ...).
+    pub fn name(&mut self, object: Object, key: String, rewritten: bool) -> String {
+        let names = self.0.entry(object).or_default();
+        let (mut unique, mut n) = (key.clone(), 1);
+        while rewritten && names.contains(&unique) {
+            n += 1;
+            unique = format!("{key} ({n})");
+        }
+        names.insert(unique.clone());
+        unique
+    }
+
+    fn forget(&mut self, object: Object) {
+        self.0.remove(&object);
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -51,6 +81,12 @@ pub struct PartialJson {
     token: String,
     /// A key or number went past `MAX_TOKEN`: the document cannot be scanned.
     overflowed: bool,
+    /// Objects opened so far.
+    objects: u64,
+    /// The keys written into the objects still open (or closed in the last piece).
+    written: Written,
+    /// Objects closed in the last piece: their keys are forgotten with the next.
+    closed: Vec<Object>,
 }
 
 /// How long a key or number may be: each is held whole until it ends.
@@ -76,11 +112,24 @@ impl PartialJson {
     pub fn cut(&mut self) -> Option<Piece> {
         let piece = match self.state {
             State::Number => Piece::Number(std::mem::take(&mut self.token)),
-            State::Key { .. } => Piece::Key(decode(&std::mem::take(&mut self.token))),
+            State::Key { .. } => Piece::Key(decode(&std::mem::take(&mut self.token)), self.object()),
             _ => return None,
         };
         self.state = State::Between;
         Some(piece)
+    }
+
+    /// The name a key of `object` is written with (see [`Written::name`]).
+    pub fn key_name(&mut self, object: Object, key: String, rewritten: bool) -> String {
+        self.written.name(object, key, rewritten)
+    }
+
+    /// The object a key read now belongs to.
+    fn object(&self) -> Object {
+        match self.stack.last() {
+            Some(Frame::Object { id, .. }) => *id,
+            _ => Object(u64::MAX),
+        }
     }
 
     /// The start of an escape the document ended in, as it came.
@@ -98,6 +147,9 @@ impl PartialJson {
 
     /// Reads the next piece of the document.
     pub fn feed(&mut self, piece: &str) -> Vec<Piece> {
+        for object in std::mem::take(&mut self.closed) {
+            self.written.forget(object);
+        }
         let input = std::mem::take(&mut self.pending) + piece;
         let mut out = Pieces::default();
         let mut rest = input.as_str();
@@ -120,7 +172,8 @@ impl PartialJson {
                     continue;
                 }
                 State::Key { escaped: false } if c == '"' => {
-                    out.0.push(Piece::Key(decode(&std::mem::take(&mut self.token))));
+                    let key = decode(&std::mem::take(&mut self.token));
+                    out.0.push(Piece::Key(key, self.object()));
                     out.raw(c);
                     self.state = State::Between;
                 }
@@ -155,28 +208,35 @@ impl PartialJson {
     /// it is: nothing after it would end it).
     fn number_starts(&self, c: char) -> bool {
         (c == '-' || c.is_ascii_digit())
-            && (self.deeper > 0 || matches!(self.stack.last(), Some(Frame::Array | Frame::Object { key_next: false })))
+            && (self.deeper > 0
+                || matches!(self.stack.last(), Some(Frame::Array | Frame::Object { key_next: false, .. })))
     }
 
     /// A character between strings: opens and closes containers, and tells keys from values.
     fn structure(&mut self, c: char) {
         match c {
             '{' | '[' if self.stack.len() >= MAX_DEPTH => self.deeper += 1,
-            '{' | '[' => self.stack.push(if c == '{' { Frame::Object { key_next: true } } else { Frame::Array }),
+            '{' => {
+                self.stack.push(Frame::Object { key_next: true, id: Object(self.objects) });
+                self.objects += 1;
+            }
+            '[' => self.stack.push(Frame::Array),
             '}' | ']' if self.deeper > 0 => self.deeper -= 1,
             '}' | ']' => {
-                self.stack.pop();
+                if let Some(Frame::Object { id, .. }) = self.stack.pop() {
+                    self.closed.push(id);
+                }
             }
             '"' if self.deeper > 0 => self.state = State::Value,
             _ if self.deeper > 0 => {}
             ':' | ',' => {
-                if let Some(Frame::Object { key_next }) = self.stack.last_mut() {
+                if let Some(Frame::Object { key_next, .. }) = self.stack.last_mut() {
                     *key_next = c == ',';
                 }
             }
             '"' => {
                 self.state = match self.stack.last() {
-                    Some(Frame::Object { key_next: true }) => State::Key { escaped: false },
+                    Some(Frame::Object { key_next: true, .. }) => State::Key { escaped: false },
                     _ => State::Value,
                 };
             }
@@ -331,8 +391,10 @@ mod tests {
                         back.push_str(&encode(&f(&current)));
                         values.push(std::mem::take(&mut current));
                     }
-                    Piece::Key(k) => {
-                        back.push_str(&encode(&f(&k)));
+                    Piece::Key(k, object) => {
+                        let scanned = f(&k);
+                        let rewritten = scanned != k;
+                        back.push_str(&encode(&reader.key_name(object, scanned, rewritten)));
                         values.push(k);
                     }
                     Piece::Number(n) => {
@@ -372,6 +434,19 @@ mod tests {
         assert_eq!(values, ["k\u{FFFD}", "1"], "a lone surrogate ending a key");
         let (values, back) = read("42", 1, |_| "[X]".into());
         assert_eq!((values.len(), back.as_str()), (0, "42"), "a number alone is no container's value");
+    }
+
+    #[test]
+    fn a_rewritten_key_takes_a_name_no_key_of_its_object_had_before_it() {
+        let json = r#"{"x (2)": 0, "s1": {"x": 2, "s2": 1}, "s3": [{"s4": 3}], "s5": 4, "s6": 6}"#;
+        for size in [1, 3, 200] {
+            let (_, back) = read(json, size, |t| if t.starts_with('s') { "x".into() } else { t.into() });
+            let v: serde_json::Value = serde_json::from_str(&back).unwrap();
+            let want =
+                serde_json::json!({"x (2)": 0, "x": {"x": 2, "x (2)": 1}, "x (3)": [{"x": 3}], "x (4)": 4, "x (5)": 6});
+            assert_eq!(v, want, "pieces of {size}: {back}");
+            assert_eq!(back.matches("\"x").count(), 8, "every key written, none twice in one object: {back}");
+        }
     }
 
     #[test]

@@ -396,14 +396,14 @@ impl OutputGuard {
                 Piece::Raw(raw) => json.push_str(&raw),
                 Piece::Text(text) => self.held.push_str(&text),
                 Piece::End => json.push_str(&partial_json::encode(&self.value_ended()?)),
-                token => json.push_str(&self.token_ended(token)?),
+                token => json.push_str(&self.token_ended(at, token)?),
             }
         }
         // The last delta of a choice that finishes: a key or number it leaves open goes out in it.
         if ends(self.flavor, &v, delta.part)
             && let Some(token) = self.arguments[at].1.cut()
         {
-            json.push_str(&self.token_ended(token)?);
+            json.push_str(&self.token_ended(at, token)?);
         }
         if open {
             json.push_str(&partial_json::encode(&self.release(false)?));
@@ -420,13 +420,16 @@ impl OutputGuard {
         Ok(())
     }
 
-    /// A whole key or number of tool arguments (or one the stream cut off), judged, as it goes
-    /// into the arguments.
-    fn token_ended(&mut self, token: Piece) -> Result<String, Blocked> {
+    /// A whole key or number of the tool arguments at `at` (or one the stream cut off), judged,
+    /// as it goes into the arguments. A key the scanners rewrote does not take the name of a key
+    /// written into its object before it.
+    fn token_ended(&mut self, at: usize, token: Piece) -> Result<String, Blocked> {
         match token {
-            Piece::Key(key) => {
+            Piece::Key(key, object) => {
                 self.held.push_str(&key);
-                Ok(partial_json::encode(&self.value_ended()?))
+                let scanned = self.value_ended()?;
+                let rewritten = scanned != key;
+                Ok(partial_json::encode(&self.arguments[at].1.key_name(object, scanned, rewritten)))
             }
             Piece::Number(n) => {
                 self.held.push_str(&n);
@@ -456,7 +459,7 @@ impl OutputGuard {
                 Flavor::Anthropic => ANTHROPIC_ARGUMENTS,
             };
             self.switch(Delta { part, slot, json: true, whole: false });
-            let fragment = self.token_ended(token)?;
+            let fragment = self.token_ended(i, token)?;
             self.emit(&fragment, out);
         }
         Ok(())
@@ -912,6 +915,35 @@ mod tests {
             serde_json::json!({"amount": 12.5, "card": "[REDACTED_CREDIT_CARD]", "[REDACTED_AWS_ACCESS_KEY_ID]": 1}),
             "{text}"
         );
+    }
+
+    #[test]
+    fn streamed_keys_redacted_alike_keep_every_value() {
+        // Two keys of one object redacted alike, a third in a nested object (its own names), and
+        // a key written before that a rewritten one must not take.
+        let pieces: &[&str] = &[
+            "{\"[REDACTED_AWS_ACCESS_KEY_ID] (2)\": 0, \"AKIAIOSFODNN7EXAMPLE\": 1, \"AKIAIOSF",
+            "ODNN7EXAMPL2\": 2, \"in\": {\"AKIAIOSFODNN7EXAMPL3\": 3}, \"AKIAIOSFODNN7EXAMPL4\": 4}",
+        ];
+        let wire = openai_tool_events(&[(0, pieces)]);
+        for split in [1, 7, 4096] {
+            let mut g = guard(SECRETS, Restore::default(), Flavor::OpenAi);
+            let mut out = Vec::new();
+            for chunk in wire.as_bytes().chunks(split) {
+                out.extend_from_slice(&g.feed(chunk).unwrap());
+            }
+            out.extend_from_slice(&g.finish().unwrap());
+            let args: Value = serde_json::from_str(&assembled_calls(&out)[0].2).unwrap();
+            let key = "[REDACTED_AWS_ACCESS_KEY_ID]";
+            assert_eq!(
+                args,
+                serde_json::json!({
+                    format!("{key} (2)"): 0, key: 1, format!("{key} (3)"): 2,
+                    "in": {key: 3}, format!("{key} (4)"): 4,
+                }),
+                "chunks of {split}"
+            );
+        }
     }
 
     #[test]

@@ -197,7 +197,7 @@ fn loose_pieces(raw: &str) -> Option<Vec<Piece>> {
 /// The text a piece gives the scanners, if any.
 fn piece_text(piece: &Piece) -> Option<&str> {
     match piece {
-        Piece::Text(t) | Piece::Key(t) | Piece::Number(t) => Some(t),
+        Piece::Text(t) | Piece::Key(t, _) | Piece::Number(t) => Some(t),
         Piece::Raw(_) | Piece::End => None,
     }
 }
@@ -213,11 +213,16 @@ fn from_pieces(scanned: Value, pieces: &[Piece], raw: String) -> String {
     }
     let mut out = String::with_capacity(raw.len());
     let mut texts = texts.into_iter();
+    let mut written = partial_json::Written::default();
     for piece in pieces {
         match piece {
             Piece::Raw(r) => out.push_str(r),
             Piece::End => {}
-            Piece::Text(_) | Piece::Key(_) => out.push_str(&partial_json::encode(texts.next().unwrap_or_default())),
+            Piece::Text(_) => out.push_str(&partial_json::encode(texts.next().unwrap_or_default())),
+            Piece::Key(was, object) => {
+                let key = texts.next().unwrap_or_default();
+                out.push_str(&partial_json::encode(&written.name(*object, key.to_owned(), key != was)));
+            }
             Piece::Number(n) => out.push_str(&partial_json::number(n, texts.next().unwrap_or_default())),
         }
     }
