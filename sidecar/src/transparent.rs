@@ -233,11 +233,14 @@ pub async fn serve(
                 let app = app.clone();
                 async move { Ok::<_, Infallible>(proxy::handle(app, req).await) }
             });
-            let (app, onward) = (state.clone(), Arc::new(Onward { dst, conn: Mutex::new(None) }));
-            let plain = hyper::service::service_fn(move |req| {
-                let (app, onward) = (app.clone(), onward.clone());
-                async move { Ok::<_, Infallible>(onward.serve(app, req).await) }
-            });
+            // Made only for the connections served as plain HTTP.
+            let plain = || {
+                let (app, onward) = (state.clone(), Arc::new(Onward { dst, conn: Mutex::new(None) }));
+                hyper::service::service_fn(move |req| {
+                    let (app, onward) = (app.clone(), onward.clone());
+                    async move { Ok::<_, Infallible>(onward.serve(app, req).await) }
+                })
+            };
             let ended = match (l7, protocol, &acceptor) {
                 (true, "tls", Some(tls)) => match tls.accept(stream).await {
                     Ok(tls) => graceful.watch(builder.serve_connection(TokioIo::new(tls), service).into_owned()).await,
@@ -247,11 +250,11 @@ pub async fn serve(
                     }
                 },
                 (true, _, _) => {
-                    graceful.watch(builder.serve_connection(TokioIo::new(stream), plain).into_owned()).await
+                    graceful.watch(builder.serve_connection(TokioIo::new(stream), plain()).into_owned()).await
                 }
                 (false, "http", _) => match relay(&state, stream, dst).await {
                     Some(rest) => {
-                        graceful.watch(builder.serve_connection(TokioIo::new(rest), plain).into_owned()).await
+                        graceful.watch(builder.serve_connection(TokioIo::new(rest), plain()).into_owned()).await
                     }
                     None => return,
                 },
@@ -308,8 +311,7 @@ impl Onward {
     }
 
     async fn connect(&self) -> Result<SendRequest<Incoming>, BoxError> {
-        let stream = TcpStream::connect(self.dst).await?;
-        let _ = stream.set_nodelay(true);
+        let stream = connect(self.dst).await.ok_or("cannot connect")?;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
