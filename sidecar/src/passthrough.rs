@@ -431,9 +431,7 @@ impl Requests<'_, '_, '_> {
             if matches!(head.kind, Kind::Connect | Kind::Upgrade) {
                 let sent = self.sent;
                 if self.answered(|a| a.done >= sent).await.switched {
-                    let n = self.buf.len();
-                    self.send(n).await?;
-                    *self.bytes += tokio::io::copy(self.from, self.to).await?;
+                    tunnel(self.from, self.to, self.buf, self.bytes).await?;
                     break Next::Ended;
                 }
             }
@@ -456,9 +454,7 @@ impl Requests<'_, '_, '_> {
 
     /// Sends the first `n` held bytes on.
     async fn send(&mut self, n: usize) -> io::Result<()> {
-        self.to.write_all(&self.buf[..n]).await?;
-        self.buf.advance(n);
-        *self.bytes += n as u64;
+        *self.bytes += forward(self.to, self.buf, n).await?;
         Ok(())
     }
 
